@@ -1,0 +1,1 @@
+//! OpenAI wire types (requests, responses, stream chunks, errors); filled in below.
