@@ -1,0 +1,164 @@
+//! The ops interface the model's forward pass is written against, and the batch description
+//! one engine step hands to it. The CPU backend (`cpu`) implements it in f32 as the reference;
+//! the CUDA backend will implement the same trait with cuBLAS and our kernels, so the forward
+//! pass, engine and server do not change. Backends own device memory (weights, activations, the
+//! paged KV cache); they know nothing of requests or scheduling.
+
+pub mod cpu;
+
+pub use llmctl_kernels::kv_layout::KvLayout;
+
+use crate::model::ModelError;
+use crate::model::weights::TensorView;
+
+/// One sequence's share of a step: `query_len` new tokens starting at row `query_start` of the
+/// packed batch, attending to `context_len` tokens in total (cached ones plus the new ones,
+/// whose K/V the step writes before attention).
+#[derive(Clone, Debug)]
+pub struct SeqSlice {
+    pub query_start: usize,
+    pub query_len: usize,
+    pub context_len: usize,
+    pub block_table: Vec<u32>,
+}
+
+/// The packed input of one forward step.
+#[derive(Clone, Debug, Default)]
+pub struct StepBatch {
+    /// New tokens of all sequences, packed in sequence order.
+    pub tokens: Vec<u32>,
+    /// Position of each new token within its sequence.
+    pub positions: Vec<u32>,
+    /// Cache slot of each new token (`block * block_size + offset`); negative = do not write.
+    pub slot_mapping: Vec<i64>,
+    pub seqs: Vec<SeqSlice>,
+    /// Rows (indices into `tokens`) whose logits the step returns, in this order.
+    pub logits_rows: Vec<usize>,
+}
+
+impl StepBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Rotary embedding of one step: `cos` and `sin` are `[num_tokens, head_dim / 2]`, computed
+/// once per step from the positions and shared by every layer. Rotation is the Hugging Face
+/// "rotate half" convention: dimension `i` pairs with `i + head_dim / 2`.
+pub struct RopeRows {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
+impl RopeRows {
+    /// Angles as Hugging Face computes them: `inv_freq` in f32, `position * inv_freq` rounded to
+    /// f32, then cos/sin of that angle. Matching this rounding matters at long positions.
+    pub fn new(positions: &[u32], inv_freq: &[f32]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in inv_freq {
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Self { cos, sin, half }
+    }
+}
+
+/// Which columns of the fused `[q | k | v]` projection output hold what.
+#[derive(Clone, Copy, Debug)]
+pub struct QkvShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvShape {
+    pub fn q_size(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_size(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    pub fn width(&self) -> usize {
+        self.q_size() + 2 * self.kv_size()
+    }
+}
+
+/// The operations of a Llama-family forward pass. Activations are row-major
+/// `[rows, cols]` matrices, one row per token.
+pub trait Backend: Send + Sync + 'static {
+    type Activations: Send;
+    type Weight: Send + Sync;
+    type KvCache: Send;
+
+    fn name(&self) -> &'static str;
+
+    /// Uploads a weight made of `parts` concatenated along their first dimension (a fused
+    /// projection such as `[q; k; v]`, or a single tensor). 1-D tensors become a row vector.
+    fn load_weight(&self, parts: &[TensorView<'_>]) -> Result<Self::Weight, ModelError>;
+
+    /// Allocates `num_layers` K and V caches of the shared paged layout.
+    fn alloc_kv_cache(&self, num_layers: usize, layout: KvLayout) -> Self::KvCache;
+
+    /// Rows of the embedding table for `tokens`.
+    fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Self::Activations;
+
+    /// `rms_norm(x) * weight`, row by row.
+    fn rms_norm(&self, x: &Self::Activations, weight: &Self::Weight, eps: f32)
+    -> Self::Activations;
+
+    /// `residual += delta`, then returns `rms_norm(residual) * weight` (fused residual add).
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Activations,
+        delta: &Self::Activations,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Self::Activations;
+
+    /// `x · weightᵀ (+ bias)`: weight is `[out, in]` as stored by Hugging Face.
+    fn linear(
+        &self,
+        x: &Self::Activations,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Self::Activations;
+
+    /// Rotates the q and k columns of a fused qkv activation in place.
+    fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, rope: &RopeRows);
+
+    /// Scatters the k and v columns of `qkv` into layer `layer`'s cache by slot mapping.
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        qkv: &Self::Activations,
+        shape: QkvShape,
+        slot_mapping: &[i64],
+    );
+
+    /// Causal attention of each sequence's new queries over its paged context (which already
+    /// holds the new tokens' K/V). Returns `[num_tokens, num_heads * head_dim]`.
+    fn attention(
+        &self,
+        qkv: &Self::Activations,
+        cache: &Self::KvCache,
+        layer: usize,
+        shape: QkvShape,
+        seqs: &[SeqSlice],
+    ) -> Self::Activations;
+
+    /// `silu(gate) * up` for a fused `[gate | up]` activation.
+    fn silu_mul(&self, gate_up: &Self::Activations) -> Self::Activations;
+
+    /// The given rows, in order.
+    fn gather_rows(&self, x: &Self::Activations, rows: &[usize]) -> Self::Activations;
+
+    /// Copies an activation to host memory as f32, row-major.
+    fn to_host(&self, x: &Self::Activations) -> Vec<f32>;
+}

@@ -1,0 +1,420 @@
+//! The engine: requests in, tokens and text out, one step at a time. A step asks the
+//! `scheduler` what to run, packs those sequences into one batch over the paged KV cache
+//! (`block_manager` keeps the books, the backend holds the data), runs the model's forward
+//! pass, and feeds each finished row's logits to the `sampler`. Requests join and leave the
+//! batch at every step. The engine is synchronous and single-owner: the server drives it from
+//! one thread and talks to it through a handle.
+
+pub mod block_manager;
+pub mod params;
+pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use params::{FinishReason, ParamError, SamplingParams};
+pub use sampler::TokenLogprob;
+pub use sequence::{RequestId, SeqId};
+
+use crate::backend::{Backend, KvLayout, SeqSlice, StepBatch};
+use crate::model::{Llama, LoadedModel};
+use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
+use block_manager::{BlockManager, CacheCounters};
+use sampler::SampleContext;
+use scheduler::{Scheduler, SchedulerConfig};
+use sequence::{OutputText, Sequence};
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks to allocate; `None` sizes the cache from `kv_cache_bytes`.
+    pub num_blocks: Option<usize>,
+    /// Memory for the KV cache when `num_blocks` is not given.
+    pub kv_cache_bytes: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt plus output; `None` uses the model's limit.
+    pub max_model_len: Option<usize>,
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: None,
+            kv_cache_bytes: 512 << 20,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            max_model_len: None,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+/// Why a request was refused before it started.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Param(#[from] ParamError),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(u32),
+    #[error(
+        "this model's maximum context length is {max} tokens; the request asks for {prompt} prompt tokens plus {max_tokens} completion tokens"
+    )]
+    TooLong {
+        max: usize,
+        prompt: usize,
+        max_tokens: usize,
+    },
+    #[error("the request needs {need} KV blocks but the cache only has {have}")]
+    TooLargeForCache { need: usize, have: usize },
+    #[error("request id {0} is already in use")]
+    DuplicateId(RequestId),
+}
+
+/// What one sequence produced in one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqOutput {
+    pub request: RequestId,
+    /// Which of the request's `n` completions.
+    pub index: usize,
+    /// The token sampled this step, if any.
+    pub token: Option<u32>,
+    /// Its logprob and the top alternatives, when asked for.
+    pub logprobs: Option<(f32, Vec<TokenLogprob>)>,
+    /// New text that is final (held back while it could start a stop string).
+    pub text: String,
+    pub finish: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Gauges and counters for `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub blocks_total: usize,
+    pub blocks_used: usize,
+    pub cache: CacheCounters,
+    pub preemptions: u64,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    pub steps: u64,
+}
+
+struct RequestState {
+    seqs: Vec<SeqId>,
+}
+
+pub struct Engine<B: Backend> {
+    model: Llama<B>,
+    tokenizer: Arc<Tokenizer>,
+    cache: B::KvCache,
+    layout: KvLayout,
+    blocks: BlockManager,
+    scheduler: Scheduler,
+    seqs: HashMap<SeqId, Sequence>,
+    requests: HashMap<RequestId, RequestState>,
+    max_model_len: usize,
+    next_seq: SeqId,
+    arrivals: u64,
+    stats: EngineStats,
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(loaded: LoadedModel<B>, config: EngineConfig) -> Self {
+        let LoadedModel { model, tokenizer } = loaded;
+        let c = &model.config;
+        let bytes_per_block =
+            2 * c.num_layers * config.block_size * c.kv_size() * std::mem::size_of::<f32>();
+        let num_blocks = config
+            .num_blocks
+            .unwrap_or(config.kv_cache_bytes / bytes_per_block)
+            .max(1);
+        let layout = KvLayout {
+            num_blocks,
+            block_size: config.block_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let max_model_len = config
+            .max_model_len
+            .map_or(c.max_model_len, |m| m.min(c.max_model_len));
+        let cache = model.backend.alloc_kv_cache(c.num_layers, layout);
+        tracing::info!(
+            num_blocks,
+            block_size = config.block_size,
+            max_model_len,
+            "allocated KV cache"
+        );
+        Self {
+            cache,
+            layout,
+            blocks: BlockManager::new(num_blocks, config.block_size, config.enable_prefix_caching),
+            scheduler: Scheduler::new(SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+            }),
+            model,
+            tokenizer: Arc::new(tokenizer),
+            seqs: HashMap::new(),
+            requests: HashMap::new(),
+            max_model_len,
+            next_seq: 0,
+            arrivals: 0,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn model(&self) -> &Llama<B> {
+        &self.model
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            running: self.scheduler.num_running(),
+            waiting: self.scheduler.num_waiting(),
+            blocks_total: self.blocks.num_blocks(),
+            blocks_used: self.blocks.num_used(),
+            cache: self.blocks.counters,
+            ..self.stats
+        }
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    /// Queues a request; it starts at the next step with room for it.
+    pub fn add_request(
+        &mut self,
+        id: RequestId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<(), EngineError> {
+        let vocab = self.model.config.vocab_size;
+        params.validate(vocab)?;
+        if self.requests.contains_key(&id) {
+            return Err(EngineError::DuplicateId(id));
+        }
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::BadToken(bad));
+        }
+        if prompt.len() + params.max_tokens > self.max_model_len {
+            return Err(EngineError::TooLong {
+                max: self.max_model_len,
+                prompt: prompt.len(),
+                max_tokens: params.max_tokens,
+            });
+        }
+        let need = self.blocks.blocks_for(prompt.len() + params.max_tokens);
+        if need > self.blocks.num_blocks() {
+            return Err(EngineError::TooLargeForCache {
+                need,
+                have: self.blocks.num_blocks(),
+            });
+        }
+
+        let params = Arc::new(params);
+        let hashes = Sequence::hash_chain(&prompt, self.layout.block_size);
+        let mut ids = Vec::with_capacity(params.n);
+        for index in 0..params.n {
+            let id_seq = self.next_seq;
+            self.next_seq += 1;
+            let seed = match params.seed {
+                Some(s) => s ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                None => fresh_seed(id_seq),
+            };
+            self.seqs.insert(
+                id_seq,
+                Sequence {
+                    id: id_seq,
+                    request: id,
+                    index,
+                    params: params.clone(),
+                    tokens: prompt.clone(),
+                    prompt_len: prompt.len(),
+                    num_computed: 0,
+                    block_table: Vec::new(),
+                    block_hashes: hashes.clone(),
+                    registered: 0,
+                    rng: Rng::new(seed),
+                    leader: ids.first().copied(),
+                    cached_tokens: None,
+                    arrival: self.arrivals,
+                    text: OutputText::new(&prompt, &params),
+                },
+            );
+            self.scheduler.add(id_seq);
+            ids.push(id_seq);
+        }
+        self.arrivals += 1;
+        self.requests.insert(id, RequestState { seqs: ids });
+        Ok(())
+    }
+
+    /// Stops a request at once and frees its KV blocks. Returns false if it was unknown.
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        let Some(state) = self.requests.remove(&id) else {
+            return false;
+        };
+        for sid in state.seqs {
+            self.drop_seq(sid);
+        }
+        true
+    }
+
+    fn drop_seq(&mut self, sid: SeqId) {
+        if let Some(seq) = self.seqs.remove(&sid) {
+            self.scheduler.remove(sid);
+            self.blocks.release(&seq.block_table);
+        }
+    }
+
+    /// Runs one step of the running batch; returns what each sequence produced.
+    pub fn step(&mut self) -> Vec<SeqOutput> {
+        let plan = self.scheduler.schedule(&mut self.seqs, &mut self.blocks);
+        self.stats.preemptions += plan.preempted.len() as u64;
+        if plan.scheduled.is_empty() {
+            return Vec::new();
+        }
+
+        let mut batch = StepBatch::default();
+        let mut to_sample = Vec::new();
+        for &(sid, n) in &plan.scheduled {
+            let seq = &self.seqs[&sid];
+            let start = seq.num_computed;
+            let query_start = batch.tokens.len();
+            for p in start..start + n {
+                batch.tokens.push(seq.tokens[p]);
+                batch.positions.push(p as u32);
+                batch
+                    .slot_mapping
+                    .push(self.layout.slot(&seq.block_table, p) as i64);
+            }
+            batch.seqs.push(SeqSlice {
+                query_start,
+                query_len: n,
+                context_len: start + n,
+                block_table: seq.block_table.clone(),
+            });
+            if start + n == seq.tokens.len() {
+                batch.logits_rows.push(query_start + n - 1);
+                to_sample.push(sid);
+            }
+            if start < seq.prompt_len {
+                self.stats.prompt_tokens += (n.min(seq.prompt_len - start)) as u64;
+            }
+        }
+
+        let logits = self.model.forward(&mut self.cache, &batch);
+        self.stats.steps += 1;
+
+        let bs = self.layout.block_size;
+        for &(sid, n) in &plan.scheduled {
+            let seq = self.seqs.get_mut(&sid).expect("scheduled sequences exist");
+            seq.num_computed += n;
+            let full = (seq.num_computed / bs).min(seq.block_hashes.len());
+            for b in seq.registered..full {
+                self.blocks
+                    .register_full(seq.block_table[b], seq.block_hashes[b]);
+            }
+            seq.registered = seq.registered.max(full);
+        }
+
+        let vocab = self.model.config.vocab_size;
+        let mut outputs = Vec::with_capacity(to_sample.len());
+        for (row, sid) in to_sample.into_iter().enumerate() {
+            let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+            outputs.push(self.advance(sid, &mut row_logits));
+        }
+        outputs
+    }
+
+    /// Samples the next token of `sid`, applies stop rules, and retires it when finished.
+    fn advance(&mut self, sid: SeqId, logits: &mut [f32]) -> SeqOutput {
+        let tokenizer = self.tokenizer.clone();
+        let eos = &self.model.config.eos_token_ids;
+        let seq = self.seqs.get_mut(&sid).expect("sampled sequences exist");
+        let params = seq.params.clone();
+        let mut end_tokens: Vec<u32> = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            end_tokens.extend(eos);
+        }
+        let sampled = sampler::sample(
+            logits,
+            &SampleContext {
+                params: &params,
+                prompt: &seq.tokens[..seq.prompt_len],
+                output: &seq.tokens[seq.prompt_len..],
+                end_tokens: &end_tokens,
+            },
+            &mut seq.rng,
+        );
+        let token = sampled.token;
+        seq.push_token(token, self.layout.block_size);
+        self.stats.generation_tokens += 1;
+
+        let generated = seq.tokens.len() - seq.prompt_len;
+        let past_min = generated >= params.min_tokens;
+        let mut finish = None;
+        if past_min && end_tokens.contains(&token) {
+            finish = Some(FinishReason::Stop);
+        } else if seq.text.push(&tokenizer, token, past_min) {
+            finish = Some(FinishReason::Stop);
+        } else if generated >= params.max_tokens || seq.tokens.len() >= self.max_model_len {
+            finish = Some(FinishReason::Length);
+        }
+        let out = SeqOutput {
+            request: seq.request,
+            index: seq.index,
+            token: Some(token),
+            logprobs: sampled.logprobs,
+            text: seq.text.take_ready(finish.is_some()),
+            finish,
+            prompt_tokens: seq.prompt_len,
+            cached_tokens: seq.cached_tokens.unwrap_or(0),
+            completion_tokens: generated,
+        };
+        if finish.is_some() {
+            let request = seq.request;
+            self.drop_seq(sid);
+            if let Some(state) = self.requests.get_mut(&request) {
+                state.seqs.retain(|&s| s != sid);
+                if state.seqs.is_empty() {
+                    self.requests.remove(&request);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A seed for requests that gave none: different per sequence and per process start.
+fn fresh_seed(seq: SeqId) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    Rng::new(nanos ^ seq.rotate_left(32) ^ std::process::id() as u64).next_u64()
+}

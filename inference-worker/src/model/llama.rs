@@ -1,0 +1,163 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2): its weights, loaded through a
+//! [`Backend`], and its forward pass over one packed [`StepBatch`], written once for every
+//! backend. Owns tensor names and fusion (`[q; k; v]`, `[gate; up]`); does not own the cache
+//! (the engine passes it in) or any scheduling.
+
+use std::time::Instant;
+
+use super::ModelError;
+use super::config::ModelConfig;
+use super::weights::WeightFiles;
+use crate::backend::{Backend, QkvShape, RopeRows, StepBatch};
+
+struct Layer<B: Backend> {
+    input_norm: B::Weight,
+    qkv: B::Weight,
+    qkv_bias: Option<B::Weight>,
+    o: B::Weight,
+    o_bias: Option<B::Weight>,
+    post_norm: B::Weight,
+    gate_up: B::Weight,
+    gate_up_bias: Option<B::Weight>,
+    down: B::Weight,
+    down_bias: Option<B::Weight>,
+}
+
+/// A loaded model on a backend.
+pub struct Llama<B: Backend> {
+    pub config: ModelConfig,
+    pub backend: B,
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    norm: B::Weight,
+    /// `None` when the embedding table doubles as the output head.
+    lm_head: Option<B::Weight>,
+    inv_freq: Vec<f32>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads every tensor the config calls for, checking names and shapes.
+    pub fn load(config: ModelConfig, files: &WeightFiles, backend: B) -> Result<Self, ModelError> {
+        let started = Instant::now();
+        let c = &config;
+        let (h, q, kv, inter, v) = (
+            c.hidden_size,
+            c.q_size(),
+            c.kv_size(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let load = |parts: &[(&str, Vec<usize>)]| -> Result<B::Weight, ModelError> {
+            let views = parts
+                .iter()
+                .map(|(name, shape)| files.get(name, shape))
+                .collect::<Result<Vec<_>, _>>()?;
+            backend.load_weight(&views)
+        };
+        let load_if =
+            |cond: bool, parts: &[(&str, Vec<usize>)]| cond.then(|| load(parts)).transpose();
+
+        let embed = load(&[("model.embed_tokens.weight", vec![v, h])])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let n = |s: &str| format!("{p}.{s}");
+            let (qn, kn, vn) = (
+                n("self_attn.q_proj"),
+                n("self_attn.k_proj"),
+                n("self_attn.v_proj"),
+            );
+            let (gn, un, dn, on) = (
+                n("mlp.gate_proj"),
+                n("mlp.up_proj"),
+                n("mlp.down_proj"),
+                n("self_attn.o_proj"),
+            );
+            let w = |base: &str| format!("{base}.weight");
+            let b = |base: &str| format!("{base}.bias");
+            layers.push(Layer {
+                input_norm: load(&[(&n("input_layernorm.weight"), vec![h])])?,
+                qkv: load(&[
+                    (&w(&qn), vec![q, h]),
+                    (&w(&kn), vec![kv, h]),
+                    (&w(&vn), vec![kv, h]),
+                ])?,
+                qkv_bias: load_if(
+                    c.qkv_bias,
+                    &[(&b(&qn), vec![q]), (&b(&kn), vec![kv]), (&b(&vn), vec![kv])],
+                )?,
+                o: load(&[(&w(&on), vec![h, q])])?,
+                o_bias: load_if(c.o_bias, &[(&b(&on), vec![h])])?,
+                post_norm: load(&[(&n("post_attention_layernorm.weight"), vec![h])])?,
+                gate_up: load(&[(&w(&gn), vec![inter, h]), (&w(&un), vec![inter, h])])?,
+                gate_up_bias: load_if(
+                    c.mlp_bias,
+                    &[(&b(&gn), vec![inter]), (&b(&un), vec![inter])],
+                )?,
+                down: load(&[(&w(&dn), vec![h, inter])])?,
+                down_bias: load_if(c.mlp_bias, &[(&b(&dn), vec![h])])?,
+            });
+            tracing::debug!(layer = i, "loaded layer");
+        }
+        let norm = load(&[("model.norm.weight", vec![h])])?;
+        // A tied model may still store `lm_head.weight`; an untied one must.
+        let lm_head = match (c.tie_word_embeddings, files.contains("lm_head.weight")) {
+            (true, false) => None,
+            _ => Some(load(&[("lm_head.weight", vec![v, h])])?),
+        };
+        tracing::info!(
+            backend = backend.name(),
+            layers = c.num_layers,
+            seconds = started.elapsed().as_secs_f64(),
+            "loaded weights"
+        );
+        let inv_freq = config.rope_inv_freq();
+        Ok(Self {
+            config,
+            backend,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    pub fn qkv_shape(&self) -> QkvShape {
+        QkvShape {
+            num_heads: self.config.num_heads,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Runs one step: writes the new tokens' K/V into `cache` and returns the logits of
+    /// `batch.logits_rows`, row-major `[logits_rows.len(), vocab_size]`.
+    pub fn forward(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Vec<f32> {
+        let b = &self.backend;
+        let eps = self.config.rms_norm_eps;
+        let shape = self.qkv_shape();
+        let rope = RopeRows::new(&batch.positions, &self.inv_freq);
+        let mut residual = b.embed(&self.embed, &batch.tokens);
+        let mut hidden = b.rms_norm(&residual, &self.layers[0].input_norm, eps);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut qkv = b.linear(&hidden, &layer.qkv, layer.qkv_bias.as_ref());
+            b.rotary(&mut qkv, shape, &rope);
+            b.write_kv(cache, i, &qkv, shape, &batch.slot_mapping);
+            let attn = b.attention(&qkv, cache, i, shape, &batch.seqs);
+            let o = b.linear(&attn, &layer.o, layer.o_bias.as_ref());
+            hidden = b.add_rms_norm(&mut residual, &o, &layer.post_norm, eps);
+            let gate_up = b.linear(&hidden, &layer.gate_up, layer.gate_up_bias.as_ref());
+            let act = b.silu_mul(&gate_up);
+            let down = b.linear(&act, &layer.down, layer.down_bias.as_ref());
+            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_norm);
+            hidden = b.add_rms_norm(&mut residual, &down, next_norm, eps);
+        }
+        if batch.logits_rows.is_empty() {
+            return Vec::new();
+        }
+        let rows = b.gather_rows(&hidden, &batch.logits_rows);
+        let logits = b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None);
+        b.to_host(&logits)
+    }
+}

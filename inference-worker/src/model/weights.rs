@@ -1,0 +1,208 @@
+//! The safetensors files of a model folder, memory-mapped. Owns finding the files (single file,
+//! `model.safetensors.index.json` shards, or every `*.safetensors`), reading their headers, and
+//! handing out tensors by name with shape checks; does not know what the tensors mean.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use super::ModelError;
+
+/// Element type of a stored tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+}
+
+/// A tensor's bytes inside its mapped file.
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub file: &'a Path,
+    pub dtype: WeightDtype,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+impl TensorView<'_> {
+    /// The tensor converted to f32 (little-endian storage, as safetensors specifies).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let b = self.bytes;
+        match self.dtype {
+            WeightDtype::F32 => b
+                .par_chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            WeightDtype::Bf16 => b
+                .par_chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            WeightDtype::F16 => b
+                .par_chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: WeightDtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// All tensors of a model folder, by name.
+pub struct WeightFiles {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, Entry>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl WeightFiles {
+    /// Maps the safetensors files of `dir` and reads their headers.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if index_path.exists() {
+            let index: ShardIndex = super::config::read_json(&index_path)?;
+            let mut names: Vec<&String> = index.weight_map.values().collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|source| ModelError::Io {
+                    path: dir.display().to_string(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            found.sort();
+            found
+        };
+        if paths.is_empty() {
+            return Err(ModelError::Missing {
+                path: dir.join("model.safetensors").display().to_string(),
+                what: "no *.safetensors weight files in the model folder".to_owned(),
+            });
+        }
+
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for path in paths {
+            let shown = path.display().to_string();
+            let file = File::open(&path).map_err(|source| ModelError::Io {
+                path: shown.clone(),
+                source,
+            })?;
+            // SAFETY: the mapping is read-only and the model files are not modified while served;
+            // a file truncated underneath us would fault, as it would for any mmap-based loader.
+            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+                path: shown.clone(),
+                source,
+            })?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&map).map_err(|e| ModelError::Tensor {
+                    file: shown.clone(),
+                    tensor: "(header)".to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let dtype = match info.dtype {
+                    Dtype::F32 => WeightDtype::F32,
+                    Dtype::F16 => WeightDtype::F16,
+                    Dtype::BF16 => WeightDtype::Bf16,
+                    other => {
+                        return Err(ModelError::Tensor {
+                            file: shown.clone(),
+                            tensor: name,
+                            reason: format!("dtype {other:?} is not supported (bf16, f16, f32)"),
+                        });
+                    }
+                };
+                let (start, end) = info.data_offsets;
+                tensors.insert(
+                    name,
+                    Entry {
+                        file: files.len(),
+                        dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + start,
+                        end: data_start + end,
+                    },
+                );
+            }
+            files.push((path, map));
+        }
+        Ok(Self { files, tensors })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn file_paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+
+    /// The tensor `name`, checked to have `shape`.
+    pub fn get<'a>(&'a self, name: &'a str, shape: &[usize]) -> Result<TensorView<'a>, ModelError> {
+        let entry = self.tensors.get(name).ok_or_else(|| ModelError::Tensor {
+            file: self
+                .files
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            tensor: name.to_owned(),
+            reason: "missing".to_owned(),
+        })?;
+        let (path, map) = &self.files[entry.file];
+        if entry.shape != shape {
+            return Err(ModelError::Tensor {
+                file: path.display().to_string(),
+                tensor: name.to_owned(),
+                reason: format!("shape {:?}, expected {:?}", entry.shape, shape),
+            });
+        }
+        Ok(TensorView {
+            name,
+            file: path,
+            dtype: entry.dtype,
+            shape: &entry.shape,
+            bytes: &map[entry.start..entry.end],
+        })
+    }
+
+    /// Total bytes of all tensors.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.values().map(|e| e.end - e.start).sum()
+    }
+}
