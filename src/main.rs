@@ -1,1 +1,199 @@
-fn main() {}
+//! The `llmctl` launcher: one binary, one subcommand per role. `model init` writes a random
+//! model in Hugging Face format; `generate` runs prompts through the engine once; `worker` runs
+//! the inference worker (today an interactive chat on stdin/stdout; the OpenAI HTTP server
+//! arrives with the worker issue). `up`, `gateway` and `controller` arrive with their issues.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use llmctl_inference_worker::backend::cpu::CpuBackend;
+use llmctl_inference_worker::engine::{Engine, EngineConfig, SamplingParams};
+use llmctl_inference_worker::model::{
+    self,
+    init::{InitDtype, InitOptions, Preset},
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "llmctl", version, about = "A serverless-style serving plane for LLMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Model folders.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Run the inference worker on a model folder (interactive chat on stdin/stdout for now).
+    Worker(WorkerArgs),
+    /// Generate completions for prompts given on the command line, then exit.
+    Generate(GenerateArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a random-weight Llama model in Hugging Face format (deterministic by seed).
+    Init {
+        /// Folder to write (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+        /// `tiny` for fast tests, `small` (about 30 M parameters) for CPU benchmarks.
+        #[arg(long, default_value = "tiny")]
+        preset: Preset,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Weight dtype in the safetensors file: bf16, f16 or f32.
+        #[arg(long, default_value = "bf16")]
+        dtype: InitDtype,
+    },
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Hugging Face model folder.
+    #[arg(long, env = "LLMCTL_MODEL")]
+    model: PathBuf,
+    /// KV cache size in MiB.
+    #[arg(long, default_value_t = 512)]
+    kv_cache_mib: usize,
+    /// Most sequences in one batch.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// Most tokens in one step (prefill chunks share this budget).
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// A prompt; repeat for several, which run as one continuous batch.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// Render each prompt as a user message through the chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Model { command: ModelCommand::Init { out, preset, seed, dtype } } => {
+            model::init::write_model(&out, &InitOptions { preset, seed, dtype })?;
+            println!("wrote {preset:?} model to {}", out.display());
+            Ok(())
+        }
+        Command::Worker(args) => worker(args),
+        Command::Generate(args) => generate(args),
+    }
+}
+
+fn engine(args: &EngineArgs) -> Result<Engine<CpuBackend>> {
+    let loaded = model::load(&args.model, CpuBackend::new())
+        .with_context(|| format!("loading model from {}", args.model.display()))?;
+    Ok(Engine::new(
+        loaded,
+        EngineConfig {
+            kv_cache_bytes: args.kv_cache_mib << 20,
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            ..EngineConfig::default()
+        },
+    ))
+}
+
+fn prompt_tokens(engine: &Engine<CpuBackend>, text: &str, chat: bool) -> Result<Vec<u32>> {
+    let tokenizer = engine.tokenizer();
+    if chat {
+        let rendered = tokenizer.render_chat(&[json!({"role": "user", "content": text})], true)?;
+        tokenizer.encode(&rendered, false).map_err(anyhow::Error::msg)
+    } else {
+        tokenizer.encode(text, true).map_err(anyhow::Error::msg)
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let mut engine = engine(&args.engine)?;
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    for (i, prompt) in args.prompt.iter().enumerate() {
+        let tokens = prompt_tokens(&engine, prompt, args.chat)?;
+        engine.add_request(i as u64, tokens, params.clone())?;
+    }
+    let mut texts = vec![String::new(); args.prompt.len()];
+    while engine.has_unfinished() {
+        for out in engine.step() {
+            texts[out.request as usize].push_str(&out.text);
+            if let Some(reason) = out.finish {
+                let line = json!({
+                    "prompt": args.prompt[out.request as usize],
+                    "text": texts[out.request as usize],
+                    "finish_reason": reason.as_str(),
+                    "prompt_tokens": out.prompt_tokens,
+                    "completion_tokens": out.completion_tokens,
+                });
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn worker(args: WorkerArgs) -> Result<()> {
+    let mut engine = engine(&args.engine)?;
+    if !engine.tokenizer().has_chat_template() {
+        bail!("{}: the model has no chat template", Path::new(&args.engine.model).display());
+    }
+    let params = SamplingParams { max_tokens: args.max_tokens, temperature: args.temperature, ..Default::default() };
+    eprintln!("model ready; type a message and press enter (Ctrl-D to quit)");
+    let stdout = std::io::stdout();
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let tokens = prompt_tokens(&engine, &line, true)?;
+        engine.add_request(i as u64, tokens, params.clone())?;
+        let mut out = stdout.lock();
+        while engine.has_unfinished() {
+            for o in engine.step() {
+                write!(out, "{}", o.text)?;
+                out.flush()?;
+            }
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}

@@ -1,1 +1,16 @@
-//! OpenAI wire types (requests, responses, stream chunks, errors); filled in below.
+//! Wire types of llmctl's APIs, with serde and nothing else: no I/O and no validation.
+//!
+//! - [`openai`]: the OpenAI-compatible surface that clients talk to — chat and legacy
+//!   completion requests, responses and stream chunks, the models list and the error
+//!   envelope. Requests are kept raw: ranges and combinations are checked later, when the
+//!   worker converts them into its validated types. Fields a client sends that are not
+//!   modelled here are accepted and ignored; a modelled field of the wrong type is a parse
+//!   error.
+//! - `control` (to come): the control API between the gateway and the pool controller.
+//!
+//! The OpenAI types are re-exported at the crate root, so `llmctl_protocol::ChatCompletionRequest`
+//! and `llmctl_protocol::openai::ChatCompletionRequest` name the same type.
+
+pub mod openai;
+
+pub use openai::*;
