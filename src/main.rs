@@ -17,7 +17,11 @@ use llmctl_inference_worker::model::{
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "llmctl", version, about = "A serverless-style serving plane for LLMs")]
+#[command(
+    name = "llmctl",
+    version,
+    about = "A serverless-style serving plane for LLMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,8 +110,23 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Model { command: ModelCommand::Init { out, preset, seed, dtype } } => {
-            model::init::write_model(&out, &InitOptions { preset, seed, dtype })?;
+        Command::Model {
+            command:
+                ModelCommand::Init {
+                    out,
+                    preset,
+                    seed,
+                    dtype,
+                },
+        } => {
+            model::init::write_model(
+                &out,
+                &InitOptions {
+                    preset,
+                    seed,
+                    dtype,
+                },
+            )?;
             println!("wrote {preset:?} model to {}", out.display());
             Ok(())
         }
@@ -134,7 +153,9 @@ fn prompt_tokens(engine: &Engine<CpuBackend>, text: &str, chat: bool) -> Result<
     let tokenizer = engine.tokenizer();
     if chat {
         let rendered = tokenizer.render_chat(&[json!({"role": "user", "content": text})], true)?;
-        tokenizer.encode(&rendered, false).map_err(anyhow::Error::msg)
+        tokenizer
+            .encode(&rendered, false)
+            .map_err(anyhow::Error::msg)
     } else {
         tokenizer.encode(text, true).map_err(anyhow::Error::msg)
     }
@@ -174,9 +195,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
 fn worker(args: WorkerArgs) -> Result<()> {
     let mut engine = engine(&args.engine)?;
     if !engine.tokenizer().has_chat_template() {
-        bail!("{}: the model has no chat template", Path::new(&args.engine.model).display());
+        bail!(
+            "{}: the model has no chat template",
+            Path::new(&args.engine.model).display()
+        );
     }
-    let params = SamplingParams { max_tokens: args.max_tokens, temperature: args.temperature, ..Default::default() };
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        ..Default::default()
+    };
     eprintln!("model ready; type a message and press enter (Ctrl-D to quit)");
     let stdout = std::io::stdout();
     for (i, line) in std::io::stdin().lock().lines().enumerate() {

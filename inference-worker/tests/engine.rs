@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use llmctl_inference_worker::backend::cpu::CpuBackend;
-use llmctl_inference_worker::engine::{Engine, EngineConfig, EngineError, FinishReason, SamplingParams, SeqOutput};
+use llmctl_inference_worker::engine::{
+    Engine, EngineConfig, EngineError, FinishReason, SamplingParams, SeqOutput,
+};
 use llmctl_inference_worker::model::{
     self,
     init::{InitDtype, InitOptions, Preset},
@@ -18,7 +20,11 @@ fn tiny_model() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let opts = InitOptions { preset: Preset::Tiny, seed: 3, dtype: InitDtype::F32 };
+        let opts = InitOptions {
+            preset: Preset::Tiny,
+            seed: 3,
+            dtype: InitDtype::F32,
+        };
         model::init::write_model(dir.path(), &opts).unwrap();
         dir
     })
@@ -26,11 +32,17 @@ fn tiny_model() -> &'static Path {
 }
 
 fn engine(config: EngineConfig) -> Engine<CpuBackend> {
-    Engine::new(model::load(tiny_model(), CpuBackend::new()).unwrap(), config)
+    Engine::new(
+        model::load(tiny_model(), CpuBackend::new()).unwrap(),
+        config,
+    )
 }
 
 fn blocks(n: usize) -> EngineConfig {
-    EngineConfig { num_blocks: Some(n), ..Default::default() }
+    EngineConfig {
+        num_blocks: Some(n),
+        ..Default::default()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -79,22 +91,50 @@ fn prompt(seed: u64, len: usize) -> Vec<u32> {
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { max_tokens, ignore_eos: true, ..SamplingParams::greedy() }
+    SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    }
 }
 
 fn sampled(max_tokens: usize, seed: u64) -> SamplingParams {
-    SamplingParams { max_tokens, ignore_eos: true, temperature: 0.9, top_p: 0.95, seed: Some(seed), ..Default::default() }
+    SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(seed),
+        ..Default::default()
+    }
 }
 
 #[test]
 fn model_init_is_deterministic_by_seed_and_loads() {
-    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let opts = |seed| InitOptions { preset: Preset::Tiny, seed, dtype: InitDtype::Bf16 };
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let opts = |seed| InitOptions {
+        preset: Preset::Tiny,
+        seed,
+        dtype: InitDtype::Bf16,
+    };
     model::init::write_model(a.path(), &opts(7)).unwrap();
     model::init::write_model(b.path(), &opts(7)).unwrap();
     model::init::write_model(c.path(), &opts(8)).unwrap();
-    for file in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
-        let (x, y) = (std::fs::read(a.path().join(file)).unwrap(), std::fs::read(b.path().join(file)).unwrap());
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        let (x, y) = (
+            std::fs::read(a.path().join(file)).unwrap(),
+            std::fs::read(b.path().join(file)).unwrap(),
+        );
         assert!(x == y, "{file} differs between two runs with the same seed");
     }
     let w = |d: &tempfile::TempDir| std::fs::read(d.path().join("model.safetensors")).unwrap();
@@ -104,38 +144,104 @@ fn model_init_is_deterministic_by_seed_and_loads() {
     let tok = &loaded.tokenizer;
     let text = "Hello, café 日本語 🚀 world";
     let ids = tok.encode(text, true).unwrap();
-    assert_eq!(ids[0], loaded.model.config.bos_token_id.unwrap(), "BOS is prepended");
-    assert_eq!(tok.decode(&ids, true).unwrap(), text, "byte-level BPE round-trips any UTF-8");
+    assert_eq!(
+        ids[0],
+        loaded.model.config.bos_token_id.unwrap(),
+        "BOS is prepended"
+    );
+    assert_eq!(
+        tok.decode(&ids, true).unwrap(),
+        text,
+        "byte-level BPE round-trips any UTF-8"
+    );
     assert!(ids.len() < text.len(), "merges were learned");
-    let chat = tok.render_chat(&[serde_json::json!({"role": "user", "content": "hi"})], true).unwrap();
-    assert_eq!(chat, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
-    assert_eq!(loaded.model.config.eos_token_ids.len(), 2, "generation_config eos list wins");
+    let chat = tok
+        .render_chat(
+            &[serde_json::json!({"role": "user", "content": "hi"})],
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        chat,
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    assert_eq!(
+        loaded.model.config.eos_token_ids.len(),
+        2,
+        "generation_config eos list wins"
+    );
 }
 
 #[test]
 fn loading_errors_name_the_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    model::init::write_model(dir.path(), &InitOptions { preset: Preset::Tiny, seed: 1, dtype: InitDtype::F16 }).unwrap();
-    let err = |dir: &Path| model::load(dir, CpuBackend::new()).err().expect("load must fail").to_string();
+    model::init::write_model(
+        dir.path(),
+        &InitOptions {
+            preset: Preset::Tiny,
+            seed: 1,
+            dtype: InitDtype::F16,
+        },
+    )
+    .unwrap();
+    let err = |dir: &Path| {
+        model::load(dir, CpuBackend::new())
+            .err()
+            .expect("load must fail")
+            .to_string()
+    };
 
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let e = err(dir.path());
     assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
 
-    model::init::write_model(dir.path(), &InitOptions { preset: Preset::Tiny, seed: 1, dtype: InitDtype::F16 }).unwrap();
+    model::init::write_model(
+        dir.path(),
+        &InitOptions {
+            preset: Preset::Tiny,
+            seed: 1,
+            dtype: InitDtype::F16,
+        },
+    )
+    .unwrap();
     let config_path = dir.path().join("config.json");
     let original = std::fs::read_to_string(&config_path).unwrap();
-    std::fs::write(&config_path, original.replace("\"intermediate_size\": 192", "\"intermediate_size\": 200")).unwrap();
+    std::fs::write(
+        &config_path,
+        original.replace("\"intermediate_size\": 192", "\"intermediate_size\": 200"),
+    )
+    .unwrap();
     let e = err(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains("mlp.gate_proj.weight") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("mlp.gate_proj.weight")
+            && e.contains("shape"),
+        "{e}"
+    );
 
-    std::fs::write(&config_path, original.replace("LlamaForCausalLM", "GPTNeoXForCausalLM")).unwrap();
+    std::fs::write(
+        &config_path,
+        original.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"),
+    )
+    .unwrap();
     let e = err(dir.path());
-    assert!(e.contains("config.json") && e.contains("architectures") && e.contains("GPTNeoXForCausalLM"), "{e}");
+    assert!(
+        e.contains("config.json")
+            && e.contains("architectures")
+            && e.contains("GPTNeoXForCausalLM"),
+        "{e}"
+    );
 
-    std::fs::write(&config_path, original.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3")).unwrap();
+    std::fs::write(
+        &config_path,
+        original.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
+    )
+    .unwrap();
     let e = err(dir.path());
-    assert!(e.contains("model.layers.2.input_layernorm.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.layers.2.input_layernorm.weight") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -148,16 +254,28 @@ fn greedy_output_is_the_same_alone_and_inside_a_batch_of_16() {
 
     // 15 others of mixed lengths and lengths of output, joining while the target runs, and a
     // small token budget so prefills are chunked and mixed with decodes.
-    let mut batched = engine(EngineConfig { num_blocks: Some(256), max_num_batched_tokens: 48, ..Default::default() });
+    let mut batched = engine(EngineConfig {
+        num_blocks: Some(256),
+        max_num_batched_tokens: 48,
+        ..Default::default()
+    });
     for i in 1..8 {
-        batched.add_request(i, prompt(100 + i, 5 + 9 * i as usize), greedy(4 + 3 * i as usize)).unwrap();
+        batched
+            .add_request(
+                i,
+                prompt(100 + i, 5 + 9 * i as usize),
+                greedy(4 + 3 * i as usize),
+            )
+            .unwrap();
     }
     batched.add_request(0, target, greedy(24)).unwrap();
     let mut out = HashMap::new();
     for step in 0.. {
         if step == 3 {
             for i in 8..16 {
-                batched.add_request(i, prompt(100 + i, 3 + 5 * i as usize), sampled(20, i)).unwrap();
+                batched
+                    .add_request(i, prompt(100 + i, 3 + 5 * i as usize), sampled(20, i))
+                    .unwrap();
             }
         }
         if !batched.has_unfinished() {
@@ -176,10 +294,32 @@ fn greedy_output_is_the_same_alone_and_inside_a_batch_of_16() {
 fn chunked_prefill_matches_a_single_prefill() {
     let p = prompt(9, 150);
     let mut whole = engine(blocks(64));
-    whole.add_request(0, p.clone(), SamplingParams { logprobs: Some(3), ..greedy(8) }).unwrap();
+    whole
+        .add_request(
+            0,
+            p.clone(),
+            SamplingParams {
+                logprobs: Some(3),
+                ..greedy(8)
+            },
+        )
+        .unwrap();
     let want = drain(&mut whole).remove(&(0, 0)).unwrap();
-    let mut chunked = engine(EngineConfig { num_blocks: Some(64), max_num_batched_tokens: 16, ..Default::default() });
-    chunked.add_request(0, p, SamplingParams { logprobs: Some(3), ..greedy(8) }).unwrap();
+    let mut chunked = engine(EngineConfig {
+        num_blocks: Some(64),
+        max_num_batched_tokens: 16,
+        ..Default::default()
+    });
+    chunked
+        .add_request(
+            0,
+            p,
+            SamplingParams {
+                logprobs: Some(3),
+                ..greedy(8)
+            },
+        )
+        .unwrap();
     let got = drain(&mut chunked).remove(&(0, 0)).unwrap();
     assert_eq!(got.tokens, want.tokens);
     for (a, b) in got.logprobs.iter().zip(&want.logprobs) {
@@ -191,7 +331,10 @@ fn chunked_prefill_matches_a_single_prefill() {
 #[test]
 fn prefix_cache_hit_gives_the_same_logits_as_a_cold_run() {
     let p = prompt(5, 45);
-    let params = SamplingParams { logprobs: Some(5), ..greedy(10) };
+    let params = SamplingParams {
+        logprobs: Some(5),
+        ..greedy(10)
+    };
     let mut e = engine(blocks(64));
     e.add_request(0, p.clone(), params.clone()).unwrap();
     let cold = drain(&mut e).remove(&(0, 0)).unwrap();
@@ -219,7 +362,11 @@ fn prefix_cache_hit_gives_the_same_logits_as_a_cold_run() {
 fn preemption_and_recompute_give_identical_output() {
     let reqs: Vec<(u64, Vec<u32>, SamplingParams)> = (0..6)
         .map(|i| {
-            let params = if i % 2 == 0 { greedy(60) } else { sampled(60, 77 + i) };
+            let params = if i % 2 == 0 {
+                greedy(60)
+            } else {
+                sampled(60, 77 + i)
+            };
             (i, prompt(200 + i, 20 + 3 * i as usize), params)
         })
         .collect();
@@ -231,22 +378,41 @@ fn preemption_and_recompute_give_identical_output() {
     assert_eq!(roomy.stats().preemptions, 0);
 
     // Each request needs 5-6 blocks at the end; 14 blocks cannot hold six of them at once.
-    let mut tight = engine(EngineConfig { num_blocks: Some(14), enable_prefix_caching: false, ..Default::default() });
+    let mut tight = engine(EngineConfig {
+        num_blocks: Some(14),
+        enable_prefix_caching: false,
+        ..Default::default()
+    });
     for (id, p, params) in &reqs {
         tight.add_request(*id, p.clone(), params.clone()).unwrap();
     }
     let got = drain(&mut tight);
-    assert!(tight.stats().preemptions > 0, "the test must actually preempt");
+    assert!(
+        tight.stats().preemptions > 0,
+        "the test must actually preempt"
+    );
     for (id, _, _) in &reqs {
-        assert_eq!(got[&(*id, 0)].tokens, want[&(*id, 0)].tokens, "request {id}");
+        assert_eq!(
+            got[&(*id, 0)].tokens,
+            want[&(*id, 0)].tokens,
+            "request {id}"
+        );
         assert_eq!(got[&(*id, 0)].finish, Some(FinishReason::Length));
     }
-    assert_eq!(tight.stats().blocks_used, 0, "all blocks are back after the run");
+    assert_eq!(
+        tight.stats().blocks_used,
+        0,
+        "all blocks are back after the run"
+    );
 }
 
 #[test]
 fn abort_frees_blocks_at_once() {
-    let mut e = engine(EngineConfig { num_blocks: Some(64), enable_prefix_caching: false, ..Default::default() });
+    let mut e = engine(EngineConfig {
+        num_blocks: Some(64),
+        enable_prefix_caching: false,
+        ..Default::default()
+    });
     e.add_request(0, prompt(1, 40), greedy(100)).unwrap();
     e.add_request(1, prompt(2, 20), greedy(100)).unwrap();
     for _ in 0..3 {
@@ -259,14 +425,20 @@ fn abort_frees_blocks_at_once() {
     assert!(!e.abort(0), "a second abort finds nothing");
     assert_eq!(e.stats().running, 1);
     let out = drain(&mut e);
-    assert!(!out.contains_key(&(0, 0)), "an aborted request produces nothing more");
+    assert!(
+        !out.contains_key(&(0, 0)),
+        "an aborted request produces nothing more"
+    );
     assert_eq!(out[&(1, 0)].tokens.len(), 97);
 }
 
 #[test]
 fn n_completions_share_the_prompt_blocks() {
     let mut e = engine(blocks(64));
-    let params = SamplingParams { n: 4, ..sampled(12, 5) };
+    let params = SamplingParams {
+        n: 4,
+        ..sampled(12, 5)
+    };
     e.add_request(0, prompt(3, 64), params.clone()).unwrap();
     let mut out = HashMap::new();
     let mut peak = 0;
@@ -281,7 +453,11 @@ fn n_completions_share_the_prompt_blocks() {
     assert!(peak <= 5 + 3 * 2, "peak {peak} blocks");
     assert_eq!(out.len(), 4);
     let distinct: std::collections::HashSet<_> = out.values().map(|c| c.tokens.clone()).collect();
-    assert_eq!(distinct.len(), 4, "each completion has its own random stream");
+    assert_eq!(
+        distinct.len(),
+        4,
+        "each completion has its own random stream"
+    );
 
     // The same seed reproduces all four.
     e.add_request(1, prompt(3, 64), params).unwrap();
@@ -300,7 +476,8 @@ fn seeded_sampling_is_independent_of_batch_composition() {
 
     let mut busy = engine(blocks(128));
     for i in 1..6 {
-        busy.add_request(i, prompt(50 + i, 10 * i as usize), sampled(25, i)).unwrap();
+        busy.add_request(i, prompt(50 + i, 10 * i as usize), sampled(25, i))
+            .unwrap();
     }
     busy.add_request(0, p.clone(), sampled(30, 1234)).unwrap();
     assert_eq!(drain(&mut busy)[&(0, 0)].tokens, want.tokens);
@@ -327,7 +504,14 @@ fn stop_strings_end_output_even_across_token_boundaries() {
     let (k, stop) = (5..pieces.len() - 1)
         .find_map(|k| {
             let (a, b) = (&pieces[k], &pieces[k + 1]);
-            let tail: String = a.chars().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = a
+                .chars()
+                .rev()
+                .take(2)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             let head: String = b.chars().take(2).collect();
             (!tail.is_empty() && !head.is_empty()).then(|| (k, tail + &head))
         })
@@ -335,7 +519,10 @@ fn stop_strings_end_output_even_across_token_boundaries() {
     let cut = full.find(&stop).unwrap();
     assert!(cut <= pieces[..=k].concat().len());
 
-    let params = SamplingParams { stop: vec![stop.clone(), "never-appears".into()], ..greedy(40) };
+    let params = SamplingParams {
+        stop: vec![stop.clone(), "never-appears".into()],
+        ..greedy(40)
+    };
     e.add_request(1, p, params).unwrap();
     let mut streamed = Vec::new();
     let mut finish = None;
@@ -346,7 +533,11 @@ fn stop_strings_end_output_even_across_token_boundaries() {
         }
     }
     assert_eq!(finish, Some(FinishReason::Stop));
-    assert_eq!(streamed.concat(), full[..cut], "output ends right before the stop string");
+    assert_eq!(
+        streamed.concat(),
+        full[..cut],
+        "output ends right before the stop string"
+    );
     assert!(streamed.iter().all(|s| !s.contains(&stop)));
 }
 
@@ -357,22 +548,65 @@ fn eos_stops_unless_ignored_and_min_tokens_holds_it_off() {
     let eot = e.tokenizer().token_id("<|eot_id|>").unwrap();
     // A strong bias makes EOS the greedy choice at every step.
     let bias = vec![(eot, 100.0)];
-    e.add_request(0, p.clone(), SamplingParams { logit_bias: bias.clone(), max_tokens: 10, ..SamplingParams::greedy() }).unwrap();
-    e.add_request(1, p.clone(), SamplingParams { logit_bias: bias.clone(), max_tokens: 10, min_tokens: 4, ..SamplingParams::greedy() }).unwrap();
-    e.add_request(2, p, SamplingParams { logit_bias: bias, max_tokens: 10, ignore_eos: true, ..SamplingParams::greedy() }).unwrap();
+    e.add_request(
+        0,
+        p.clone(),
+        SamplingParams {
+            logit_bias: bias.clone(),
+            max_tokens: 10,
+            ..SamplingParams::greedy()
+        },
+    )
+    .unwrap();
+    e.add_request(
+        1,
+        p.clone(),
+        SamplingParams {
+            logit_bias: bias.clone(),
+            max_tokens: 10,
+            min_tokens: 4,
+            ..SamplingParams::greedy()
+        },
+    )
+    .unwrap();
+    e.add_request(
+        2,
+        p,
+        SamplingParams {
+            logit_bias: bias,
+            max_tokens: 10,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        },
+    )
+    .unwrap();
     let out = drain(&mut e);
-    assert_eq!((out[&(0, 0)].tokens.clone(), out[&(0, 0)].finish), (vec![eot], Some(FinishReason::Stop)));
+    assert_eq!(
+        (out[&(0, 0)].tokens.clone(), out[&(0, 0)].finish),
+        (vec![eot], Some(FinishReason::Stop))
+    );
     assert_eq!(out[&(1, 0)].tokens.len(), 5, "four tokens, then EOS");
     assert_eq!(out[&(1, 0)].finish, Some(FinishReason::Stop));
     assert_eq!(out[&(2, 0)].tokens, vec![eot; 10]);
     assert_eq!(out[&(2, 0)].finish, Some(FinishReason::Length));
-    assert!(out[&(0, 0)].text.is_empty(), "special tokens are not in the text");
+    assert!(
+        out[&(0, 0)].text.is_empty(),
+        "special tokens are not in the text"
+    );
 }
 
 #[test]
 fn logprobs_are_normalised_and_ranked() {
     let mut e = engine(blocks(64));
-    e.add_request(0, prompt(8, 20), SamplingParams { logprobs: Some(5), ..greedy(5) }).unwrap();
+    e.add_request(
+        0,
+        prompt(8, 20),
+        SamplingParams {
+            logprobs: Some(5),
+            ..greedy(5)
+        },
+    )
+    .unwrap();
     while e.has_unfinished() {
         for o in e.step() {
             let (lp, top) = o.logprobs.unwrap();
@@ -389,14 +623,36 @@ fn logprobs_are_normalised_and_ranked() {
 fn bad_requests_are_refused_with_the_reason() {
     let mut e = engine(blocks(64));
     let max = e.max_model_len();
-    assert!(matches!(e.add_request(0, vec![], greedy(4)), Err(EngineError::EmptyPrompt)));
-    assert!(matches!(e.add_request(0, vec![1, 100_000], greedy(4)), Err(EngineError::BadToken(100_000))));
-    assert!(matches!(e.add_request(0, prompt(1, max), greedy(4)), Err(EngineError::TooLong { .. })));
-    assert!(matches!(e.add_request(0, prompt(1, 10), greedy(2000)), Err(EngineError::TooLargeForCache { .. })));
-    let e2 = e.add_request(0, prompt(1, 10), SamplingParams { top_p: 2.0, ..greedy(4) });
+    assert!(matches!(
+        e.add_request(0, vec![], greedy(4)),
+        Err(EngineError::EmptyPrompt)
+    ));
+    assert!(matches!(
+        e.add_request(0, vec![1, 100_000], greedy(4)),
+        Err(EngineError::BadToken(100_000))
+    ));
+    assert!(matches!(
+        e.add_request(0, prompt(1, max), greedy(4)),
+        Err(EngineError::TooLong { .. })
+    ));
+    assert!(matches!(
+        e.add_request(0, prompt(1, 10), greedy(2000)),
+        Err(EngineError::TooLargeForCache { .. })
+    ));
+    let e2 = e.add_request(
+        0,
+        prompt(1, 10),
+        SamplingParams {
+            top_p: 2.0,
+            ..greedy(4)
+        },
+    );
     assert!(matches!(e2, Err(EngineError::Param(ref p)) if p.param == "top_p"));
     e.add_request(0, prompt(1, 10), greedy(4)).unwrap();
-    assert!(matches!(e.add_request(0, prompt(1, 10), greedy(4)), Err(EngineError::DuplicateId(0))));
+    assert!(matches!(
+        e.add_request(0, prompt(1, 10), greedy(4)),
+        Err(EngineError::DuplicateId(0))
+    ));
     assert!(!drain(&mut e).is_empty());
 }
 
@@ -413,6 +669,9 @@ fn incremental_detokenization_never_splits_a_character() {
         pieces.push(decoder.push(tok, id));
     }
     assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
-    assert!(pieces.iter().any(String::is_empty), "some tokens end inside a character and wait");
+    assert!(
+        pieces.iter().any(String::is_empty),
+        "some tokens end inside a character and wait"
+    );
     assert_eq!(pieces.concat(), text);
 }

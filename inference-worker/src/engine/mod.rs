@@ -378,14 +378,19 @@ impl<B: Backend> Engine<B> {
 
         let generated = seq.tokens.len() - seq.prompt_len;
         let past_min = generated >= params.min_tokens;
-        let mut finish = None;
-        if past_min && end_tokens.contains(&token) {
-            finish = Some(FinishReason::Stop);
-        } else if seq.text.push(&tokenizer, token, past_min) {
-            finish = Some(FinishReason::Stop);
+        // An end token is not text; a stop string is found in the text the token adds.
+        let stopped = if end_tokens.contains(&token) {
+            past_min
+        } else {
+            seq.text.push(&tokenizer, token, past_min)
+        };
+        let finish = if stopped {
+            Some(FinishReason::Stop)
         } else if generated >= params.max_tokens || seq.tokens.len() >= self.max_model_len {
-            finish = Some(FinishReason::Length);
-        }
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
         let out = SeqOutput {
             request: seq.request,
             index: seq.index,

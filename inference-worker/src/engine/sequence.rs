@@ -46,7 +46,7 @@ impl Sequence {
     /// Appends a generated token and extends the hash chain when a block fills.
     pub fn push_token(&mut self, token: u32, block_size: usize) {
         self.tokens.push(token);
-        if self.tokens.len() % block_size == 0 {
+        if self.tokens.len().is_multiple_of(block_size) {
             let start = self.tokens.len() - block_size;
             let parent = self.block_hashes.last().copied();
             self.block_hashes

@@ -188,8 +188,5 @@ fn describe(e: &minijinja::Error) -> String {
 
 /// Inverse of GPT-2's byte-to-unicode map: the bytes a byte-level BPE token string stands for.
 fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
-    piece
-        .chars()
-        .map(|c| bpe_builder::char_to_byte(c))
-        .collect()
+    piece.chars().map(bpe_builder::char_to_byte).collect()
 }
