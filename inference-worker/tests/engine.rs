@@ -675,3 +675,27 @@ fn incremental_detokenization_never_splits_a_character() {
     );
     assert_eq!(pieces.concat(), text);
 }
+
+#[test]
+fn batch_respects_max_num_seqs_and_the_token_budget() {
+    let mut e = engine(EngineConfig {
+        num_blocks: Some(128),
+        max_num_seqs: 3,
+        max_num_batched_tokens: 40,
+        ..Default::default()
+    });
+    for i in 0..7 {
+        e.add_request(i, prompt(300 + i, 30), greedy(6)).unwrap();
+    }
+    let mut finished = 0;
+    while e.has_unfinished() {
+        let outputs = e.step();
+        let stats = e.stats();
+        assert!(stats.running <= 3, "running {}", stats.running);
+        assert!(outputs.len() <= 3);
+        finished += outputs.iter().filter(|o| o.finish.is_some()).count();
+    }
+    assert_eq!(finished, 7, "every request finishes");
+    // 7 prompts of 30 tokens with a 40-token budget: prefills were chunked across steps.
+    assert!(e.stats().steps >= (7 * 30) / 40);
+}
