@@ -1,12 +1,11 @@
 //! The `llmctl` launcher: one binary, one subcommand per role. `model init` writes a random
 //! model in Hugging Face format; `generate` runs prompts through the engine once; `worker` runs
-//! the inference worker (today an interactive chat on stdin/stdout; the OpenAI HTTP server
-//! arrives with the worker issue). `up`, `gateway` and `controller` arrive with their issues.
+//! the inference worker's OpenAI-compatible server. `up`, `gateway` and `controller` arrive
+//! with their issues.
 
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use llmctl_inference_worker::backend::cpu::CpuBackend;
 use llmctl_inference_worker::engine::{Engine, EngineConfig, SamplingParams};
@@ -14,6 +13,7 @@ use llmctl_inference_worker::model::{
     self,
     init::{InitDtype, InitOptions, Preset},
 };
+use llmctl_inference_worker::server::{self, WorkerArgs};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -34,7 +34,7 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
-    /// Run the inference worker on a model folder (interactive chat on stdin/stdout for now).
+    /// Run the inference worker: an OpenAI-compatible server for one model folder.
     Worker(WorkerArgs),
     /// Generate completions for prompts given on the command line, then exit.
     Generate(GenerateArgs),
@@ -75,16 +75,6 @@ struct EngineArgs {
 }
 
 #[derive(Args)]
-struct WorkerArgs {
-    #[command(flatten)]
-    engine: EngineArgs,
-    #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
-    #[arg(long, default_value_t = 0.7)]
-    temperature: f32,
-}
-
-#[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     engine: EngineArgs,
@@ -103,12 +93,7 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    llmctl_inference_worker::init_logging();
     match Cli::parse().command {
         Command::Model {
             command:
@@ -130,7 +115,7 @@ fn main() -> Result<()> {
             println!("wrote {preset:?} model to {}", out.display());
             Ok(())
         }
-        Command::Worker(args) => worker(args),
+        Command::Worker(args) => server::run(args),
         Command::Generate(args) => generate(args),
     }
 }
@@ -188,40 +173,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 println!("{line}");
             }
         }
-    }
-    Ok(())
-}
-
-fn worker(args: WorkerArgs) -> Result<()> {
-    let mut engine = engine(&args.engine)?;
-    if !engine.tokenizer().has_chat_template() {
-        bail!(
-            "{}: the model has no chat template",
-            Path::new(&args.engine.model).display()
-        );
-    }
-    let params = SamplingParams {
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        ..Default::default()
-    };
-    eprintln!("model ready; type a message and press enter (Ctrl-D to quit)");
-    let stdout = std::io::stdout();
-    for (i, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let tokens = prompt_tokens(&engine, &line, true)?;
-        engine.add_request(i as u64, tokens, params.clone())?;
-        let mut out = stdout.lock();
-        while engine.has_unfinished() {
-            for o in engine.step() {
-                write!(out, "{}", o.text)?;
-                out.flush()?;
-            }
-        }
-        writeln!(out)?;
     }
     Ok(())
 }

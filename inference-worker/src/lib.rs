@@ -9,4 +9,16 @@ pub mod backend;
 pub mod engine;
 pub mod model;
 pub mod rng;
+pub mod server;
 pub mod tokenizer;
+
+/// Logs to stderr (stdout carries the machine-readable `listening` line), filtered by
+/// `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

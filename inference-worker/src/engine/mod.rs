@@ -129,6 +129,8 @@ pub struct Engine<B: Backend> {
     next_seq: SeqId,
     arrivals: u64,
     stats: EngineStats,
+    /// Requests whose first sequence was scheduled since the last `take_started`.
+    started: Vec<RequestId>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -173,6 +175,7 @@ impl<B: Backend> Engine<B> {
             next_seq: 0,
             arrivals: 0,
             stats: EngineStats::default(),
+            started: Vec::new(),
         }
     }
 
@@ -197,6 +200,11 @@ impl<B: Backend> Engine<B> {
             cache: self.blocks.counters,
             ..self.stats
         }
+    }
+
+    /// Requests that started running since the last call (for queue-time metrics).
+    pub fn take_started(&mut self) -> Vec<RequestId> {
+        std::mem::take(&mut self.started)
     }
 
     pub fn has_unfinished(&self) -> bool {
@@ -263,6 +271,7 @@ impl<B: Backend> Engine<B> {
                     leader: ids.first().copied(),
                     cached_tokens: None,
                     arrival: self.arrivals,
+                    started: false,
                     text: OutputText::new(&prompt, &params),
                 },
             );
@@ -303,6 +312,11 @@ impl<B: Backend> Engine<B> {
         let mut batch = StepBatch::default();
         let mut to_sample = Vec::new();
         for &(sid, n) in &plan.scheduled {
+            let seq = self.seqs.get_mut(&sid).expect("scheduled sequences exist");
+            if seq.index == 0 && !seq.started {
+                seq.started = true;
+                self.started.push(seq.request);
+            }
             let seq = &self.seqs[&sid];
             let start = seq.num_computed;
             let query_start = batch.tokens.len();

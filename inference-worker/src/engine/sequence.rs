@@ -35,6 +35,8 @@ pub struct Sequence {
     pub cached_tokens: Option<usize>,
     /// Admission order; later arrivals are preempted first.
     pub arrival: u64,
+    /// Has been scheduled at least once (reported by `Engine::take_started`).
+    pub started: bool,
     pub text: OutputText,
 }
 

@@ -1,0 +1,302 @@
+//! The worker's OpenAI-compatible HTTP server (hyper 1, HTTP/1.1 and HTTP/2): routes,
+//! body limits, readiness and the SIGTERM drain. The listener is bound before the model loads,
+//! and its address is printed as one JSON line on stdout (`{"event":"listening","addr":...}`),
+//! so a supervisor that started us on port 0 never guesses; `/health` answers 503 until the
+//! model is ready. Handlers live in `openai` (completions) and here (models, health, metrics).
+
+pub mod body;
+pub mod engine_loop;
+pub mod error;
+pub mod lifecycle;
+pub mod metrics;
+pub mod openai;
+pub mod validate;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use llmctl_protocol::{ChatCompletionRequest, CompletionRequest, Model, ModelList};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::backend::cpu::CpuBackend;
+use crate::engine::{Engine, EngineConfig};
+use body::Body;
+use engine_loop::EngineHandle;
+use error::ServerError;
+use lifecycle::Lifecycle;
+use metrics::Metrics;
+use openai::Endpoint;
+
+/// `llmctl worker` / `llmctl-worker` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Hugging Face model folder.
+    #[arg(long, env = "LLMCTL_MODEL")]
+    pub model: PathBuf,
+    #[arg(long, env = "LLMCTL_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (the bound address is printed on stdout).
+    #[arg(long, env = "LLMCTL_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Model name served in `/v1/models` and required in requests; default: the folder's name.
+    #[arg(long, env = "LLMCTL_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Seconds running requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub drain_grace_secs: u64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// KV cache size in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub kv_cache_mib: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt plus completion; default: the model's.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+}
+
+pub struct AppState {
+    engine: OnceLock<EngineHandle>,
+    pub served_model_name: String,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Arc<Lifecycle>,
+    max_body_bytes: usize,
+}
+
+impl AppState {
+    pub fn engine(&self) -> Option<&EngineHandle> {
+        self.engine.get()
+    }
+}
+
+/// Runs the worker until SIGTERM (drained) or a second signal.
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: WorkerArgs) -> Result<()> {
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    announce(addr)?;
+    let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        args.model
+            .canonicalize()
+            .unwrap_or(args.model.clone())
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    tracing::info!(%addr, model = %served_model_name, "listening; loading the model");
+    let state = Arc::new(AppState {
+        engine: OnceLock::new(),
+        served_model_name,
+        metrics: Arc::new(Metrics::new()),
+        lifecycle: Arc::new(Lifecycle::default()),
+        max_body_bytes: args.max_body_bytes,
+    });
+
+    let loader_state = state.clone();
+    let load_args = args.clone();
+    tokio::task::spawn_blocking(move || match load(&load_args, &loader_state.metrics) {
+        Ok(handle) => {
+            let _ = loader_state.engine.set(handle);
+            tracing::info!("ready");
+        }
+        Err(e) => {
+            tracing::error!("model load failed: {e:#}");
+            std::process::exit(1);
+        }
+    });
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let grace = Duration::from_secs(args.drain_grace_secs);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        continue;
+                    }
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(route(req, state).await) }
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            _ = term.recv() => drain(&state, grace),
+            _ = int.recv() => drain(&state, grace),
+        }
+    }
+}
+
+/// First signal: stop taking work and exit 0 once idle (or after `grace`). Second: exit now.
+fn drain(state: &Arc<AppState>, grace: Duration) {
+    if state.lifecycle.is_draining() {
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(1);
+    }
+    state.lifecycle.begin_drain();
+    tracing::info!(
+        inflight = state.lifecycle.inflight(),
+        grace_secs = grace.as_secs(),
+        "draining"
+    );
+    let lifecycle = state.lifecycle.clone();
+    tokio::spawn(async move {
+        let drained = lifecycle.wait_idle(grace).await;
+        tracing::info!(drained, left = lifecycle.inflight(), "exiting");
+        std::process::exit(0);
+    });
+}
+
+fn announce(addr: SocketAddr) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({ "event": "listening", "addr": addr.to_string() })
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+fn load(args: &WorkerArgs, metrics: &Arc<Metrics>) -> Result<EngineHandle> {
+    let loaded = crate::model::load(&args.model, CpuBackend::new())?;
+    let engine = Engine::new(
+        loaded,
+        EngineConfig {
+            kv_cache_bytes: args.kv_cache_mib << 20,
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_model_len: args.max_model_len,
+            ..EngineConfig::default()
+        },
+    );
+    Ok(EngineHandle::spawn(engine, metrics.clone()))
+}
+
+async fn route(req: Request<Incoming>, state: Arc<AppState>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let result = match (req.method(), path.as_str()) {
+        (&Method::GET, "/health") => Ok(health(&state)),
+        (&Method::GET, "/metrics") => Ok(body::text_response(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(),
+        )),
+        (&Method::GET, "/v1/models") => Ok(models(&state)),
+        (&Method::POST, "/v1/chat/completions") => completions(req, state, Endpoint::Chat).await,
+        (&Method::POST, "/v1/completions") => completions(req, state, Endpoint::Completions).await,
+        (_, "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
+            Err(ServerError::MethodNotAllowed(req.method().to_string()))
+        }
+        _ => Err(ServerError::RouteNotFound(path)),
+    };
+    result.unwrap_or_else(|e| body::error_response(&e))
+}
+
+fn health(state: &AppState) -> Response<Body> {
+    let (status, text) = if state.lifecycle.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if state.engine().is_none() {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    body::text_response(status, "text/plain", format!("{text}\n"))
+}
+
+fn models(state: &AppState) -> Response<Body> {
+    let list = ModelList::new(vec![Model::new(
+        state.served_model_name.clone(),
+        0,
+        "llmctl",
+    )]);
+    body::json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&list).expect("model lists serialize"),
+    )
+}
+
+async fn completions(
+    req: Request<Incoming>,
+    state: Arc<AppState>,
+    endpoint: Endpoint,
+) -> Result<Response<Body>, ServerError> {
+    let guard = state.lifecycle.admit()?;
+    let engine = state
+        .engine()
+        .ok_or(ServerError::Unavailable("the model is still loading"))?
+        .clone();
+    let bytes = read_body(req, state.max_body_bytes).await?;
+    let valid = match endpoint {
+        Endpoint::Chat => validate::chat(
+            parse::<ChatCompletionRequest>(&bytes)?,
+            &engine,
+            &state.served_model_name,
+        )?,
+        Endpoint::Completions => validate::completion(
+            parse::<CompletionRequest>(&bytes)?,
+            &engine,
+            &state.served_model_name,
+        )?,
+    };
+    openai::handle(state, endpoint, valid, guard).await
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ServerError> {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ServerError::TooLarge(limit));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ServerError::TooLarge(limit)),
+        Err(e) => Err(ServerError::BadRequest {
+            param: None,
+            message: format!("reading the request body: {e}"),
+            code: None,
+        }),
+    }
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServerError> {
+    serde_json::from_slice(bytes).map_err(|e| ServerError::BadRequest {
+        param: None,
+        message: format!("invalid JSON body: {e}"),
+        code: Some("invalid_json"),
+    })
+}
