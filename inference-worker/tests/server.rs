@@ -76,10 +76,14 @@ impl Worker {
     }
 
     async fn start_with(preset: Preset, extra: &[&str]) -> Worker {
+        Self::start_at(&model_dir(preset), extra).await
+    }
+
+    async fn start_at(model: &std::path::Path, extra: &[&str]) -> Worker {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llmctl-worker"))
             .args([
                 "--model",
-                model_dir(preset).to_str().unwrap(),
+                model.to_str().unwrap(),
                 "--port",
                 "0",
                 "--kv-cache-mib",
@@ -639,4 +643,97 @@ async fn bad_input_gets_its_status_and_an_openai_error_body() {
     assert_eq!(status, 404);
     // The worker is still healthy after all of that.
     assert_eq!(w.get("/health").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_that_raises_is_a_400_naming_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model_dir(Preset::Tiny)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = json!(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let w = Worker::start_at(dir.path(), &["--served-model-name", "tiny"]).await;
+    let (status, err) = w
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "tiny", "messages": [{"role": "system", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["param"], "messages");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("System role not supported"),
+        "{err}"
+    );
+    let (status, _) = w.post("/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_is_served_and_a_second_signal_exits_at_once() {
+    let mut w = Worker::start_with(
+        Preset::Small,
+        &["--drain-grace-secs", "600", "--served-model-name", "tiny"],
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(&w.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(format!("http://{}/v1/models", w.addr))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = sender.send_request(req).await.unwrap();
+    assert_eq!(r.version(), hyper::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+
+    // A long request keeps the drain waiting; the second signal must not wait for it.
+    let _long = tokio::spawn(send(
+        w.addr.clone(),
+        "POST".into(),
+        "/v1/completions".into(),
+        serde_json::to_vec(
+            &json!({"model": "tiny", "prompt": "go", "max_tokens": 2000, "ignore_eos": true}),
+        )
+        .unwrap(),
+    ));
+    w.wait_metric("llmctl_worker_requests_running", |v| v == 1.0)
+        .await;
+    let pid = w.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    while w.get("/health").await.0 != 503 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    let exit = w.child.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(exit.code(), Some(1));
 }
