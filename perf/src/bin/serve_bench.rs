@@ -1,0 +1,442 @@
+//! Serving benchmark in the style of vLLM's `benchmark_serving`: streams OpenAI completions at
+//! a worker, either at fixed concurrency or at a Poisson request rate, with prompt and output
+//! lengths drawn uniformly from ranges, and reports throughput and TTFT / TPOT / ITL / E2E
+//! percentiles.
+//!
+//! `cargo run --release -p llmctl-perf --bin serve_bench -- [--record]`
+//!
+//! With no `--url`, it writes the `small` preset (seed 1) under `target/perf-models/`, starts a
+//! worker on port 0 (this same binary re-run as `--as-worker`, i.e. the real server in its own
+//! process), and benchmarks it at each `--concurrency` level, then at `--rate` if given.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use llmctl_inference_worker::model::init;
+use llmctl_inference_worker::rng::Rng;
+use llmctl_inference_worker::server::{self, WorkerArgs};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+#[derive(Parser)]
+struct Args {
+    /// Benchmark a running server instead of starting one.
+    #[arg(long)]
+    url: Option<String>,
+    /// Model name to send (with --url).
+    #[arg(long, default_value = "small-seed1")]
+    model_name: String,
+    #[arg(long, default_value_t = 64)]
+    num_requests: usize,
+    /// Concurrency levels to run, one after another.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Also run open-loop at this many requests per second (Poisson arrivals).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value = "64:256")]
+    prompt_len: String,
+    #[arg(long, default_value = "16:128")]
+    output_len: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the table to perf/results/<date>-serve-cpu.md.
+    #[arg(long)]
+    record: bool,
+    /// Internal: run as the worker process.
+    #[arg(long, hide = true)]
+    as_worker: bool,
+    #[arg(long, hide = true)]
+    model: Option<PathBuf>,
+}
+
+fn range(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = s.split_once(':').context("ranges are written LOW:HIGH")?;
+    let (a, b) = (a.parse()?, b.parse()?);
+    if a == 0 || a > b {
+        bail!("bad range {s}");
+    }
+    Ok((a, b))
+}
+
+struct Sample {
+    ttft: f64,
+    itls: Vec<f64>,
+    e2e: f64,
+    output_tokens: usize,
+    prompt_tokens: usize,
+}
+
+struct Report {
+    label: String,
+    duration: f64,
+    samples: Vec<Sample>,
+    failed: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.as_worker {
+        llmctl_inference_worker::init_logging();
+        let model = args.model.context("--as-worker needs --model")?;
+        return server::run(WorkerArgs {
+            model,
+            host: "127.0.0.1".into(),
+            port: 0,
+            served_model_name: None,
+            drain_grace_secs: 5,
+            max_body_bytes: 8 << 20,
+            kv_cache_mib: 1024,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            max_model_len: None,
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(bench(args))
+}
+
+async fn bench(args: Args) -> Result<()> {
+    let (prompt_range, output_range) = (range(&args.prompt_len)?, range(&args.output_len)?);
+    let mut worker = None;
+    let addr = match &args.url {
+        Some(url) => url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned(),
+        None => {
+            let (child, addr) = start_worker()?;
+            worker = Some(child);
+            addr
+        }
+    };
+    let model_name = if args.url.is_some() {
+        args.model_name.clone()
+    } else {
+        "small-seed1".to_owned()
+    };
+    wait_ready(&addr).await?;
+
+    // A fresh workload per load level: reusing prompts would turn later levels into
+    // prefix-cache hits.
+    let workload = |level: u64| -> Arc<Vec<(Vec<u32>, usize)>> {
+        let mut rng = Rng::new(args.seed ^ level.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        Arc::new(
+            (0..args.num_requests)
+                .map(|_| {
+                    let plen = prompt_range.0 + rng.below(prompt_range.1 - prompt_range.0 + 1);
+                    let olen = output_range.0 + rng.below(output_range.1 - output_range.0 + 1);
+                    // Random ids from the ordinary vocabulary (the small preset has 4096 tokens).
+                    ((0..plen).map(|_| rng.below(4000) as u32).collect(), olen)
+                })
+                .collect(),
+        )
+    };
+
+    // Warm-up: one short request.
+    one_request(&addr, &model_name, &workload(u64::MAX)[0].0[..8], 4).await?;
+
+    let mut reports = Vec::new();
+    for (level, &c) in args.concurrency.iter().enumerate() {
+        reports.push(
+            run_load(
+                &addr,
+                &model_name,
+                &workload(level as u64),
+                Load::Concurrency(c),
+            )
+            .await,
+        );
+        eprintln!("{}", summary_row(reports.last().expect("just pushed")));
+    }
+    if let Some(rate) = args.rate {
+        let level = args.concurrency.len() as u64;
+        reports.push(
+            run_load(
+                &addr,
+                &model_name,
+                &workload(level),
+                Load::Rate(rate, args.seed),
+            )
+            .await,
+        );
+        eprintln!("{}", summary_row(reports.last().expect("just pushed")));
+    }
+    let mut table = String::from(
+        "| load | ok/failed | req/s | output tok/s | total tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p99 ms | E2E p50/p99 s |\n|---|---|---:|---:|---:|---|---|---|---|\n",
+    );
+    for r in &reports {
+        table.push_str(&summary_row(r));
+        table.push('\n');
+    }
+    println!("{table}");
+    if args.record {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("perf/ sits in the workspace");
+        let date = String::from_utf8_lossy(&Command::new("date").arg("+%Y-%m-%d").output()?.stdout)
+            .trim()
+            .to_owned();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+            })
+            .unwrap_or_default();
+        let path = root.join(format!("perf/results/{date}-serve-cpu.md"));
+        let text = format!(
+            "# Serving benchmark, CPU, {date}\n\n- machine: {cpu}, {} cores; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --record`\n- server: `llmctl-worker` (CPU backend), `small` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`\n\n{table}\n",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            args.num_requests,
+            args.concurrency
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            args.prompt_len,
+            args.output_len,
+            args.rate.map_or(String::new(), |r| format!(" --rate {r}")),
+        );
+        std::fs::write(&path, text)?;
+        eprintln!("recorded {}", path.display());
+    }
+    if let Some(mut child) = worker {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Ok(())
+}
+
+fn start_worker() -> Result<(Child, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("perf/ sits in the workspace")
+        .to_path_buf();
+    let dir = root.join("target/perf-models/small-seed1");
+    if !dir.join("model.safetensors").exists() {
+        let opts = init::InitOptions {
+            preset: init::Preset::Small,
+            seed: 1,
+            dtype: init::InitDtype::Bf16,
+        };
+        init::write_model(&dir, &opts)?;
+    }
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--as-worker", "--model"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("worker stdout")?).read_line(&mut line)?;
+    let v: Value = serde_json::from_str(&line).context("the worker's listening line")?;
+    let addr = v["addr"]
+        .as_str()
+        .context("listening line has addr")?
+        .to_owned();
+    Ok((child, addr))
+}
+
+async fn wait_ready(addr: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = request(addr, "GET", "/health", Vec::new()).await
+            && r.status() == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("worker at {addr} never became ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    Ok(sender.send_request(req).await?)
+}
+
+/// One streamed completion, timed.
+async fn one_request(addr: &str, model: &str, prompt: &[u32], max_tokens: usize) -> Result<Sample> {
+    let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true, "temperature": 0,
+        "stream": true, "stream_options": {"include_usage": true}});
+    let started = Instant::now();
+    let mut r = request(addr, "POST", "/v1/completions", serde_json::to_vec(&body)?).await?;
+    if r.status() != 200 {
+        bail!("status {}", r.status());
+    }
+    let (mut first, mut last) = (None, started);
+    let mut itls = Vec::new();
+    let mut buf = Vec::new();
+    let mut usage = Value::Null;
+    while let Some(frame) = r.body_mut().frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let payload = event.strip_prefix(b"data: ").context("SSE data line")?;
+            let payload = &payload[..payload.len() - 2];
+            if payload == b"[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(payload)?;
+            if v.get("error").is_some() {
+                bail!("stream error: {v}");
+            }
+            if !v["usage"].is_null() {
+                usage = v["usage"].clone();
+            }
+            if v["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                let now = Instant::now();
+                match first {
+                    None => first = Some(now),
+                    Some(_) => itls.push((now - last).as_secs_f64()),
+                }
+                last = now;
+            }
+        }
+    }
+    let first = first.context("no tokens streamed")?;
+    Ok(Sample {
+        ttft: (first - started).as_secs_f64(),
+        itls,
+        e2e: started.elapsed().as_secs_f64(),
+        output_tokens: usage["completion_tokens"].as_u64().context("usage chunk")? as usize,
+        prompt_tokens: usage["prompt_tokens"].as_u64().context("usage chunk")? as usize,
+    })
+}
+
+enum Load {
+    Concurrency(usize),
+    Rate(f64, u64),
+}
+
+async fn run_load(
+    addr: &str,
+    model: &str,
+    workload: &Arc<Vec<(Vec<u32>, usize)>>,
+    load: Load,
+) -> Report {
+    let (label, permits) = match load {
+        Load::Concurrency(c) => (format!("concurrency {c}"), c),
+        Load::Rate(r, _) => (format!("rate {r}/s"), usize::MAX >> 4),
+    };
+    let gate = Arc::new(Semaphore::new(permits));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let mut arrivals = match load {
+        Load::Rate(_, seed) => Some(Rng::new(seed ^ 0xabcdef)),
+        Load::Concurrency(_) => None,
+    };
+    for i in 0..workload.len() {
+        if let (Some(rng), Load::Rate(rate, _)) = (arrivals.as_mut(), &load) {
+            // Exponential gaps: a Poisson process at `rate` requests per second.
+            let gap = -(1.0 - rng.uniform()).ln() / rate;
+            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        }
+        let permit = gate
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (addr, model, workload) = (addr.to_owned(), model.to_owned(), workload.clone());
+        tasks.push(tokio::spawn(async move {
+            let (prompt, olen) = &workload[i];
+            let result = one_request(&addr, &model, prompt, *olen).await;
+            drop(permit);
+            result
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut failed = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(s)) => samples.push(s),
+            Ok(Err(e)) => {
+                eprintln!("request failed: {e:#}");
+                failed += 1;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    Report {
+        label,
+        duration: started.elapsed().as_secs_f64(),
+        samples,
+        failed,
+    }
+}
+
+fn pct(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
+fn summary_row(r: &Report) -> String {
+    let out: usize = r.samples.iter().map(|s| s.output_tokens).sum();
+    let prompt: usize = r.samples.iter().map(|s| s.prompt_tokens).sum();
+    let mut ttft: Vec<f64> = r.samples.iter().map(|s| s.ttft * 1e3).collect();
+    let mut tpot: Vec<f64> = r
+        .samples
+        .iter()
+        .filter(|s| s.output_tokens > 1)
+        .map(|s| (s.e2e - s.ttft) * 1e3 / (s.output_tokens - 1) as f64)
+        .collect();
+    let mut itl: Vec<f64> = r
+        .samples
+        .iter()
+        .flat_map(|s| s.itls.iter().map(|x| x * 1e3))
+        .collect();
+    let mut e2e: Vec<f64> = r.samples.iter().map(|s| s.e2e).collect();
+    format!(
+        "| {} | {}/{} | {:.2} | {:.0} | {:.0} | {:.0} / {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} |",
+        r.label,
+        r.samples.len(),
+        r.failed,
+        r.samples.len() as f64 / r.duration,
+        out as f64 / r.duration,
+        (out + prompt) as f64 / r.duration,
+        pct(&mut ttft, 0.5),
+        pct(&mut ttft, 0.9),
+        pct(&mut ttft, 0.99),
+        pct(&mut tpot, 0.5),
+        pct(&mut tpot, 0.9),
+        pct(&mut tpot, 0.99),
+        pct(&mut itl, 0.5),
+        pct(&mut itl, 0.99),
+        pct(&mut e2e, 0.5),
+        pct(&mut e2e, 0.99),
+    )
+}
