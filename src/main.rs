@@ -1,7 +1,7 @@
 //! The `llmctl` launcher: one binary, one subcommand per role. `model init` writes a random
 //! model in Hugging Face format; `generate` runs prompts through the engine once; `worker` runs
-//! the inference worker's OpenAI-compatible server. `up`, `gateway` and `controller` arrive
-//! with their issues.
+//! the inference worker's OpenAI-compatible server; `gateway` the HTTP edge. `up` and
+//! `controller` arrive with their issues.
 
 use std::path::PathBuf;
 
@@ -36,6 +36,8 @@ enum Command {
     },
     /// Run the inference worker: an OpenAI-compatible server for one model folder.
     Worker(WorkerArgs),
+    /// Run the gateway: auth, rate limits, admission queue, dispatch and proxy.
+    Gateway(llmctl_gateway::GatewayArgs),
     /// Generate completions for prompts given on the command line, then exit.
     Generate(GenerateArgs),
 }
@@ -116,6 +118,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Worker(args) => server::run(args),
+        Command::Gateway(args) => llmctl_gateway::run(args),
         Command::Generate(args) => generate(args),
     }
 }

@@ -1,6 +1,49 @@
 //! The llmctl gateway: the HTTP edge in front of the executor pools.
 //!
-//! It will own, in the order a request meets them: `auth` (bearer keys to tenants), `limit`
-//! (per-tenant request and token rate limits), `queue` (a fair, bounded admission queue per pool),
-//! `dispatch` (least-outstanding executor choice with prefix affinity and retries) and `proxy`
-//! (streaming the worker's response through). It carries no GPU code. Built by the gateway issue.
+//! In the order a request meets them: `server` (accept, TLS, limits, routing, drain),
+//! `auth` (bearer keys to tenants), `inspect` (parse and check the body, estimate tokens),
+//! `limit` (per-tenant request and token rate limits), `queue` (a fair, bounded admission queue
+//! per pool), `dispatch` (least-outstanding executor choice with prefix affinity and ejection)
+//! and `proxy` (relaying the executor's response). `config` is the TOML file; `metrics` the
+//! Prometheus registry; `error` the one mapping to OpenAI error bodies. No GPU code here.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod inspect;
+pub mod limit;
+pub mod metrics;
+pub mod proxy;
+pub mod queue;
+pub mod server;
+
+use std::path::PathBuf;
+
+/// `llmctl gateway` / `llmctl-gateway` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct GatewayArgs {
+    /// The gateway's TOML configuration (see docs/gateway.md).
+    #[arg(long, env = "LLMCTL_GATEWAY_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// Runs the gateway until SIGTERM/SIGINT, then drains.
+pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
+    let config = config::Config::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(server::serve(config))
+}
+
+/// Logs to stderr (stdout carries the `listening` line), filtered by `RUST_LOG`.
+pub fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

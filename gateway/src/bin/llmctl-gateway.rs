@@ -1,0 +1,20 @@
+//! `llmctl-gateway`: the gateway alone, for its slim image. Same options as `llmctl gateway`.
+
+use clap::Parser;
+use llmctl_gateway::GatewayArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "llmctl-gateway",
+    version,
+    about = "llmctl gateway: auth, rate limits, queue, dispatch, proxy"
+)]
+struct Cli {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    llmctl_gateway::init_logging();
+    llmctl_gateway::run(Cli::parse().gateway)
+}

@@ -1,0 +1,458 @@
+//! The gateway's one TOML file, parsed and validated into [`Config`]: listen address and
+//! limits, TLS, tenants with hashed keys and rate limits, pools with their endpoints, and queue
+//! settings. Errors name the field, the value and the reason. Tenants, keys and limits can be
+//! reloaded at run time; listen address, TLS and pools need a restart.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: `{field}` = {value}: {reason}")]
+    Invalid {
+        path: String,
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Priority classes, highest first. A request may lower its tenant's class, never raise it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "high" => Some(Self::High),
+            "normal" => Some(Self::Normal),
+            "low" => Some(Self::Low),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    #[serde(default)]
+    open: bool,
+    max_body_bytes: Option<usize>,
+    max_header_bytes: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+    drain_grace_secs: Option<u64>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    tenants: Vec<RawTenant>,
+    #[serde(default)]
+    pools: Vec<RawPool>,
+    #[serde(default)]
+    queue: RawQueue,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: String,
+    #[serde(default = "normal")]
+    priority: Priority,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+    /// SHA-256 of each API key, hex, optionally prefixed `sha256:`.
+    #[serde(default)]
+    keys: Vec<String>,
+}
+
+fn normal() -> Priority {
+    Priority::Normal
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    /// Model names this pool serves (the `model` field of requests).
+    models: Vec<String>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    /// `host:port` (plain HTTP to the executor).
+    address: String,
+    name: Option<String>,
+    max_concurrency: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    max_size: Option<usize>,
+    deadline_ms: Option<u64>,
+    prefix_affinity: Option<bool>,
+    max_retries: Option<usize>,
+    eject_after_failures: Option<u32>,
+    eject_cooldown_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    pub name: String,
+    pub priority: Priority,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    /// SHA-256 digests of the tenant's keys.
+    pub key_hashes: Vec<[u8; 32]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    pub address: String,
+    pub max_concurrency: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub name: String,
+    pub models: Vec<String>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    pub max_size: usize,
+    pub deadline: Duration,
+    pub prefix_affinity: bool,
+    pub max_retries: usize,
+    pub eject_after_failures: u32,
+    pub eject_cooldown: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// No authentication: every request is the `open` tenant. Only for the local default.
+    pub open: bool,
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub drain_grace: Duration,
+    pub tls: Option<TlsConfig>,
+    pub tenants: Vec<Tenant>,
+    pub pools: Vec<Pool>,
+    pub queue: QueueConfig,
+}
+
+/// SHA-256 of an API key, as stored in the config.
+pub fn hash_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid =
+            |field: &str, value: &dyn std::fmt::Display, reason: &str| ConfigError::Invalid {
+                path: origin.to_owned(),
+                field: field.to_owned(),
+                value: value.to_string(),
+                reason: reason.to_owned(),
+            };
+        let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("listen", &listen_text, "not an address like 127.0.0.1:8080"))?;
+
+        let mut tenants = Vec::new();
+        let mut names = HashSet::new();
+        let mut all_keys = HashSet::new();
+        for (i, t) in raw.tenants.into_iter().enumerate() {
+            if t.name.is_empty() || !names.insert(t.name.clone()) {
+                return Err(invalid(
+                    &format!("tenants[{i}].name"),
+                    &t.name,
+                    "must be non-empty and unique",
+                ));
+            }
+            for (field, v) in [
+                ("requests_per_minute", t.requests_per_minute),
+                ("tokens_per_minute", t.tokens_per_minute),
+            ] {
+                if v == Some(0) {
+                    return Err(invalid(
+                        &format!("tenants[{i}].{field}"),
+                        &0,
+                        "must be positive (omit it for no limit)",
+                    ));
+                }
+            }
+            let mut key_hashes = Vec::new();
+            for (k, key) in t.keys.iter().enumerate() {
+                let hexed = key.strip_prefix("sha256:").unwrap_or(key);
+                let bytes: [u8; 32] = hex::decode(hexed)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| {
+                        invalid(
+                            &format!("tenants[{i}].keys[{k}]"),
+                            &"(hidden)",
+                            "must be a SHA-256 digest: 64 hex digits",
+                        )
+                    })?;
+                if !all_keys.insert(bytes) {
+                    return Err(invalid(
+                        &format!("tenants[{i}].keys[{k}]"),
+                        &"(hidden)",
+                        "the same key belongs to two tenants",
+                    ));
+                }
+                key_hashes.push(bytes);
+            }
+            tenants.push(Tenant {
+                name: t.name,
+                priority: t.priority,
+                requests_per_minute: t.requests_per_minute,
+                tokens_per_minute: t.tokens_per_minute,
+                key_hashes,
+            });
+        }
+        if !raw.open && tenants.iter().all(|t| t.key_hashes.is_empty()) {
+            return Err(invalid(
+                "tenants",
+                &"[]",
+                "no API keys are configured; add keys or set `open = true` (local use only)",
+            ));
+        }
+
+        let mut pools = Vec::new();
+        let mut models = HashSet::new();
+        for (i, p) in raw.pools.into_iter().enumerate() {
+            if p.models.is_empty() {
+                return Err(invalid(
+                    &format!("pools[{i}].models"),
+                    &"[]",
+                    "a pool serves at least one model",
+                ));
+            }
+            for m in &p.models {
+                if !models.insert(m.clone()) {
+                    return Err(invalid(
+                        &format!("pools[{i}].models"),
+                        m,
+                        "served by two pools",
+                    ));
+                }
+            }
+            let mut endpoints = Vec::new();
+            for (e, ep) in p.endpoints.into_iter().enumerate() {
+                if ep.address.parse::<SocketAddr>().is_err() && !ep.address.contains(':') {
+                    return Err(invalid(
+                        &format!("pools[{i}].endpoints[{e}].address"),
+                        &ep.address,
+                        "expected host:port",
+                    ));
+                }
+                let max_concurrency = ep.max_concurrency.unwrap_or(64);
+                if max_concurrency == 0 {
+                    return Err(invalid(
+                        &format!("pools[{i}].endpoints[{e}].max_concurrency"),
+                        &0,
+                        "must be positive",
+                    ));
+                }
+                endpoints.push(Endpoint {
+                    name: ep.name.unwrap_or_else(|| ep.address.clone()),
+                    address: ep.address,
+                    max_concurrency,
+                });
+            }
+            pools.push(Pool {
+                name: p.name,
+                models: p.models,
+                endpoints,
+            });
+        }
+        if pools.is_empty() {
+            return Err(invalid("pools", &"[]", "at least one pool is needed"));
+        }
+
+        let q = raw.queue;
+        let queue = QueueConfig {
+            max_size: q.max_size.unwrap_or(10_000),
+            deadline: Duration::from_millis(q.deadline_ms.unwrap_or(60_000)),
+            prefix_affinity: q.prefix_affinity.unwrap_or(true),
+            max_retries: q.max_retries.unwrap_or(2),
+            eject_after_failures: q.eject_after_failures.unwrap_or(3),
+            eject_cooldown: Duration::from_millis(q.eject_cooldown_ms.unwrap_or(10_000)),
+        };
+        if queue.max_size == 0 {
+            return Err(invalid("queue.max_size", &0, "must be positive"));
+        }
+        if queue.eject_after_failures == 0 {
+            return Err(invalid(
+                "queue.eject_after_failures",
+                &0,
+                "must be positive",
+            ));
+        }
+        let tls = raw.tls.map(|t| TlsConfig {
+            cert: t.cert,
+            key: t.key,
+        });
+        Ok(Config {
+            path: None,
+            listen,
+            open: raw.open,
+            max_body_bytes: raw.max_body_bytes.unwrap_or(8 << 20),
+            max_header_bytes: raw.max_header_bytes.unwrap_or(64 << 10),
+            header_read_timeout: Duration::from_millis(
+                raw.header_read_timeout_ms.unwrap_or(10_000),
+            ),
+            drain_grace: Duration::from_secs(raw.drain_grace_secs.unwrap_or(30)),
+            tls,
+            tenants,
+            pools,
+            queue,
+        })
+    }
+
+    pub fn pool_for_model(&self, model: &str) -> Option<&Pool> {
+        self.pools
+            .iter()
+            .find(|p| p.models.iter().any(|m| m == model))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"; // "test"
+
+    fn base() -> String {
+        format!(
+            "listen = \"127.0.0.1:0\"\n[[tenants]]\nname = \"a\"\nkeys = [\"sha256:{KEY_HASH}\"]\nrequests_per_minute = 5\n\
+             [[pools]]\nname = \"p\"\nmodels = [\"tiny\"]\n[[pools.endpoints]]\naddress = \"127.0.0.1:9\"\n"
+        )
+    }
+
+    #[test]
+    fn parses_and_hashes_keys() {
+        let c = Config::parse(&base(), "gw.toml").unwrap();
+        assert_eq!(c.tenants[0].key_hashes[0], hash_key("test"));
+        assert_eq!(c.pool_for_model("tiny").unwrap().name, "p");
+        assert_eq!(c.pools[0].endpoints[0].max_concurrency, 64);
+        assert_eq!(c.tenants[0].priority, Priority::Normal);
+    }
+
+    #[test]
+    fn errors_name_field_value_and_reason() {
+        let e = Config::parse(&base().replace("127.0.0.1:0", "nowhere"), "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gw.toml") && e.contains("`listen`") && e.contains("nowhere"),
+            "{e}"
+        );
+        let e = Config::parse(&base().replace(KEY_HASH, "abc"), "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tenants[0].keys[0]") && e.contains("64 hex"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &base().replace("requests_per_minute = 5", "requests_per_minute = 0"),
+            "gw.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tenants[0].requests_per_minute"), "{e}");
+        let e = Config::parse(&(base() + "bogus = 1\n"), "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse(
+            &base().replace("keys = [\"sha256:", "keys2 = [\"sha256:"),
+            "gw.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("keys2"), "unknown tenant field: {e}");
+    }
+
+    #[test]
+    fn keyless_config_needs_explicit_open_mode() {
+        let text = "[[pools]]\nname = \"p\"\nmodels = [\"m\"]\n";
+        let e = Config::parse(text, "gw.toml").unwrap_err().to_string();
+        assert!(e.contains("open = true"), "{e}");
+        assert!(
+            Config::parse(&format!("open = true\n{text}"), "gw.toml")
+                .unwrap()
+                .open
+        );
+    }
+}

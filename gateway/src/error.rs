@@ -1,0 +1,121 @@
+//! The gateway's client-facing errors: one enum, one mapping to status, OpenAI error body and
+//! `Retry-After`. Codes are stable snake_case and double as log fields.
+
+use std::time::Duration;
+
+use http::{Response, StatusCode, header};
+use llmctl_protocol::{ErrorResponse, RateLimitKind};
+
+use crate::body::{self, Body};
+use crate::limit::{LimitKind, Refusal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("You didn't provide an API key.")]
+    MissingKey,
+    #[error("Incorrect API key provided.")]
+    InvalidKey,
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    UnknownModel(String),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("rate limit reached for {}: retry after {:.1}s", .0.kind.as_str(), .0.retry_after.as_secs_f64())]
+    RateLimited(Refusal),
+    #[error("the queue for this model is full")]
+    QueueFull(Duration),
+    #[error("no executor became available before the deadline")]
+    NoCapacity(Duration),
+    #[error("the gateway is shutting down")]
+    Draining,
+    #[error("the executor failed: {0}")]
+    Upstream(String),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingKey | Self::InvalidKey => StatusCode::UNAUTHORIZED,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited(_) | Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::NoCapacity(_) | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing_api_key",
+            Self::InvalidKey => "invalid_api_key",
+            Self::BadRequest { code, .. } => code,
+            Self::UnknownModel(_) => "model_not_found",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::TooLarge(_) => "request_too_large",
+            Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::QueueFull(_) => "queue_full",
+            Self::NoCapacity(_) => "no_capacity",
+            Self::Draining => "shutting_down",
+            Self::Upstream(_) => "upstream_failed",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited(r) => Some(r.retry_after),
+            Self::QueueFull(d) | Self::NoCapacity(d) => Some(*d),
+            Self::Draining => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        let message = self.to_string();
+        match self {
+            Self::MissingKey => ErrorResponse::missing_api_key(),
+            Self::InvalidKey => ErrorResponse::invalid_api_key(),
+            Self::UnknownModel(m) => ErrorResponse::model_not_found(m),
+            Self::RateLimited(r) => ErrorResponse::rate_limit_exceeded(
+                match r.kind {
+                    LimitKind::Requests => RateLimitKind::Requests,
+                    LimitKind::Tokens => RateLimitKind::Tokens,
+                },
+                message,
+            ),
+            Self::BadRequest { param, .. } => {
+                let e = ErrorResponse::invalid_request(message).with_code(self.code());
+                match param {
+                    Some(p) => e.with_param(p.clone()),
+                    None => e,
+                }
+            }
+            Self::Upstream(_) | Self::NoCapacity(_) | Self::Draining => {
+                ErrorResponse::server_error(message).with_code(self.code())
+            }
+            _ => ErrorResponse::invalid_request(message).with_code(self.code()),
+        }
+    }
+
+    pub fn response(&self) -> Response<Body> {
+        let bytes = serde_json::to_vec(&self.body()).expect("error bodies serialize");
+        let mut r = body::with_type(self.status(), "application/json", bytes);
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        r
+    }
+}

@@ -1,0 +1,179 @@
+//! What the gateway reads from a request body before forwarding it: the body must parse as the
+//! endpoint's OpenAI type (so bad input is refused at the edge with a clear 400), and from it
+//! come the model, streaming flags, a token estimate for rate limiting and a prompt-prefix
+//! hash for affinity. The body forwarded upstream is the client's, with one change: a
+//! streaming request always asks the executor for the final usage chunk.
+
+use std::hash::{Hash, Hasher};
+
+use bytes::Bytes;
+use llmctl_protocol::{ChatCompletionRequest, CompletionRequest, PromptInput};
+use serde_json::{Value, json};
+
+use crate::error::GatewayError;
+
+/// Bytes of prompt text that decide prefix affinity.
+const AFFINITY_PREFIX: usize = 512;
+/// `max_tokens` assumed for the up-front charge when a request gives none.
+const DEFAULT_MAX_TOKENS: u32 = 512;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Completions,
+}
+
+#[derive(Debug)]
+pub struct Inspected {
+    pub model: String,
+    pub stream: bool,
+    pub client_wants_usage: bool,
+    /// Estimated prompt tokens plus `max_tokens`.
+    pub charge: u32,
+    pub affinity: Option<u64>,
+    /// The body to send upstream.
+    pub upstream_body: Bytes,
+}
+
+fn bad_json(e: serde_json::Error) -> GatewayError {
+    GatewayError::BadRequest {
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+        code: "invalid_json",
+    }
+}
+
+/// About four bytes of text per token for English-like text: the estimate is trued up later.
+fn estimate_tokens(chars: usize) -> u32 {
+    (chars / 4 + 1) as u32
+}
+
+fn affinity(prefix: &str) -> Option<u64> {
+    if prefix.is_empty() {
+        return None;
+    }
+    let mut end = prefix.len().min(AFFINITY_PREFIX);
+    while !prefix.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    prefix[..end].hash(&mut h);
+    Some(h.finish())
+}
+
+pub fn inspect(api: Api, bytes: &[u8]) -> Result<Inspected, GatewayError> {
+    let mut value: Value = serde_json::from_slice(bytes).map_err(bad_json)?;
+    let (model, stream, wants_usage, max_tokens, prompt_text) = match api {
+        Api::Chat => {
+            let req: ChatCompletionRequest =
+                serde_json::from_value(value.clone()).map_err(bad_json)?;
+            if req.messages.is_empty() {
+                return Err(GatewayError::BadRequest {
+                    message: "`messages` must contain at least one message".into(),
+                    param: Some("messages".into()),
+                    code: "invalid_value",
+                });
+            }
+            let text: String = req
+                .messages
+                .iter()
+                .map(|m| m.text_content().into_owned())
+                .collect::<Vec<_>>()
+                .join("\n");
+            (
+                req.model.clone(),
+                req.is_stream(),
+                req.include_usage(),
+                req.effective_max_tokens(),
+                text,
+            )
+        }
+        Api::Completions => {
+            let req: CompletionRequest = serde_json::from_value(value.clone()).map_err(bad_json)?;
+            let (stream, wants_usage, max_tokens, model) = (
+                req.is_stream(),
+                req.include_usage(),
+                req.max_tokens,
+                req.model.clone(),
+            );
+            let text: String = req
+                .prompt
+                .into_prompts()
+                .into_iter()
+                .map(|p| match p {
+                    PromptInput::Text(t) => t,
+                    // Token ids: four bytes each keeps the estimate at one token per id.
+                    PromptInput::Tokens(ids) => ids.iter().map(|i| format!("{i:03} ")).collect(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            (model, stream, wants_usage, max_tokens, text)
+        }
+    };
+    let n = value.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as u32;
+    let charge = estimate_tokens(prompt_text.len())
+        .saturating_add(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).saturating_mul(n));
+    let upstream_body = if stream {
+        value["stream_options"] = json!({ "include_usage": true });
+        Bytes::from(serde_json::to_vec(&value).expect("JSON values serialize"))
+    } else {
+        Bytes::copy_from_slice(bytes)
+    };
+    Ok(Inspected {
+        model,
+        stream,
+        client_wants_usage: wants_usage,
+        charge,
+        affinity: affinity(&prompt_text),
+        upstream_body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_requests_ask_upstream_for_usage() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"stream":true,"max_tokens":10}"#;
+        let i = inspect(Api::Chat, body).unwrap();
+        assert!(i.stream && !i.client_wants_usage);
+        let up: Value = serde_json::from_slice(&i.upstream_body).unwrap();
+        assert_eq!(up["stream_options"]["include_usage"], true);
+        assert_eq!(i.charge, estimate_tokens("hello there".len()) + 10);
+    }
+
+    #[test]
+    fn same_prefix_same_affinity_and_bad_bodies_refused() {
+        let a = inspect(
+            Api::Completions,
+            br#"{"model":"m","prompt":"shared system prompt, then A"}"#,
+        )
+        .unwrap();
+        let b = inspect(
+            Api::Completions,
+            br#"{"model":"m","prompt":"shared system prompt, then A"}"#,
+        )
+        .unwrap();
+        assert_eq!(a.affinity, b.affinity);
+        assert_eq!(
+            a.upstream_body.as_ref(),
+            br#"{"model":"m","prompt":"shared system prompt, then A"}"#
+        );
+        assert!(matches!(
+            inspect(Api::Chat, b"{nope"),
+            Err(GatewayError::BadRequest {
+                code: "invalid_json",
+                ..
+            })
+        ));
+        assert!(matches!(
+            inspect(Api::Chat, br#"{"model":"m","messages":"x"}"#),
+            Err(GatewayError::BadRequest { .. })
+        ));
+        assert!(matches!(
+            inspect(Api::Chat, br#"{"model":"m","messages":[]}"#),
+            Err(GatewayError::BadRequest { .. })
+        ));
+    }
+}

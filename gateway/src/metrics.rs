@@ -1,0 +1,234 @@
+//! Every metric the gateway exports, prefix `llmctl_gateway_`, in one registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub pool: String,
+    pub tenant: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub pool: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub pool: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub tenant: String,
+    pub kind: String,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0,
+    ])
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    queue_depth: Family<PoolLabel, Gauge>,
+    queue_wait: Family<PoolLabel, Histogram>,
+    queue_left: Family<ReasonLabels, Counter>,
+    ttfb: Family<PoolLabel, Histogram>,
+    e2e: Family<PoolLabel, Histogram>,
+    rate_limited: Family<LimitLabels, Counter>,
+    retries: Family<PoolLabel, Counter>,
+    ejections: Family<EndpointLabels, Counter>,
+    inflight: Family<EndpointLabels, Gauge>,
+    upstream_errors: Family<ReasonLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("llmctl_gateway");
+        let m = Self {
+            registry: Registry::default(),
+            requests: Family::default(),
+            queue_depth: Family::default(),
+            queue_wait: Family::new_with_constructor(histogram),
+            queue_left: Family::default(),
+            ttfb: Family::new_with_constructor(histogram),
+            e2e: Family::new_with_constructor(histogram),
+            rate_limited: Family::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
+            inflight: Family::default(),
+            upstream_errors: Family::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by pool, tenant and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting in the admission queue",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time from admission to dispatch",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "queue_left",
+            "Requests that left the queue without dispatch, by reason",
+            m.queue_left.clone(),
+        );
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from arrival to the first response byte from the executor",
+            m.ttfb.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from arrival to the end of the response",
+            m.e2e.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit, by tenant and kind",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "retries",
+            "Requests retried on another executor",
+            m.retries.clone(),
+        );
+        registry.register(
+            "endpoint_ejections",
+            "Executors ejected after repeated failures",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "endpoint_inflight",
+            "Requests outstanding at each executor",
+            m.inflight.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Executor failures seen by the proxy, by reason",
+            m.upstream_errors.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn request(&self, pool: &str, tenant: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                pool: pool.into(),
+                tenant: tenant.into(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn queue_depth(&self, pool: &str, depth: usize) {
+        self.queue_depth
+            .get_or_create(&PoolLabel { pool: pool.into() })
+            .set(depth as i64);
+    }
+
+    pub fn queue_wait(&self, pool: &str, seconds: f64) {
+        self.queue_wait
+            .get_or_create(&PoolLabel { pool: pool.into() })
+            .observe(seconds);
+    }
+
+    pub fn queue_left(&self, pool: &str, reason: &str) {
+        self.queue_left
+            .get_or_create(&ReasonLabels {
+                pool: pool.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn ttfb(&self, pool: &str, seconds: f64) {
+        self.ttfb
+            .get_or_create(&PoolLabel { pool: pool.into() })
+            .observe(seconds);
+    }
+
+    pub fn e2e(&self, pool: &str, seconds: f64) {
+        self.e2e
+            .get_or_create(&PoolLabel { pool: pool.into() })
+            .observe(seconds);
+    }
+
+    pub fn rate_limited(&self, tenant: &str, kind: &str) {
+        self.rate_limited
+            .get_or_create(&LimitLabels {
+                tenant: tenant.into(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
+    pub fn retry(&self, pool: &str) {
+        self.retries
+            .get_or_create(&PoolLabel { pool: pool.into() })
+            .inc();
+    }
+
+    pub fn ejected(&self, pool: &str, endpoint: &str) {
+        self.ejections
+            .get_or_create(&EndpointLabels {
+                pool: pool.into(),
+                endpoint: endpoint.into(),
+            })
+            .inc();
+    }
+
+    pub fn endpoint_inflight(&self, pool: &str, endpoint: &str, n: usize) {
+        self.inflight
+            .get_or_create(&EndpointLabels {
+                pool: pool.into(),
+                endpoint: endpoint.into(),
+            })
+            .set(n as i64);
+    }
+
+    pub fn upstream_error(&self, pool: &str, reason: &str) {
+        self.upstream_errors
+            .get_or_create(&ReasonLabels {
+                pool: pool.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,388 @@
+//! Sending a request to an executor and relaying its answer chunk by chunk. Hop-by-hop headers
+//! are dropped both ways. SSE streams are parsed event by event only to find the `usage` the
+//! gateway asked for (and to remove it when the client did not), JSON bodies are passed
+//! through while a bounded copy is kept to read `usage`. An executor that dies mid-stream ends
+//! the client's stream with an OpenAI error event. When the relay ends, the endpoint slot is
+//! freed, the tenant's token charge is trued up and the request is counted.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use llmctl_protocol::ErrorResponse;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::auth::TenantState;
+use crate::body::{self, Body};
+use crate::metrics::Metrics;
+use crate::queue::Permit;
+
+/// Largest JSON response copy kept to read `usage` from.
+const USAGE_COPY_LIMIT: usize = 4 << 20;
+
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|s| HeaderName::from_bytes(s.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Why an attempt failed before anything reached the client (so it may be retried).
+#[derive(Debug)]
+pub enum AttemptError {
+    Connect(String),
+    Status(Response<Incoming>),
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstream {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Self { client }
+    }
+
+    /// Sends one attempt; a 5xx is an error so the caller can retry elsewhere.
+    pub async fn send(
+        &self,
+        address: &str,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let mut req = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("http://{address}{path}"))
+            .body(Full::new(body))
+            .map_err(|e| AttemptError::Connect(e.to_string()))?;
+        for (k, v) in headers {
+            req.headers_mut().append(k.clone(), v.clone());
+        }
+        strip_hop_by_hop(req.headers_mut());
+        req.headers_mut().remove(header::HOST);
+        req.headers_mut().remove(header::CONTENT_LENGTH);
+        req.headers_mut().remove(header::AUTHORIZATION);
+        let response = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| AttemptError::Connect(e.to_string()))?;
+        if response.status().is_server_error() {
+            return Err(AttemptError::Status(response));
+        }
+        Ok(response)
+    }
+}
+
+/// What the relay needs to settle the request when it ends.
+pub struct Settle {
+    pub metrics: Arc<Metrics>,
+    pub pool: String,
+    pub tenant: Arc<TenantState>,
+    pub charged: u32,
+    pub started: Instant,
+    pub permit: Permit,
+    /// The client asked for the final usage chunk (otherwise it is removed).
+    pub client_wants_usage: bool,
+    pub request_id: String,
+}
+
+impl Settle {
+    fn finish(mut self, status: u16, usage: Option<u32>, failed: bool) {
+        if failed {
+            self.permit.fail();
+        }
+        // Without a usage report the charge stands.
+        self.tenant
+            .limits
+            .true_up(self.charged, usage.unwrap_or(self.charged));
+        self.metrics
+            .e2e(&self.pool, self.started.elapsed().as_secs_f64());
+        self.metrics.request(&self.pool, &self.tenant.name, status);
+        tracing::info!(request_id = %self.request_id, pool = %self.pool, tenant = %self.tenant.name, status, tokens = ?usage, failed, "request finished");
+    }
+}
+
+fn total_tokens(v: &Value) -> Option<u32> {
+    let u = v.get("usage")?;
+    let total = u.get("total_tokens").and_then(Value::as_u64).or_else(|| {
+        Some(
+            u.get("prompt_tokens")?.as_u64()?
+                + u.get("completion_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+        )
+    })?;
+    Some(total as u32)
+}
+
+/// Relays `upstream` to the client; settles when the relay ends (or the client leaves).
+pub fn relay(upstream: Response<Incoming>, settle: Settle) -> Response<Body> {
+    let (parts, incoming) = upstream.into_parts();
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    if sse {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let status = parts.status;
+    let (tx, client_body) = body::channel();
+    tokio::spawn(async move {
+        if sse {
+            relay_sse(incoming, tx, settle, status).await;
+        } else {
+            relay_json(incoming, tx, settle, status).await;
+        }
+    });
+    let mut response = Response::new(client_body.boxed_unsync());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+async fn relay_json(
+    mut incoming: Incoming,
+    tx: mpsc::Sender<Bytes>,
+    settle: Settle,
+    status: StatusCode,
+) {
+    let mut copy = BytesMut::new();
+    while let Some(frame) = incoming.frame().await {
+        match frame {
+            Ok(frame) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if copy.len() + data.len() <= USAGE_COPY_LIMIT {
+                    copy.extend_from_slice(&data);
+                }
+                if tx.send(data).await.is_err() {
+                    settle.finish(499, None, false);
+                    return;
+                }
+            }
+            Err(e) => {
+                settle.metrics.upstream_error(&settle.pool, "mid_body");
+                tracing::warn!(request_id = %settle.request_id, "executor failed mid-response: {e}");
+                settle.finish(502, None, true);
+                return;
+            }
+        }
+    }
+    let usage = serde_json::from_slice::<Value>(&copy)
+        .ok()
+        .and_then(|v| total_tokens(&v));
+    let ok = status.is_success();
+    settle.finish(status.as_u16(), if ok { usage } else { Some(0) }, false);
+}
+
+async fn relay_sse(
+    mut incoming: Incoming,
+    tx: mpsc::Sender<Bytes>,
+    settle: Settle,
+    status: StatusCode,
+) {
+    let mut pending = BytesMut::new();
+    let mut usage = None;
+    let mut done = false;
+    loop {
+        let frame = match incoming.frame().await {
+            None => break,
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                tracing::warn!(request_id = %settle.request_id, "executor failed mid-stream: {e}");
+                break;
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        let mut out = BytesMut::new();
+        while let Some(end) = find_event_end(&pending) {
+            let event = pending.split_to(end);
+            let forward = process_event(&event, &mut usage, &mut done, settle.client_wants_usage);
+            out.extend_from_slice(&forward);
+        }
+        if !out.is_empty() && tx.send(out.freeze()).await.is_err() {
+            settle.finish(499, usage, false);
+            return;
+        }
+    }
+    if !done {
+        // The executor went away before `[DONE]`: end the client's stream with an error event.
+        settle.metrics.upstream_error(&settle.pool, "mid_stream");
+        let err =
+            ErrorResponse::server_error("the executor serving this request failed mid-stream")
+                .with_code("upstream_failed");
+        let mut event = b"data: ".to_vec();
+        event.extend(serde_json::to_vec(&err).expect("error bodies serialize"));
+        event.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+        let _ = tx.send(Bytes::from(event)).await;
+        settle.finish(502, usage, true);
+        return;
+    }
+    settle.finish(status.as_u16(), usage, false);
+}
+
+/// End of the first complete SSE event (after its blank line), if any.
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2)
+}
+
+/// Returns the bytes to forward for one event, noting usage and `[DONE]`.
+fn process_event(
+    event: &[u8],
+    usage: &mut Option<u32>,
+    done: &mut bool,
+    client_wants_usage: bool,
+) -> Bytes {
+    let Some(payload) = event.strip_prefix(b"data: ").map(|p| p.trim_ascii_end()) else {
+        return Bytes::copy_from_slice(event);
+    };
+    if payload == b"[DONE]" {
+        *done = true;
+        return Bytes::copy_from_slice(event);
+    }
+    // Cheap test first: only chunks that mention usage need parsing.
+    if !contains(payload, b"\"usage\"") {
+        return Bytes::copy_from_slice(event);
+    }
+    let Ok(mut v) = serde_json::from_slice::<Value>(payload) else {
+        return Bytes::copy_from_slice(event);
+    };
+    if let Some(total) = total_tokens(&v) {
+        *usage = Some(total);
+        let usage_only = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty);
+        if usage_only && !client_wants_usage {
+            return Bytes::new();
+        }
+    }
+    if client_wants_usage {
+        return Bytes::copy_from_slice(event);
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("usage");
+    }
+    let mut out = b"data: ".to_vec();
+    out.extend(serde_json::to_vec(&v).expect("JSON values serialize"));
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Header value from a string the gateway made (ids, names).
+pub fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_and_stripped_unless_asked_for() {
+        let (mut usage, mut done) = (None, false);
+        let chunk = br#"data: {"id":"x","choices":[{"index":0,"text":"hi"}],"usage":null}
+
+"#;
+        let out = process_event(chunk, &mut usage, &mut done, false);
+        let v: Value = serde_json::from_slice(out.strip_prefix(b"data: ").unwrap()).unwrap();
+        assert!(
+            v.get("usage").is_none(),
+            "usage:null removed for a client that did not ask"
+        );
+        assert_eq!(
+            process_event(chunk, &mut usage, &mut done, true),
+            Bytes::copy_from_slice(chunk)
+        );
+
+        let last = br#"data: {"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}
+
+"#;
+        assert!(
+            process_event(last, &mut usage, &mut done, false).is_empty(),
+            "usage chunk dropped"
+        );
+        assert_eq!(usage, Some(12));
+        assert_eq!(
+            process_event(last, &mut usage, &mut done, true),
+            Bytes::copy_from_slice(last)
+        );
+        process_event(b"data: [DONE]\n\n", &mut usage, &mut done, false);
+        assert!(done);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-request-id"));
+    }
+}

@@ -1,0 +1,553 @@
+//! The gateway's HTTP edge: accept (HTTP/1.1 and HTTP/2, TLS by rustls when configured, header
+//! size and header read-time limits), then each request in the order of DESIGN.md: request id,
+//! authenticate, read and inspect the body, rate limit, queue, dispatch with retries, relay.
+//! Also `/healthz`, `/readyz`, `/metrics`, `/v1/models`, reload on SIGHUP or file change, and
+//! the SIGTERM drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use llmctl_protocol::{Model, ModelList};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::auth::{AuthError, Tenants};
+use crate::body::{self, Body};
+use crate::config::{Config, Priority};
+use crate::error::GatewayError;
+use crate::inspect::{self, Api};
+use crate::limit;
+use crate::metrics::Metrics;
+use crate::proxy::{self, AttemptError, Settle, Upstream};
+use crate::queue::{self, QueueError, QueueHandle, Ticket};
+
+/// A request may lower its priority with this header (never raise it).
+pub const PRIORITY_HEADER: &str = "x-llmctl-priority";
+
+struct PoolRuntime {
+    name: String,
+    models: Vec<String>,
+    queue: QueueHandle,
+}
+
+pub struct Gateway {
+    config: std::sync::RwLock<Arc<Config>>,
+    tenants: Tenants,
+    pools: Vec<PoolRuntime>,
+    upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    inflight: AtomicUsize,
+}
+
+struct InflightGuard<'a>(&'a AtomicUsize);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Gateway {
+    /// Builds the gateway (spawns one queue actor per pool; needs a tokio runtime).
+    pub fn new(config: Config) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| PoolRuntime {
+                name: p.name.clone(),
+                models: p.models.clone(),
+                queue: QueueHandle::spawn(
+                    p.name.clone(),
+                    p.endpoints.clone(),
+                    config.queue.clone(),
+                    metrics.clone(),
+                ),
+            })
+            .collect();
+        Arc::new(Self {
+            tenants: Tenants::new(&config),
+            config: std::sync::RwLock::new(Arc::new(config)),
+            pools,
+            upstream: Upstream::new(),
+            metrics,
+            draining: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .expect("config lock is never poisoned")
+            .clone()
+    }
+
+    /// Re-reads the config file; tenants, keys and limits take effect, in-flight requests keep
+    /// what they started with. A bad file is logged and ignored.
+    pub fn reload(&self) {
+        let Some(path) = self.config().path.clone() else {
+            return;
+        };
+        match Config::load(&path) {
+            Ok(new) => {
+                self.tenants.reload(&new);
+                *self.config.write().expect("config lock is never poisoned") = Arc::new(new);
+                tracing::info!(path = %path.display(), "configuration reloaded");
+            }
+            Err(e) => tracing::error!("configuration reload failed, keeping the old one: {e}"),
+        }
+    }
+
+    /// Queue of the pool serving `name`, for tests and the controller integration.
+    pub fn queue(&self, pool: &str) -> Option<&QueueHandle> {
+        self.pools.iter().find(|p| p.name == pool).map(|p| &p.queue)
+    }
+
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_owned)
+            .unwrap_or_else(new_id);
+        let correlation = req.headers().get("x-correlation-id").cloned();
+        let path = req.uri().path().to_owned();
+        let mut response = match (req.method(), path.as_str()) {
+            (&Method::GET, "/healthz") => body::with_type(StatusCode::OK, "text/plain", "ok\n"),
+            (&Method::GET, "/readyz") => {
+                if self.draining.load(Ordering::SeqCst) {
+                    body::with_type(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+                } else {
+                    body::with_type(StatusCode::OK, "text/plain", "ready\n")
+                }
+            }
+            (&Method::GET, "/metrics") => body::with_type(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics.encode(),
+            ),
+            (&Method::GET, "/v1/models") => match self.tenants.authenticate(req.headers()) {
+                Ok(_) => self.models(),
+                Err(e) => auth_error(e).response(),
+            },
+            (&Method::POST, "/v1/chat/completions") => {
+                self.complete(req, Api::Chat, &request_id, correlation.clone(), started)
+                    .await
+            }
+            (&Method::POST, "/v1/completions") => {
+                self.complete(
+                    req,
+                    Api::Completions,
+                    &request_id,
+                    correlation.clone(),
+                    started,
+                )
+                .await
+            }
+            (
+                _,
+                "/v1/chat/completions"
+                | "/v1/completions"
+                | "/v1/models"
+                | "/healthz"
+                | "/readyz"
+                | "/metrics",
+            ) => GatewayError::MethodNotAllowed.response(),
+            _ => GatewayError::NotFound(path).response(),
+        };
+        let h = response.headers_mut();
+        h.insert("x-request-id", proxy::header_value(&request_id));
+        if let Some(c) = correlation {
+            h.insert("x-correlation-id", c);
+        }
+        response
+    }
+
+    fn models(&self) -> Response<Body> {
+        let data = self
+            .pools
+            .iter()
+            .flat_map(|p| p.models.iter().map(|m| Model::new(m.clone(), 0, "llmctl")))
+            .collect();
+        body::with_type(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec(&ModelList::new(data)).expect("model lists serialize"),
+        )
+    }
+
+    async fn complete(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        api: Api,
+        request_id: &str,
+        correlation: Option<http::HeaderValue>,
+        started: Instant,
+    ) -> Response<Body> {
+        if self.draining.load(Ordering::SeqCst) {
+            return GatewayError::Draining.response();
+        }
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let _guard = InflightGuard(&self.inflight);
+        let tenant = match self.tenants.authenticate(req.headers()) {
+            Ok(t) => t,
+            Err(e) => return auth_error(e).response(),
+        };
+        let config = self.config();
+        let requested_priority = req
+            .headers()
+            .get(PRIORITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Priority::parse);
+        // Lower only: a larger enum value is a lower class.
+        let priority = requested_priority.map_or(tenant.priority, |p| p.max(tenant.priority));
+        let (parts, incoming) = req.into_parts();
+        let bytes = match read_body(incoming, &parts.headers, config.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e) => return self.refuse(e, "-", &tenant.name),
+        };
+        let inspected = match inspect::inspect(api, &bytes) {
+            Ok(i) => i,
+            Err(e) => return self.refuse(e, "-", &tenant.name),
+        };
+        let Some(pool) = self
+            .pools
+            .iter()
+            .find(|p| p.models.contains(&inspected.model))
+        else {
+            return self.refuse(
+                GatewayError::UnknownModel(inspected.model.clone()),
+                "-",
+                &tenant.name,
+            );
+        };
+        let snapshot = match tenant.limits.admit(inspected.charge) {
+            Ok(s) => s,
+            Err(refusal) => {
+                self.metrics
+                    .rate_limited(&tenant.name, refusal.kind.as_str());
+                return self.refuse(GatewayError::RateLimited(refusal), &pool.name, &tenant.name);
+            }
+        };
+        let refund = |tenant: &crate::auth::TenantState| tenant.limits.true_up(inspected.charge, 0);
+
+        let path = if api == Api::Chat {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let mut forward_headers = HeaderMap::new();
+        for name in ["content-type", "x-correlation-id", "accept"] {
+            if let Some(v) = parts.headers.get(name) {
+                forward_headers.insert(name, v.clone());
+            }
+        }
+        forward_headers.insert("x-request-id", proxy::header_value(request_id));
+        let tenant_name: Arc<str> = Arc::from(tenant.name.as_str());
+        let deadline = queue::deadline(&config.queue);
+        let mut avoid: Vec<String> = Vec::new();
+        let mut attempt = 0;
+        let queued_at = Instant::now();
+        loop {
+            let ticket = Ticket {
+                tenant: tenant_name.clone(),
+                priority,
+                affinity: if config.queue.prefix_affinity {
+                    inspected.affinity
+                } else {
+                    None
+                },
+                avoid: avoid.clone(),
+                deadline,
+                retry: attempt > 0,
+            };
+            let grant = match pool.queue.acquire(ticket).await {
+                Ok(g) => g,
+                Err(e) => {
+                    refund(&tenant);
+                    let err = match e {
+                        QueueError::Full => {
+                            GatewayError::QueueFull(queue::retry_after(&config.queue))
+                        }
+                        QueueError::Expired => {
+                            GatewayError::NoCapacity(queue::retry_after(&config.queue))
+                        }
+                        QueueError::Closed => GatewayError::Draining,
+                    };
+                    return self.refuse(err, &pool.name, &tenant.name);
+                }
+            };
+            let queue_ms = queued_at.elapsed().as_millis();
+            if attempt == 0 {
+                self.metrics
+                    .queue_wait(&pool.name, queued_at.elapsed().as_secs_f64());
+            }
+            let dispatch_id = new_id();
+            let mut grant = grant;
+            tracing::debug!(%request_id, %dispatch_id, pool = %pool.name, endpoint = %grant.endpoint.name, attempt, "dispatching");
+            match self
+                .upstream
+                .send(
+                    &grant.endpoint.address,
+                    path,
+                    &forward_headers,
+                    inspected.upstream_body.clone(),
+                )
+                .await
+            {
+                Ok(upstream) => {
+                    self.metrics
+                        .ttfb(&pool.name, started.elapsed().as_secs_f64());
+                    let endpoint_name = grant.endpoint.name.clone();
+                    let settle = Settle {
+                        metrics: self.metrics.clone(),
+                        pool: pool.name.clone(),
+                        tenant: tenant.clone(),
+                        charged: inspected.charge,
+                        started,
+                        permit: grant.permit,
+                        client_wants_usage: inspected.client_wants_usage,
+                        request_id: request_id.to_owned(),
+                    };
+                    let mut response = proxy::relay(upstream, settle);
+                    let h = response.headers_mut();
+                    limit::write_headers(h, &snapshot);
+                    h.insert("x-llmctl-dispatch-id", proxy::header_value(&dispatch_id));
+                    h.insert("x-llmctl-pool", proxy::header_value(&pool.name));
+                    h.insert("x-llmctl-executor", proxy::header_value(&endpoint_name));
+                    h.insert(
+                        "x-llmctl-queue-ms",
+                        http::HeaderValue::from(queue_ms as u64),
+                    );
+                    if let Some(c) = &correlation {
+                        h.insert("x-correlation-id", c.clone());
+                    }
+                    return response;
+                }
+                Err(failure) => {
+                    grant.permit.fail();
+                    let reason = match &failure {
+                        AttemptError::Connect(_) => "connect",
+                        AttemptError::Status(_) => "status_5xx",
+                    };
+                    self.metrics.upstream_error(&pool.name, reason);
+                    tracing::warn!(%request_id, %dispatch_id, endpoint = %grant.endpoint.name, attempt, ?failure, "executor attempt failed");
+                    avoid.push(grant.endpoint.address.clone());
+                    drop(grant);
+                    attempt += 1;
+                    if attempt > config.queue.max_retries {
+                        refund(&tenant);
+                        return match failure {
+                            // Nothing reached the client yet: pass the executor's own 5xx on.
+                            AttemptError::Status(r) => {
+                                let (parts, body) = r.into_parts();
+                                let bytes = body
+                                    .collect()
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
+                                self.metrics.request(
+                                    &pool.name,
+                                    &tenant.name,
+                                    parts.status.as_u16(),
+                                );
+                                let mut resp = Response::new(body::full(bytes));
+                                *resp.status_mut() = parts.status;
+                                *resp.headers_mut() = parts.headers;
+                                proxy::strip_hop_by_hop(resp.headers_mut());
+                                resp
+                            }
+                            AttemptError::Connect(e) => {
+                                self.refuse(GatewayError::Upstream(e), &pool.name, &tenant.name)
+                            }
+                        };
+                    }
+                    self.metrics.retry(&pool.name);
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, e: GatewayError, pool: &str, tenant: &str) -> Response<Body> {
+        self.metrics.request(pool, tenant, e.status().as_u16());
+        e.response()
+    }
+
+    /// Stops taking requests; returns once in-flight work is done or `grace` passed.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.draining.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.inflight.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+fn auth_error(e: AuthError) -> GatewayError {
+    match e {
+        AuthError::Missing => GatewayError::MissingKey,
+        AuthError::Invalid => GatewayError::InvalidKey,
+    }
+}
+
+async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::TooLarge(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::TooLarge(limit)),
+        Err(e) => Err(GatewayError::BadRequest {
+            message: format!("reading the body: {e}"),
+            param: None,
+            code: "bad_body",
+        }),
+    }
+}
+
+fn new_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_usize(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let a = h.finish();
+    h.write_u64(a);
+    format!("{a:016x}{:016x}", h.finish())
+}
+
+fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .with_context(|| format!("tls.cert: reading {}", tls.cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("tls.cert: parsing {}", tls.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .with_context(|| format!("tls.key: reading {}", tls.key.display()))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("tls: the certificate and key do not match")?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+}
+
+/// Binds, prints `{"event":"listening","addr":...}` on stdout, and serves until drained.
+pub async fn serve(config: Config) -> Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let tls = tls_acceptor(&config)?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"event": "listening", "addr": addr.to_string(), "tls": tls.is_some()})
+        )?;
+        out.flush()?;
+    }
+    tracing::info!(%addr, tls = tls.is_some(), open = config.open, pools = config.pools.len(), "gateway listening");
+    let gateway = Gateway::new(config);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut watch = tokio::time::interval(Duration::from_secs(2));
+    let mut last_modified = modified(&gateway.config());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let gateway = gateway.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let config = gateway.config();
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder
+                        .http1()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(config.header_read_timeout)
+                        .max_buf_size(config.max_header_bytes.max(8192));
+                    builder.http2().max_header_list_size(config.max_header_bytes as u32);
+                    let service = hyper::service::service_fn(move |req| {
+                        let gateway = gateway.clone();
+                        async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
+                    });
+                    let result = match tls {
+                        Some(acceptor) => match tokio::time::timeout(config.header_read_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls_stream)) => builder.serve_connection(TokioIo::new(tls_stream), service).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!("TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => return,
+                        },
+                        None => builder.serve_connection(TokioIo::new(stream), service).await,
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            _ = hup.recv() => gateway.reload(),
+            _ = watch.tick() => {
+                let now = modified(&gateway.config());
+                if now != last_modified {
+                    last_modified = now;
+                    gateway.reload();
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let grace = gateway.config().drain_grace;
+    tracing::info!(grace_secs = grace.as_secs(), "draining");
+    let drained = gateway.drain(grace).await;
+    tracing::info!(drained, "exiting");
+    Ok(())
+}
+
+fn modified(config: &Config) -> Option<std::time::SystemTime> {
+    config
+        .path
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok()?.modified().ok())
+}
