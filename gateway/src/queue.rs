@@ -410,11 +410,22 @@ mod tests {
     }
 
     fn one_slot() -> Vec<Endpoint> {
-        vec![Endpoint { name: "e0".into(), address: "127.0.0.1:1".into(), max_concurrency: 1 }]
+        vec![Endpoint {
+            name: "e0".into(),
+            address: "127.0.0.1:1".into(),
+            max_concurrency: 1,
+        }]
     }
 
     fn ticket(tenant: &str, priority: Priority, deadline: Duration) -> Ticket {
-        Ticket { tenant: Arc::from(tenant), priority, affinity: None, avoid: Vec::new(), deadline: Instant::now() + deadline, retry: false }
+        Ticket {
+            tenant: Arc::from(tenant),
+            priority,
+            affinity: None,
+            avoid: Vec::new(),
+            deadline: Instant::now() + deadline,
+            retry: false,
+        }
     }
 
     async fn settle() {
@@ -427,7 +438,10 @@ mod tests {
     async fn serve_order(q: &QueueHandle, tickets: Vec<Ticket>) -> Vec<String> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         // Occupy the only slot so everything queues.
-        let blocker = q.acquire(ticket("blocker", Priority::High, Duration::from_secs(30))).await.unwrap();
+        let blocker = q
+            .acquire(ticket("blocker", Priority::High, Duration::from_secs(30)))
+            .await
+            .unwrap();
         for t in tickets {
             let (q, tx) = (q.clone(), tx.clone());
             let name = t.tenant.to_string();
@@ -439,7 +453,9 @@ mod tests {
         }
         drop(blocker);
         let mut order = Vec::new();
-        while let Ok(Some((name, grant))) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+        while let Ok(Some((name, grant))) =
+            tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
+        {
             order.push(name);
             drop(grant);
         }
@@ -448,24 +464,44 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_from_one_tenant_does_not_delay_another_beyond_its_share() {
-        let q = QueueHandle::spawn("p".into(), one_slot(), config(100), Arc::new(Metrics::new()));
-        let mut tickets: Vec<Ticket> = (0..10).map(|_| ticket("burst", Priority::Normal, Duration::from_secs(30))).collect();
+        let q = QueueHandle::spawn(
+            "p".into(),
+            one_slot(),
+            config(100),
+            Arc::new(Metrics::new()),
+        );
+        let mut tickets: Vec<Ticket> = (0..10)
+            .map(|_| ticket("burst", Priority::Normal, Duration::from_secs(30)))
+            .collect();
         tickets.extend((0..2).map(|_| ticket("calm", Priority::Normal, Duration::from_secs(30))));
         let order = serve_order(&q, tickets).await;
         assert_eq!(order.len(), 12);
-        let calm: Vec<usize> = order.iter().enumerate().filter(|(_, n)| *n == "calm").map(|(i, _)| i).collect();
+        let calm: Vec<usize> = order
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| *n == "calm")
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(calm, vec![1, 3], "round robin between tenants: {order:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn higher_classes_go_first() {
-        let q = QueueHandle::spawn("p".into(), one_slot(), config(100), Arc::new(Metrics::new()));
+        let q = QueueHandle::spawn(
+            "p".into(),
+            one_slot(),
+            config(100),
+            Arc::new(Metrics::new()),
+        );
         let tickets = vec![
             ticket("low", Priority::Low, Duration::from_secs(30)),
             ticket("normal", Priority::Normal, Duration::from_secs(30)),
             ticket("high", Priority::High, Duration::from_secs(30)),
         ];
-        assert_eq!(serve_order(&q, tickets).await, vec!["high", "normal", "low"]);
+        assert_eq!(
+            serve_order(&q, tickets).await,
+            vec!["high", "normal", "low"]
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -473,16 +509,27 @@ mod tests {
         let q = QueueHandle::spawn("p".into(), Vec::new(), config(2), Arc::new(Metrics::new()));
         let waiting = tokio::spawn({
             let q = q.clone();
-            async move { q.acquire(ticket("a", Priority::Normal, Duration::from_secs(5))).await }
+            async move {
+                q.acquire(ticket("a", Priority::Normal, Duration::from_secs(5)))
+                    .await
+            }
         });
         let second = tokio::spawn({
             let q = q.clone();
-            async move { q.acquire(ticket("a", Priority::Normal, Duration::from_secs(60))).await }
+            async move {
+                q.acquire(ticket("a", Priority::Normal, Duration::from_secs(60)))
+                    .await
+            }
         });
         settle().await;
         assert_eq!(q.depth(), 2);
         let started = Instant::now();
-        assert_eq!(q.acquire(ticket("b", Priority::High, Duration::from_secs(60))).await.err(), Some(QueueError::Full));
+        assert_eq!(
+            q.acquire(ticket("b", Priority::High, Duration::from_secs(60)))
+                .await
+                .err(),
+            Some(QueueError::Full)
+        );
         assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
         let result = waiting.await.unwrap();
         assert_eq!(result.err(), Some(QueueError::Expired));
@@ -497,10 +544,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_leaves_is_dropped_from_the_queue_at_once() {
         let q = QueueHandle::spawn("p".into(), one_slot(), config(10), Arc::new(Metrics::new()));
-        let _blocker = q.acquire(ticket("x", Priority::Normal, Duration::from_secs(30))).await.unwrap();
+        let _blocker = q
+            .acquire(ticket("x", Priority::Normal, Duration::from_secs(30)))
+            .await
+            .unwrap();
         let waiting = tokio::spawn({
             let q = q.clone();
-            async move { q.acquire(ticket("y", Priority::Normal, Duration::from_secs(30))).await }
+            async move {
+                q.acquire(ticket("y", Priority::Normal, Duration::from_secs(30)))
+                    .await
+            }
         });
         settle().await;
         assert_eq!(q.depth(), 1);
@@ -512,19 +565,37 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failing_endpoint_is_ejected_and_its_slot_goes_elsewhere() {
         let endpoints = vec![
-            Endpoint { name: "bad".into(), address: "127.0.0.1:1".into(), max_concurrency: 4 },
-            Endpoint { name: "good".into(), address: "127.0.0.1:2".into(), max_concurrency: 4 },
+            Endpoint {
+                name: "bad".into(),
+                address: "127.0.0.1:1".into(),
+                max_concurrency: 4,
+            },
+            Endpoint {
+                name: "good".into(),
+                address: "127.0.0.1:2".into(),
+                max_concurrency: 4,
+            },
         ];
         let q = QueueHandle::spawn("p".into(), endpoints, config(10), Arc::new(Metrics::new()));
         for _ in 0..3 {
             // Least outstanding with ties to the first: "bad" is chosen, and fails.
-            let mut g = q.acquire(ticket("a", Priority::Normal, Duration::from_secs(30))).await.unwrap();
+            let mut g = q
+                .acquire(ticket("a", Priority::Normal, Duration::from_secs(30)))
+                .await
+                .unwrap();
             assert_eq!(g.endpoint.name, "bad");
             g.permit.fail();
         }
         settle().await;
         for _ in 0..3 {
-            assert_eq!(q.acquire(ticket("a", Priority::Normal, Duration::from_secs(30))).await.unwrap().endpoint.name, "good");
+            assert_eq!(
+                q.acquire(ticket("a", Priority::Normal, Duration::from_secs(30)))
+                    .await
+                    .unwrap()
+                    .endpoint
+                    .name,
+                "good"
+            );
         }
     }
 }
