@@ -820,3 +820,30 @@ async fn tls_and_http2() {
     .unwrap();
     assert!(handshake.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_header_client_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let gw = Gateway::start(config_text(
+        &[up.to_string()],
+        &default_tenants(),
+        "header_read_timeout_ms = 300",
+    ))
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    // The gateway closes the connection (possibly after a 408) instead of waiting forever.
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(
+        buf.is_empty() || buf.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+}
