@@ -62,11 +62,9 @@ fn affinity(prefix: &str) -> Option<u64> {
 }
 
 pub fn inspect(api: Api, bytes: &[u8]) -> Result<Inspected, GatewayError> {
-    let mut value: Value = serde_json::from_slice(bytes).map_err(bad_json)?;
-    let (model, stream, wants_usage, max_tokens, prompt_text) = match api {
+    let (model, stream, wants_usage, max_tokens, n, prompt_text) = match api {
         Api::Chat => {
-            let req: ChatCompletionRequest =
-                serde_json::from_value(value.clone()).map_err(bad_json)?;
+            let req: ChatCompletionRequest = serde_json::from_slice(bytes).map_err(bad_json)?;
             if req.messages.is_empty() {
                 return Err(GatewayError::BadRequest {
                     message: "`messages` must contain at least one message".into(),
@@ -85,16 +83,18 @@ pub fn inspect(api: Api, bytes: &[u8]) -> Result<Inspected, GatewayError> {
                 req.is_stream(),
                 req.include_usage(),
                 req.effective_max_tokens(),
+                req.n,
                 text,
             )
         }
         Api::Completions => {
-            let req: CompletionRequest = serde_json::from_value(value.clone()).map_err(bad_json)?;
-            let (stream, wants_usage, max_tokens, model) = (
+            let req: CompletionRequest = serde_json::from_slice(bytes).map_err(bad_json)?;
+            let (model, stream, wants_usage, max_tokens, n) = (
+                req.model.clone(),
                 req.is_stream(),
                 req.include_usage(),
                 req.max_tokens,
-                req.model.clone(),
+                req.n,
             );
             let text: String = req
                 .prompt
@@ -107,13 +107,16 @@ pub fn inspect(api: Api, bytes: &[u8]) -> Result<Inspected, GatewayError> {
                 })
                 .collect::<Vec<_>>()
                 .join("\n");
-            (model, stream, wants_usage, max_tokens, text)
+            (model, stream, wants_usage, max_tokens, n, text)
         }
     };
-    let n = value.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as u32;
+    let n = n.unwrap_or(1).max(1);
     let charge = estimate_tokens(prompt_text.len())
         .saturating_add(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).saturating_mul(n));
     let upstream_body = if stream {
+        // Only streaming bodies are rewritten, through a plain JSON value so that every field
+        // the client sent, known or not, is kept.
+        let mut value: Value = serde_json::from_slice(bytes).map_err(bad_json)?;
         value["stream_options"] = json!({ "include_usage": true });
         Bytes::from(serde_json::to_vec(&value).expect("JSON values serialize"))
     } else {

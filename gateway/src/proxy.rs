@@ -178,54 +178,90 @@ pub fn relay(upstream: Response<Incoming>, settle: Settle) -> Response<Body> {
         headers.remove(header::CONTENT_LENGTH);
     }
     let status = parts.status;
-    let (tx, client_body) = body::channel();
-    tokio::spawn(async move {
-        if sse {
-            relay_sse(incoming, tx, settle, status).await;
-        } else {
-            relay_json(incoming, tx, settle, status).await;
+    let client_body = if sse {
+        let (tx, client_body) = body::channel();
+        tokio::spawn(relay_sse(incoming, tx, settle, status));
+        client_body.boxed_unsync()
+    } else {
+        // Plain bodies need no task: the body itself forwards frames and settles at the end.
+        JsonRelay {
+            incoming,
+            copy: BytesMut::new(),
+            settle: Some(settle),
+            status,
         }
-    });
-    let mut response = Response::new(client_body.boxed_unsync());
+        .boxed_unsync()
+    };
+    let mut response = Response::new(client_body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
 }
 
-async fn relay_json(
-    mut incoming: Incoming,
-    tx: mpsc::Sender<Bytes>,
-    settle: Settle,
+/// A JSON response passed through frame by frame, keeping a bounded copy to read `usage` from;
+/// settles when the body ends, fails, or is dropped unfinished (client gone).
+struct JsonRelay {
+    incoming: Incoming,
+    copy: BytesMut,
+    settle: Option<Settle>,
     status: StatusCode,
-) {
-    let mut copy = BytesMut::new();
-    while let Some(frame) = incoming.frame().await {
-        match frame {
-            Ok(frame) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if copy.len() + data.len() <= USAGE_COPY_LIMIT {
-                    copy.extend_from_slice(&data);
+}
+
+impl http_body::Body for JsonRelay {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            return match std::pin::Pin::new(&mut this.incoming).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if this.copy.len() + data.len() <= USAGE_COPY_LIMIT {
+                        this.copy.extend_from_slice(&data);
+                    }
+                    Poll::Ready(Some(Ok(http_body::Frame::data(data))))
                 }
-                if tx.send(data).await.is_err() {
-                    settle.finish(499, None, false);
-                    return;
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(settle) = this.settle.take() {
+                        settle.metrics.upstream_error(&settle.pool, "mid_body");
+                        tracing::warn!(request_id = %settle.request_id, "executor failed mid-response: {e}");
+                        settle.finish(502, None, true);
+                    }
+                    Poll::Ready(None)
                 }
-            }
-            Err(e) => {
-                settle.metrics.upstream_error(&settle.pool, "mid_body");
-                tracing::warn!(request_id = %settle.request_id, "executor failed mid-response: {e}");
-                settle.finish(502, None, true);
-                return;
-            }
+                Poll::Ready(None) => {
+                    if let Some(settle) = this.settle.take() {
+                        let usage = serde_json::from_slice::<Value>(&this.copy)
+                            .ok()
+                            .and_then(|v| total_tokens(&v));
+                        let ok = this.status.is_success();
+                        settle.finish(
+                            this.status.as_u16(),
+                            if ok { usage } else { Some(0) },
+                            false,
+                        );
+                    }
+                    Poll::Ready(None)
+                }
+            };
         }
     }
-    let usage = serde_json::from_slice::<Value>(&copy)
-        .ok()
-        .and_then(|v| total_tokens(&v));
-    let ok = status.is_success();
-    settle.finish(status.as_u16(), if ok { usage } else { Some(0) }, false);
+}
+
+impl Drop for JsonRelay {
+    fn drop(&mut self) {
+        if let Some(settle) = self.settle.take() {
+            settle.finish(499, None, false);
+        }
+    }
 }
 
 async fn relay_sse(

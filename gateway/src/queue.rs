@@ -205,8 +205,9 @@ impl Actor {
             }
             self.expire();
             self.dispatch();
-            self.depth.store(self.len, Ordering::Relaxed);
-            self.metrics.queue_depth(&self.pool, self.len);
+            if self.depth.swap(self.len, Ordering::Relaxed) != self.len {
+                self.metrics.queue_depth(&self.pool, self.len);
+            }
         }
     }
 

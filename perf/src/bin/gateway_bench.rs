@@ -257,6 +257,10 @@ fn start_gateway(
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "warn")
+        .env(
+            "TOKIO_WORKER_THREADS",
+            std::env::var("GATEWAY_THREADS").unwrap_or_else(|_| "2".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
