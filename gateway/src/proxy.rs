@@ -227,6 +227,10 @@ impl http_body::Body for JsonRelay {
                     if this.copy.len() + data.len() <= USAGE_COPY_LIMIT {
                         this.copy.extend_from_slice(&data);
                     }
+                    // With a known length the server may never poll past the last frame.
+                    if http_body::Body::is_end_stream(&this.incoming) {
+                        this.settle_complete();
+                    }
                     Poll::Ready(Some(Ok(http_body::Frame::data(data))))
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -238,20 +242,27 @@ impl http_body::Body for JsonRelay {
                     Poll::Ready(None)
                 }
                 Poll::Ready(None) => {
-                    if let Some(settle) = this.settle.take() {
-                        let usage = serde_json::from_slice::<Value>(&this.copy)
-                            .ok()
-                            .and_then(|v| total_tokens(&v));
-                        let ok = this.status.is_success();
-                        settle.finish(
-                            this.status.as_u16(),
-                            if ok { usage } else { Some(0) },
-                            false,
-                        );
-                    }
+                    this.settle_complete();
                     Poll::Ready(None)
                 }
             };
+        }
+    }
+}
+
+impl JsonRelay {
+    /// The whole body went through: settle with the usage it reports.
+    fn settle_complete(&mut self) {
+        if let Some(settle) = self.settle.take() {
+            let usage = serde_json::from_slice::<Value>(&self.copy)
+                .ok()
+                .and_then(|v| total_tokens(&v));
+            let ok = self.status.is_success();
+            settle.finish(
+                self.status.as_u16(),
+                if ok { usage } else { Some(0) },
+                false,
+            );
         }
     }
 }
