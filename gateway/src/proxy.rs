@@ -133,6 +133,24 @@ pub struct Settle {
     /// The client asked for the final usage chunk (otherwise it is removed).
     pub client_wants_usage: bool,
     pub request_id: String,
+    /// Counts the request as in flight until the relay ends (the drain waits on it).
+    pub _inflight: InflightGuard,
+}
+
+/// One request in flight; dropping it ends that.
+pub struct InflightGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InflightGuard {
+    pub fn new(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Settle {

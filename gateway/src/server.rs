@@ -26,7 +26,7 @@ use crate::error::GatewayError;
 use crate::inspect::{self, Api};
 use crate::limit;
 use crate::metrics::Metrics;
-use crate::proxy::{self, AttemptError, Settle, Upstream};
+use crate::proxy::{self, AttemptError, InflightGuard, Settle, Upstream};
 use crate::queue::{self, QueueError, QueueHandle, Ticket};
 
 /// A request may lower its priority with this header (never raise it).
@@ -45,15 +45,8 @@ pub struct Gateway {
     upstream: Upstream,
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
-    inflight: AtomicUsize,
-}
-
-struct InflightGuard<'a>(&'a AtomicUsize);
-
-impl Drop for InflightGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
+    /// Requests from arrival until their response body is fully relayed.
+    inflight: Arc<AtomicUsize>,
 }
 
 impl Gateway {
@@ -81,7 +74,7 @@ impl Gateway {
             upstream: Upstream::new(),
             metrics,
             draining: AtomicBool::new(false),
-            inflight: AtomicUsize::new(0),
+            inflight: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -199,8 +192,7 @@ impl Gateway {
         if self.draining.load(Ordering::SeqCst) {
             return GatewayError::Draining.response();
         }
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        let _guard = InflightGuard(&self.inflight);
+        let inflight = InflightGuard::new(&self.inflight);
         let tenant = match self.tenants.authenticate(req.headers()) {
             Ok(t) => t,
             Err(e) => return auth_error(e).response(),
@@ -320,6 +312,7 @@ impl Gateway {
                         permit: grant.permit,
                         client_wants_usage: inspected.client_wants_usage,
                         request_id: request_id.to_owned(),
+                        _inflight: inflight,
                     };
                     let mut response = proxy::relay(upstream, settle);
                     let h = response.headers_mut();
@@ -534,15 +527,27 @@ pub async fn serve(config: Config) -> Result<()> {
                     gateway.reload();
                 }
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => begin_drain(&gateway),
+            _ = int.recv() => begin_drain(&gateway),
         }
+    }
+}
+
+/// First signal: keep accepting (so clients get a clear 503, and `/readyz` says draining), let
+/// in-flight requests finish, exit 0. Second signal: exit at once.
+fn begin_drain(gateway: &Arc<Gateway>) {
+    if gateway.draining.swap(true, Ordering::SeqCst) {
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(1);
     }
     let grace = gateway.config().drain_grace;
     tracing::info!(grace_secs = grace.as_secs(), "draining");
-    let drained = gateway.drain(grace).await;
-    tracing::info!(drained, "exiting");
-    Ok(())
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        let drained = gateway.drain(grace).await;
+        tracing::info!(drained, "exiting");
+        std::process::exit(0);
+    });
 }
 
 fn modified(config: &Config) -> Option<std::time::SystemTime> {

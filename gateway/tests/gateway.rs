@@ -847,3 +847,51 @@ async fn a_slow_header_client_is_cut_off() {
         String::from_utf8_lossy(&buf)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
+    let up = upstream().await;
+    let mut gw = Gateway::start(config_text(
+        &[
+            up.to_string(),
+            up.to_string().replace("127.0.0.1", "localhost"),
+        ],
+        &default_tenants(),
+        "drain_grace_secs = 30",
+    ))
+    .await;
+    let slow = tokio::spawn({
+        let addr = gw.addr.clone();
+        async move {
+            let body = serde_json::to_vec(
+                &json!({"model": "m", "messages": [{"role": "user", "content": "slow:800"}]}),
+            )
+            .unwrap();
+            let r = send(&addr, "POST", "/v1/chat/completions", Some("kb"), &[], body).await;
+            let status = r.status().as_u16();
+            let body: Value =
+                serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            (status, body)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let pid = gw.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = gw.send("GET", "/readyz", None, &[], Vec::new()).await;
+    assert_eq!(r.status(), 503);
+    let (status, h, body) = gw.chat("kb", "hi", json!({})).await;
+    assert_eq!((status, error_code(&body).as_str()), (503, "shutting_down"));
+    assert!(h.contains_key("retry-after"));
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 200, "the in-flight request finished: {body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello");
+    let exit = gw.child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
