@@ -188,14 +188,22 @@ async fn fixed_rate(port: u16, rate: u64, seconds: u64) -> Result<(f64, f64, usi
             }
         }));
     }
-    let start = Instant::now();
-    let gap = Duration::from_secs_f64(1.0 / rate as f64);
-    for i in 0..total {
-        let at = start + gap * i as u32;
-        tokio::time::sleep_until(at.into()).await;
-        tx.send(at).await.ok();
-    }
-    drop(tx);
+    // The schedule runs on its own OS thread: nanosleep is precise to tens of microseconds,
+    // tokio's timer only to a millisecond, which would swamp sub-millisecond latencies.
+    let scheduler = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let gap = Duration::from_secs_f64(1.0 / rate as f64);
+        for i in 0..total {
+            let at = start + gap * i as u32;
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if tx.blocking_send(at).is_err() {
+                return;
+            }
+        }
+    });
+    scheduler.await?;
     for w in workers {
         let _ = w.await;
     }
