@@ -16,6 +16,10 @@ use llmctl_inference_worker::model::{
 use llmctl_inference_worker::server::{self, WorkerArgs};
 use serde_json::json;
 
+// The gateway's hot path allocates per request; see gateway/src/bin/llmctl-gateway.rs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "llmctl",
