@@ -1,6 +1,8 @@
 //! The llmctl pool controller: owns each executor pool.
 //!
-//! It will hold the pool specs, the autoscaler (a pure function from observations to a scaling
-//! decision), the reconciler that drives providers to that decision, the providers themselves
-//! (local child processes, Kubernetes pods), the `InferencePool` CRD and the control API the
-//! gateways talk to. Built by the pool-controller and Kubernetes issues.
+//! `autoscaler` is the pure decision function (observations in, decision out). Still to come
+//! (pool-controller and Kubernetes issues): pool specs, the reconciler that drives providers to
+//! the decision, the providers (local child processes, Kubernetes pods), the `InferencePool`
+//! CRD and the control API the gateways talk to.
+
+pub mod autoscaler;
