@@ -6,3 +6,4 @@
 //! CRD and the control API the gateways talk to.
 
 pub mod autoscaler;
+pub mod provider;
