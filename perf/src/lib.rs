@@ -1,3 +1,43 @@
-//! llmctl benchmarks: the engine benchmark (`engine_bench`), and later the load generator,
-//! gateway/worker/kernel benchmarks and the autoscaler trace simulator. Results are recorded
-//! under `perf/results/`.
+//! llmctl benchmarks: `engine_bench` (CPU engine vs transformers), `serve_bench` (worker serving,
+//! vLLM-style), `gateway_bench` (gateway vs nginx), and later the load generator and the
+//! autoscaler trace simulator. This library holds what they share: where results go and how the
+//! machine is described in them.
+
+use std::path::{Path, PathBuf};
+
+/// The workspace root (results live under `perf/results/` there).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("perf/ sits in the workspace")
+}
+
+/// Today's date, `YYYY-MM-DD`, as the system's `date` prints it.
+pub fn today() -> String {
+    std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "undated".to_owned())
+}
+
+/// "<cpu model>, <n> cores": the machine line of every recorded result.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+/// Writes `text` to `perf/results/<today>-<name>.md` and returns the path.
+pub fn record(name: &str, text: &str) -> std::io::Result<PathBuf> {
+    let path = workspace_root().join(format!("perf/results/{}-{name}.md", today()));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}

@@ -63,6 +63,29 @@ struct Knobs<'a> {
     skip_special_tokens: Option<bool>,
 }
 
+/// The shared sampling fields of either request type (same names on both).
+macro_rules! knobs {
+    ($req:expr) => {
+        Knobs {
+            temperature: $req.temperature,
+            top_p: $req.top_p,
+            n: $req.n,
+            stop: $req.stop.as_ref(),
+            presence_penalty: $req.presence_penalty,
+            frequency_penalty: $req.frequency_penalty,
+            logit_bias: $req.logit_bias.as_ref(),
+            seed: $req.seed,
+            top_k: $req.top_k,
+            min_p: $req.min_p,
+            repetition_penalty: $req.repetition_penalty,
+            ignore_eos: $req.ignore_eos,
+            min_tokens: $req.min_tokens,
+            stop_token_ids: $req.stop_token_ids.as_ref(),
+            skip_special_tokens: $req.skip_special_tokens,
+        }
+    };
+}
+
 fn sampling(k: Knobs<'_>, vocab: usize) -> Result<SamplingParams, ServerError> {
     let top_k = match k.top_k {
         None | Some(-1) | Some(0) => 0,
@@ -238,26 +261,7 @@ pub fn chat(
         (false, None) => None,
         (true, t) => Some(t.unwrap_or(0) as usize),
     };
-    let mut params = sampling(
-        Knobs {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            n: req.n,
-            stop: req.stop.as_ref(),
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            logit_bias: req.logit_bias.as_ref(),
-            seed: req.seed,
-            top_k: req.top_k,
-            min_p: req.min_p,
-            repetition_penalty: req.repetition_penalty,
-            ignore_eos: req.ignore_eos,
-            min_tokens: req.min_tokens,
-            stop_token_ids: req.stop_token_ids.as_ref(),
-            skip_special_tokens: req.skip_special_tokens,
-        },
-        engine.vocab_size,
-    )?;
+    let mut params = sampling(knobs!(req), engine.vocab_size)?;
     params.logprobs = top;
     fit_context(
         &mut params,
@@ -318,26 +322,7 @@ pub fn completion(
             "`echo` together with `logprobs` is not supported",
         ));
     }
-    let mut params = sampling(
-        Knobs {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            n: req.n,
-            stop: req.stop.as_ref(),
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            logit_bias: req.logit_bias.as_ref(),
-            seed: req.seed,
-            top_k: req.top_k,
-            min_p: req.min_p,
-            repetition_penalty: req.repetition_penalty,
-            ignore_eos: req.ignore_eos,
-            min_tokens: req.min_tokens,
-            stop_token_ids: req.stop_token_ids.as_ref(),
-            skip_special_tokens: req.skip_special_tokens,
-        },
-        engine.vocab_size,
-    )?;
+    let mut params = sampling(knobs!(req), engine.vocab_size)?;
     params.logprobs = req.logprobs.map(|k| k as usize);
     let inputs = req.prompt.into_prompts();
     if inputs.is_empty() {

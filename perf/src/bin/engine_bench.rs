@@ -58,10 +58,7 @@ fn main() -> Result<()> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build_global()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("perf/ sits in the workspace")
-        .to_path_buf();
+    let root = llmctl_perf::workspace_root();
     let model_dir = match &args.model {
         Some(dir) => dir.clone(),
         None => {
@@ -91,7 +88,7 @@ fn main() -> Result<()> {
     let hf = if args.no_hf {
         None
     } else {
-        Some(bench_hf(&root, &model_dir, &args)?)
+        Some(bench_hf(root, &model_dir, &args)?)
     };
 
     let mut table = String::new();
@@ -118,7 +115,7 @@ fn main() -> Result<()> {
     }
     println!("{table}");
     if args.record {
-        let path = record(&root, &args, &table, hf.as_ref().map(|(v, _)| v))?;
+        let path = record(&args, &table, hf.as_ref().map(|(v, _)| v))?;
         eprintln!("recorded {}", path.display());
     }
     Ok(())
@@ -225,22 +222,11 @@ fn bench_hf(root: &Path, dir: &Path, args: &Args) -> Result<(Value, Vec<Row>)> {
     Ok((report, rows))
 }
 
-fn record(root: &Path, args: &Args, table: &str, hf: Option<&Value>) -> Result<PathBuf> {
-    let date = Command::new("date").arg("+%Y-%m-%d").output()?.stdout;
-    let date = String::from_utf8_lossy(&date).trim().to_owned();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let path = root.join(format!("perf/results/{date}-engine-cpu.md"));
+fn record(args: &Args, table: &str, hf: Option<&Value>) -> Result<PathBuf> {
+    let (date, machine) = (llmctl_perf::today(), llmctl_perf::machine());
     let text = format!(
         "# Engine benchmark, CPU, {date}\n\n\
-         - machine: {cpu}, {cores} cores available, {threads} threads for both engines\n\
+         - machine: {machine}, {threads} threads for both engines\n\
          - command: `cargo run --release -p llmctl-perf --bin engine_bench -- --batches {batches} --prompt-len {pl} --decode-tokens {dt} --threads {threads} --repeats {rep} --record`\n\
          - model: `small` preset (seed 1, bf16 weights upcast to f32 by both engines)\n\
          - reference: {hf}\n\n{table}\n",
@@ -260,6 +246,5 @@ fn record(root: &Path, args: &Args, table: &str, hf: Option<&Value>) -> Result<P
             v.get("attn_implementation").unwrap_or(&Value::Null)
         )),
     );
-    std::fs::write(&path, text)?;
-    Ok(path)
+    Ok(llmctl_perf::record("engine-cpu", &text)?)
 }

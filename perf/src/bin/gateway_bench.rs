@@ -440,36 +440,18 @@ async fn run(args: Args) -> Result<()> {
     }
     println!("{table}");
     if args.record {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("perf/ sits in the workspace");
-        let date = String::from_utf8_lossy(&Command::new("date").arg("+%Y-%m-%d").output()?.stdout)
-            .trim()
-            .to_owned();
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-            })
-            .unwrap_or_default();
+        let (date, machine) = (llmctl_perf::today(), llmctl_perf::machine());
         let nginx_version =
             String::from_utf8_lossy(&Command::new(&nginx).arg("-v").output()?.stderr)
                 .trim()
                 .to_owned();
         let text = format!(
-            "# Gateway benchmark, {date}\n\n- machine: {cpu}, {} cores shared by the load generator, the upstream and the proxy under test\n\
+            "# Gateway benchmark, {date}\n\n- machine: {machine}, shared by the load generator, the upstream and the proxy under test\n\
              - command: `cargo run --release -p llmctl-perf --bin gateway_bench -- --seconds {} --connections {} --rate {} --queued {} --record`\n\
              - upstream: {nginx_version} (1 worker) returning a static chat completion; nginx proxy: 1 worker, keepalive upstream; llmctl gateway: auth, rate limits (high), queue and metrics on, 2 runtime threads\n\n{table}\n",
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            args.seconds,
-            args.connections,
-            args.rate,
-            args.queued
+            args.seconds, args.connections, args.rate, args.queued
         );
-        let path = root.join(format!("perf/results/{date}-gateway.md"));
-        std::fs::write(&path, text)?;
+        let path = llmctl_perf::record("gateway", &text)?;
         eprintln!("recorded {}", path.display());
     }
     Ok(())

@@ -10,7 +10,7 @@
 //! process), and benchmarks it at each `--concurrency` level, then at `--rate` if given.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -182,24 +182,9 @@ async fn bench(args: Args) -> Result<()> {
     }
     println!("{table}");
     if args.record {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("perf/ sits in the workspace");
-        let date = String::from_utf8_lossy(&Command::new("date").arg("+%Y-%m-%d").output()?.stdout)
-            .trim()
-            .to_owned();
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-            })
-            .unwrap_or_default();
-        let path = root.join(format!("perf/results/{date}-serve-cpu.md"));
+        let (date, machine) = (llmctl_perf::today(), llmctl_perf::machine());
         let text = format!(
-            "# Serving benchmark, CPU, {date}\n\n- machine: {cpu}, {} cores; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --record`\n- server: `llmctl-worker` (CPU backend), `small` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`\n\n{table}\n",
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "# Serving benchmark, CPU, {date}\n\n- machine: {machine}; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --record`\n- server: `llmctl-worker` (CPU backend), `small` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`\n\n{table}\n",
             args.num_requests,
             args.concurrency
                 .iter()
@@ -210,7 +195,7 @@ async fn bench(args: Args) -> Result<()> {
             args.output_len,
             args.rate.map_or(String::new(), |r| format!(" --rate {r}")),
         );
-        std::fs::write(&path, text)?;
+        let path = llmctl_perf::record("serve-cpu", &text)?;
         eprintln!("recorded {}", path.display());
     }
     if let Some(mut child) = worker {
@@ -221,10 +206,7 @@ async fn bench(args: Args) -> Result<()> {
 }
 
 fn start_worker() -> Result<(Child, String)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("perf/ sits in the workspace")
-        .to_path_buf();
+    let root = llmctl_perf::workspace_root();
     let dir = root.join("target/perf-models/small-seed1");
     if !dir.join("model.safetensors").exists() {
         let opts = init::InitOptions {
