@@ -70,6 +70,14 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
+impl StreamOptions {
+    /// Whether a request with these options ends its stream with a usage chunk: only when it
+    /// streams and asked for it.
+    pub fn usage_requested(stream: Option<bool>, options: Option<&StreamOptions>) -> bool {
+        stream == Some(true) && options.and_then(|o| o.include_usage) == Some(true)
+    }
+}
+
 /// Why a choice stopped generating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -85,12 +85,7 @@ impl CompletionRequest {
 
     /// Whether a stream should end with a usage chunk and carry `"usage": null` before it.
     pub fn include_usage(&self) -> bool {
-        self.is_stream()
-            && self
-                .stream_options
-                .as_ref()
-                .and_then(|options| options.include_usage)
-                == Some(true)
+        StreamOptions::usage_requested(self.stream, self.stream_options.as_ref())
     }
 
     /// The stop sequences; empty when `stop` is unset.
