@@ -1,7 +1,9 @@
 //! The `llmctl` launcher: one binary, one subcommand per role. `model init` writes a random
 //! model in Hugging Face format; `generate` runs prompts through the engine once; `worker` runs
-//! the inference worker's OpenAI-compatible server; `gateway` the HTTP edge. `up` and
-//! `controller` arrive with their issues.
+//! the inference worker's OpenAI-compatible server; `gateway` the HTTP edge; `controller` the
+//! pool controller; `up` (in `up.rs`) the whole plane on one machine.
+
+mod up;
 
 use std::path::PathBuf;
 
@@ -33,6 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole serving plane here: controller, gateway, and workers on demand.
+    Up(up::UpArgs),
     /// Model folders.
     Model {
         #[command(subcommand)]
@@ -42,6 +46,8 @@ enum Command {
     Worker(WorkerArgs),
     /// Run the gateway: auth, rate limits, admission queue, dispatch and proxy.
     Gateway(llmctl_gateway::GatewayArgs),
+    /// Run the pool controller: autoscaler, executors, and the control API.
+    Controller(llmctl_pool_controller::ControllerArgs),
     /// Generate completions for prompts given on the command line, then exit.
     Generate(GenerateArgs),
 }
@@ -121,6 +127,8 @@ fn main() -> Result<()> {
             println!("wrote {preset:?} model to {}", out.display());
             Ok(())
         }
+        Command::Up(args) => up::run(args),
+        Command::Controller(args) => llmctl_pool_controller::run(args),
         Command::Worker(args) => server::run(args),
         Command::Gateway(args) => llmctl_gateway::run(args),
         Command::Generate(args) => generate(args),

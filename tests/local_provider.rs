@@ -56,13 +56,11 @@ async fn launches_a_worker_serves_and_drains_it() {
         startup_timeout: Duration::from_secs(60),
     });
     provider.launch("tiny-1", Class::Ephemeral).await.unwrap();
-    assert_eq!(
-        next(&mut events).await,
-        ExecutorEvent::Starting {
-            id: "tiny-1".into(),
-            class: Class::Ephemeral
-        }
-    );
+    let ExecutorEvent::Starting { id, class, pid } = next(&mut events).await else {
+        panic!("expected starting")
+    };
+    assert_eq!((id.as_str(), class), ("tiny-1", Class::Ephemeral));
+    assert!(pid.is_some_and(|p| p > 0));
     let ExecutorEvent::Ready { id, endpoint } = next(&mut events).await else {
         panic!("expected ready")
     };

@@ -80,6 +80,16 @@ struct RawConfig {
     pools: Vec<RawPool>,
     #[serde(default)]
     queue: RawQueue,
+    controller: Option<RawController>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawController {
+    /// The controller's control API, `http://host:port`.
+    url: String,
+    report_interval_ms: Option<u64>,
+    gateway_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -152,12 +162,8 @@ pub struct Tenant {
     pub key_hashes: Vec<[u8; 32]>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub name: String,
-    pub address: String,
-    pub max_concurrency: usize,
-}
+/// An executor endpoint (the same type the controller's endpoint stream carries).
+pub use llmctl_protocol::control::Endpoint;
 
 #[derive(Clone, Debug)]
 pub struct Pool {
@@ -176,6 +182,16 @@ pub struct QueueConfig {
     pub eject_cooldown: Duration,
 }
 
+/// Where live endpoint sets come from and demand goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControllerLink {
+    /// `host:port` of the control API.
+    pub address: String,
+    pub report_interval: Duration,
+    /// This gateway's id in demand reports.
+    pub gateway_id: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub path: Option<PathBuf>,
@@ -190,6 +206,8 @@ pub struct Config {
     pub tenants: Vec<Tenant>,
     pub pools: Vec<Pool>,
     pub queue: QueueConfig,
+    /// Endpoints from a pool controller (static `endpoints` are then the initial set).
+    pub controller: Option<ControllerLink>,
 }
 
 /// SHA-256 of an API key, as stored in the config.
@@ -358,6 +376,41 @@ impl Config {
                 "must be positive",
             ));
         }
+        let controller = match raw.controller {
+            None => None,
+            Some(c) => {
+                let address = c
+                    .url
+                    .strip_prefix("http://")
+                    .unwrap_or(&c.url)
+                    .trim_end_matches('/');
+                if address.is_empty() || !address.contains(':') || address.contains('/') {
+                    return Err(invalid(
+                        "controller.url",
+                        &c.url,
+                        "expected http://host:port (the controller's control API)",
+                    ));
+                }
+                let report_interval = Duration::from_millis(c.report_interval_ms.unwrap_or(1000));
+                if report_interval.is_zero() {
+                    return Err(invalid(
+                        "controller.report_interval_ms",
+                        &0,
+                        "must be positive",
+                    ));
+                }
+                Some(ControllerLink {
+                    address: address.to_owned(),
+                    report_interval,
+                    gateway_id: c.gateway_id.unwrap_or_else(|| {
+                        let nanos = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.subsec_nanos());
+                        format!("gateway-{}-{nanos:08x}", std::process::id())
+                    }),
+                })
+            }
+        };
         let tls = raw.tls.map(|t| TlsConfig {
             cert: t.cert,
             key: t.key,
@@ -376,6 +429,7 @@ impl Config {
             tenants,
             pools,
             queue,
+            controller,
         })
     }
 

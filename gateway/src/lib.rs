@@ -5,11 +5,13 @@
 //! `limit` (per-tenant request and token rate limits), `queue` (a fair, bounded admission queue
 //! per pool), `dispatch` (least-outstanding executor choice with prefix affinity and ejection)
 //! and `proxy` (relaying the executor's response). `config` is the TOML file; `metrics` the
-//! Prometheus registry; `error` the one mapping to OpenAI error bodies. No GPU code here.
+//! Prometheus registry; `error` the one mapping to OpenAI error bodies; `controller` follows
+//! the pool controller (live endpoint sets in, demand reports out). No GPU code here.
 
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod controller;
 pub mod dispatch;
 pub mod error;
 pub mod inspect;

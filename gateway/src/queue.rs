@@ -81,6 +81,17 @@ enum Command {
         outcome: Outcome,
     },
     SetEndpoints(Vec<Endpoint>),
+    Load(oneshot::Sender<Load>),
+}
+
+/// What the pool's queue holds now, for demand reports to the controller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    pub queued: usize,
+    /// Requests granted and not yet finished.
+    pub in_flight: usize,
+    /// Outstanding requests per endpoint address (endpoints with none are left out).
+    pub per_endpoint: Vec<(String, usize)>,
 }
 
 #[derive(Clone)]
@@ -123,6 +134,7 @@ impl QueueHandle {
             where_is: HashMap::new(),
             deadlines: BinaryHeap::new(),
             len: 0,
+            in_flight: 0,
             depth: depth.clone(),
             tx: tx.clone(),
         };
@@ -156,6 +168,13 @@ impl QueueHandle {
         result
     }
 
+    /// The queue's current load (`None` once the queue is gone).
+    pub async fn load(&self) -> Option<Load> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Load(tx)).ok()?;
+        rx.await.ok()
+    }
+
     /// Replaces the pool's endpoints (live endpoint sets from the controller); state of
     /// endpoints that stay is kept.
     pub fn set_endpoints(&self, endpoints: Vec<Endpoint>) {
@@ -185,6 +204,8 @@ struct Actor {
     where_is: HashMap<u64, (usize, Arc<str>)>,
     deadlines: BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
     len: usize,
+    /// Grants whose permits are not yet released.
+    in_flight: usize,
     depth: Arc<AtomicUsize>,
     tx: mpsc::UnboundedSender<Command>,
 }
@@ -247,6 +268,7 @@ impl Actor {
                 }
             }
             Command::Release { address, outcome } => {
+                self.in_flight -= 1;
                 let now = Instant::now();
                 if let Some(e) = self
                     .endpoints
@@ -283,6 +305,18 @@ impl Actor {
                     }
                 }
                 self.endpoints = next;
+            }
+            Command::Load(reply) => {
+                let _ = reply.send(Load {
+                    queued: self.len,
+                    in_flight: self.in_flight,
+                    per_endpoint: self
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.outstanding > 0)
+                        .map(|e| (e.info.address.clone(), e.outstanding))
+                        .collect(),
+                });
             }
         }
     }
@@ -350,6 +384,7 @@ impl Actor {
                 self.after_pop(class, tenant, w.id);
                 let e = &mut self.endpoints[i];
                 e.outstanding += 1;
+                self.in_flight += 1;
                 self.metrics
                     .endpoint_inflight(&self.pool, &e.info.name, e.outstanding);
                 let grant = Grant {

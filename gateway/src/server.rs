@@ -101,6 +101,10 @@ impl Gateway {
         }
     }
 
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.iter().map(|p| p.name.clone()).collect()
+    }
+
     /// Queue of the pool serving `name`, for tests and the controller integration.
     pub fn queue(&self, pool: &str) -> Option<&QueueHandle> {
         self.pools.iter().find(|p| p.name == pool).map(|p| &p.queue)
@@ -459,25 +463,64 @@ fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
 }
 
-/// Binds, prints `{"event":"listening","addr":...}` on stdout, and serves until drained.
-pub async fn serve(config: Config) -> Result<()> {
+/// A bound gateway socket, before it serves.
+pub struct Listening {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Listening {
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// Binds the configured address and loads the TLS certificate, if any.
+pub async fn listen(config: &Config) -> Result<Listening> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
-    let tls = tls_acceptor(&config)?;
+    let tls = tls_acceptor(config)?;
+    Ok(Listening {
+        listener,
+        addr,
+        tls,
+    })
+}
+
+/// Binds, prints `{"event":"listening","addr":...}` on stdout, and serves until drained.
+pub async fn serve(config: Config) -> Result<()> {
+    let listening = listen(&config).await?;
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
             "{}",
-            serde_json::json!({"event": "listening", "addr": addr.to_string(), "tls": tls.is_some()})
+            serde_json::json!({"event": "listening", "addr": listening.addr.to_string(), "tls": listening.tls()})
         )?;
         out.flush()?;
     }
-    tracing::info!(%addr, tls = tls.is_some(), open = config.open, pools = config.pools.len(), "gateway listening");
+    run(listening, config).await
+}
+
+/// Serves on a bound socket (following the pool controller when one is configured) until
+/// SIGTERM or SIGINT, then drains and returns.
+pub async fn run(listening: Listening, config: Config) -> Result<()> {
+    let Listening {
+        listener,
+        addr,
+        tls,
+    } = listening;
+    tracing::info!(%addr, tls = tls.is_some(), open = config.open, pools = config.pools.len(), controller = ?config.controller.as_ref().map(|c| &c.address), "gateway listening");
+    let link = config.controller.clone();
     let gateway = Gateway::new(config);
+    if let Some(link) = link {
+        crate::controller::follow(gateway.clone(), link);
+    }
+    let drained = Arc::new(tokio::sync::Notify::new());
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -527,15 +570,16 @@ pub async fn serve(config: Config) -> Result<()> {
                     gateway.reload();
                 }
             }
-            _ = term.recv() => begin_drain(&gateway),
-            _ = int.recv() => begin_drain(&gateway),
+            _ = term.recv() => begin_drain(&gateway, &drained),
+            _ = int.recv() => begin_drain(&gateway, &drained),
+            () = drained.notified() => return Ok(()),
         }
     }
 }
 
 /// First signal: keep accepting (so clients get a clear 503, and `/readyz` says draining), let
-/// in-flight requests finish, exit 0. Second signal: exit at once.
-fn begin_drain(gateway: &Arc<Gateway>) {
+/// in-flight requests finish, then `drained` is notified. Second signal: exit at once.
+fn begin_drain(gateway: &Arc<Gateway>, drained: &Arc<tokio::sync::Notify>) {
     if gateway.draining.swap(true, Ordering::SeqCst) {
         tracing::warn!("second signal: exiting now");
         std::process::exit(1);
@@ -543,10 +587,11 @@ fn begin_drain(gateway: &Arc<Gateway>) {
     let grace = gateway.config().drain_grace;
     tracing::info!(grace_secs = grace.as_secs(), "draining");
     let gateway = gateway.clone();
+    let done = drained.clone();
     tokio::spawn(async move {
         let drained = gateway.drain(grace).await;
-        tracing::info!(drained, "exiting");
-        std::process::exit(0);
+        tracing::info!(drained, "gateway drained");
+        done.notify_one();
     });
 }
 

@@ -892,3 +892,119 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     let exit = gw.child.wait().unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+// ---------- a double of the pool controller's control API ----------
+
+/// Serves `GET /v1/endpoints?watch=true` (every value of `snapshots` as an NDJSON line) and
+/// records `POST /v1/demand` bodies; raw HTTP/1.1, so the test controls every byte. Aborting
+/// the returned task closes the listener and every connection (the controller "dies").
+async fn fake_controller(
+    snapshots: tokio::sync::watch::Receiver<Value>,
+    demand: tokio::sync::mpsc::UnboundedSender<Value>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (mut snapshots, demand) = (snapshots.clone(), demand.clone());
+            connections.spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut head = Vec::new();
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line);
+                    }
+                    if head[0].starts_with("POST /v1/demand") {
+                        let mut body = vec![0; length];
+                        stream.read_exact(&mut body).await.unwrap();
+                        let _ = demand.send(serde_json::from_slice(&body).unwrap());
+                        let ok = b"HTTP/1.1 204 No Content\r\n\r\n";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    assert!(head[0].starts_with("GET /v1/endpoints?watch=true"), "{head:?}");
+                    let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n";
+                    stream.write_all(ok.as_bytes()).await.unwrap();
+                    loop {
+                        let line = format!("{}\n", *snapshots.borrow_and_update());
+                        if stream.write_all(line.as_bytes()).await.is_err()
+                            || snapshots.changed().await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_controller_and_keeps_the_last_endpoints_when_it_goes_away() {
+    let up = upstream().await;
+    let (snapshots, snapshots_rx) =
+        tokio::sync::watch::channel(json!({"revision": 1, "pools": {"main": []}}));
+    let (demand_tx, mut demand) = tokio::sync::mpsc::unbounded_channel();
+    let (controller, controller_task) = fake_controller(snapshots_rx, demand_tx).await;
+    let gw = Arc::new(
+        Gateway::start(config_text(
+            &[],
+            &default_tenants(),
+            &format!("[controller]\nurl = \"http://{controller}\"\nreport_interval_ms = 100\ngateway_id = \"gw-test\"\n"),
+        ))
+        .await,
+    );
+
+    // No executor yet: the request waits, and the gateway says so in its demand reports.
+    let waiting = tokio::spawn({
+        let gw = gw.clone();
+        async move { gw.chat("kb", "hi", json!({})).await }
+    });
+    let report = loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), demand.recv())
+            .await
+            .expect("demand reports arrive")
+            .unwrap();
+        if r["pools"][0]["queued"] == 1 {
+            break r;
+        }
+    };
+    assert_eq!(report["gateway"], "gw-test");
+    assert_eq!(report["pools"][0]["pool"], "main");
+
+    // The controller publishes an executor: the queued request is dispatched to it.
+    let endpoint = json!({"name": "exec-1", "address": up.to_string(), "max_concurrency": 4});
+    snapshots.send_replace(json!({"revision": 2, "pools": {"main": [endpoint]}}));
+    let (status, headers, _) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("dispatched once an endpoint appears")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-llmctl-executor"], "exec-1");
+
+    // The controller dies: the gateway keeps serving from the last endpoint set.
+    controller_task.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let (status, headers, _) = gw.chat("ka", "still here", json!({})).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-llmctl-executor"], "exec-1");
+    }
+}

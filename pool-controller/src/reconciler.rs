@@ -1,21 +1,26 @@
 //! The reconciler of one pool, as an actor: it owns the pool's executor records, keeps the
-//! demand samples the gateways report, asks the autoscaler for a decision on every tick, and
-//! drives the provider to it (launch what is missing, drain what is reaped). Executors that die
-//! unexpectedly are replaced by the next decision, after an exponential backoff so a crashing
-//! executor does not spin. Ready endpoints are published on a watch channel (the gateways'
-//! endpoint set).
+//! demand the gateways report, asks the autoscaler for a decision on every tick, and drives the
+//! provider to it (launch what is missing, drain what is reaped). Executors that die unexpectedly
+//! are replaced by the next decision, after an exponential backoff so a crashing executor does
+//! not spin; terminated executors stay listed for `terminal_ttl`. The pool's state (ready
+//! endpoints for the gateways, executors for the control API) is published on a watch channel,
+//! and every step is counted in the controller's metrics.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::autoscaler::{
     self, Class, Decision, ExecutorView, Memory, Observations, Phase, Sample, ScalingSpec,
 };
+use crate::metrics::{Counts, Metrics, class_name};
 use crate::provider::ExecutorEvent;
 use crate::provider::local::LocalProvider;
+use llmctl_protocol::control::{Endpoint, PoolDemand};
 
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -25,6 +30,10 @@ pub struct PoolConfig {
     pub tick: Duration,
     /// SIGTERM grace when draining an executor.
     pub drain_grace: Duration,
+    /// How long terminated executors stay listed.
+    pub terminal_ttl: Duration,
+    /// Concurrency limit the gateways apply to each endpoint.
+    pub endpoint_concurrency: usize,
 }
 
 #[derive(Debug)]
@@ -32,74 +41,148 @@ struct Record {
     class: Class,
     phase: Phase,
     endpoint: Option<String>,
+    pid: Option<u32>,
+    launched: Instant,
+    ready_after: Option<Duration>,
+    in_flight: u32,
+    /// Since when (pool clock) it has had no work; `None` while busy or starting.
+    idle_since: Option<Duration>,
     /// Asked to stop by us (its exit is not a failure).
     stopping: bool,
 }
 
-/// The latest decision and the pool's executors, for metrics and the control API.
-#[derive(Clone, Debug, Default)]
+/// One executor as the control API lists it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExecutorInfo {
+    pub id: String,
+    pub class: &'static str,
+    /// `starting`, `ready`, `draining` or `terminated`.
+    pub phase: &'static str,
+    pub endpoint: Option<String>,
+    pub pid: Option<u32>,
+    pub age_secs: f64,
+    /// Launch to ready.
+    pub cold_start_secs: Option<f64>,
+    pub in_flight: u32,
+    /// Why it terminated (terminated executors only).
+    pub reason: Option<String>,
+}
+
+/// The pool's state, published after every change.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct PoolStatus {
-    pub endpoints: Vec<String>,
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
     pub starting: u32,
     pub ready: u32,
     pub draining: u32,
-    pub last_decision: Option<Decision>,
+    pub desired_warm: u32,
+    pub desired_ephemeral: u32,
+    pub last_reason: Option<&'static str>,
     pub failures: u64,
+    pub restarts: u64,
+    pub queued: u32,
+    pub in_flight: u32,
+    pub executors: Vec<ExecutorInfo>,
+}
+
+impl PoolStatus {
+    pub fn endpoint_addresses(&self) -> Vec<&str> {
+        self.endpoints.iter().map(|e| e.address.as_str()).collect()
+    }
+}
+
+struct Terminal {
+    info: ExecutorInfo,
+    at: Instant,
 }
 
 pub struct Reconciler {
     config: PoolConfig,
     provider: LocalProvider,
+    metrics: Arc<Metrics>,
     executors: HashMap<String, Record>,
+    terminal: VecDeque<Terminal>,
     samples: VecDeque<Sample>,
+    demand: PoolDemand,
     memory: Memory,
     origin: Instant,
-    /// When demand last was zero-free (pool-level idleness).
-    idle_since: Option<Duration>,
     next_id: u64,
     consecutive_failures: u32,
+    /// Failed executors not yet replaced (launches for them count as restarts).
+    to_replace: u32,
     hold_launches_until: Option<Instant>,
+    last_targets: Option<(u32, u32)>,
     status: watch::Sender<PoolStatus>,
 }
 
 impl Reconciler {
-    pub fn new(config: PoolConfig, provider: LocalProvider) -> (Self, watch::Receiver<PoolStatus>) {
-        let (status, rx) = watch::channel(PoolStatus::default());
+    pub fn new(
+        config: PoolConfig,
+        provider: LocalProvider,
+        metrics: Arc<Metrics>,
+    ) -> (Self, watch::Receiver<PoolStatus>) {
+        let (status, rx) = watch::channel(PoolStatus {
+            name: config.name.clone(),
+            ..PoolStatus::default()
+        });
         let r = Self {
             config,
             provider,
+            metrics,
             executors: HashMap::new(),
+            terminal: VecDeque::new(),
             samples: VecDeque::new(),
+            demand: PoolDemand::default(),
             memory: Memory::default(),
             origin: Instant::now(),
-            idle_since: Some(Duration::ZERO),
             next_id: 0,
             consecutive_failures: 0,
+            to_replace: 0,
             hold_launches_until: None,
+            last_targets: None,
             status,
         };
         (r, rx)
     }
 
-    /// Runs until the demand channel closes; then drains every executor.
+    /// Runs until the demand channel closes; then drains every executor and waits for them.
     pub async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<ExecutorEvent>,
-        mut demand: mpsc::Receiver<(u32, u32)>,
+        mut demand: mpsc::Receiver<PoolDemand>,
     ) {
         let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 Some(event) = events.recv() => self.on_event(event),
                 report = demand.recv() => match report {
-                    Some((queued, in_flight)) => self.on_demand(queued, in_flight),
+                    Some(report) => {
+                        // The first queued request of an empty pool is not kept waiting for
+                        // the next tick.
+                        let wake = report.queued > 0 && self.demand.queued == 0;
+                        self.on_demand(report);
+                        if wake {
+                            self.reconcile().await;
+                        }
+                    }
                     None => break,
                 },
                 _ = tick.tick() => self.reconcile().await,
             }
         }
-        for id in self.executors.keys() {
+        let ids: Vec<String> = self.executors.keys().cloned().collect();
+        for id in &ids {
             let _ = self.provider.terminate(id, self.config.drain_grace);
+        }
+        // Wait (bounded by the grace) for every child to be gone before returning.
+        let deadline = Instant::now() + self.config.drain_grace + Duration::from_secs(2);
+        while !self.provider.running().is_empty() && Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(_)) => {}
+                _ => break,
+            }
         }
     }
 
@@ -107,12 +190,12 @@ impl Reconciler {
         self.origin.elapsed()
     }
 
-    fn on_demand(&mut self, queued: u32, in_flight: u32) {
+    fn on_demand(&mut self, demand: PoolDemand) {
         let now = self.now();
         self.samples.push_back(Sample {
             at: now,
-            queued,
-            in_flight,
+            queued: demand.queued,
+            in_flight: demand.in_flight,
         });
         let keep = self.config.scaling.stable_window;
         while self
@@ -122,41 +205,72 @@ impl Reconciler {
         {
             self.samples.pop_front();
         }
-        if queued + in_flight > 0 {
-            self.idle_since = None;
-        } else if self.idle_since.is_none() {
-            self.idle_since = Some(now);
+        for r in self.executors.values_mut() {
+            let Some(endpoint) = &r.endpoint else {
+                continue;
+            };
+            r.in_flight = demand.endpoints.get(endpoint).copied().unwrap_or(0);
+            if r.in_flight > 0 {
+                r.idle_since = None;
+            } else if r.idle_since.is_none() {
+                r.idle_since = Some(now);
+            }
         }
+        self.demand = demand;
     }
 
     fn on_event(&mut self, event: ExecutorEvent) {
+        let pool = self.config.name.clone();
         match event {
-            ExecutorEvent::Starting { .. } => {}
-            ExecutorEvent::Ready { id, endpoint } => {
+            ExecutorEvent::Starting { id, pid, .. } => {
                 if let Some(r) = self.executors.get_mut(&id) {
+                    r.pid = pid;
+                }
+            }
+            ExecutorEvent::Ready { id, endpoint } => {
+                let now = self.now();
+                if let Some(r) = self.executors.get_mut(&id) {
+                    let took = r.launched.elapsed();
                     r.phase = Phase::Ready;
                     r.endpoint = Some(endpoint);
+                    r.ready_after = Some(took);
+                    r.idle_since = Some(now);
                     self.consecutive_failures = 0;
+                    self.metrics.cold_start(&pool, r.class, took.as_secs_f64());
                 }
             }
             ExecutorEvent::Terminated { id, reason } => {
-                if let Some(r) = self.executors.remove(&id)
-                    && !r.stopping
-                {
-                    self.consecutive_failures += 1;
-                    let backoff = Duration::from_millis(250 << self.consecutive_failures.min(8))
-                        .min(Duration::from_secs(60));
-                    self.hold_launches_until = Some(Instant::now() + backoff);
-                    tracing::warn!(pool = %self.config.name, executor = %id, %reason, backoff_ms = backoff.as_millis() as u64, "executor failed; replacing after backoff");
-                    self.status.send_modify(|s| s.failures += 1);
+                if let Some(r) = self.executors.remove(&id) {
+                    if !r.stopping {
+                        self.consecutive_failures += 1;
+                        self.to_replace += 1;
+                        let backoff =
+                            Duration::from_millis(250 << self.consecutive_failures.min(8))
+                                .min(Duration::from_secs(60));
+                        self.hold_launches_until = Some(Instant::now() + backoff);
+                        tracing::warn!(%pool, executor = %id, %reason, backoff_ms = backoff.as_millis() as u64, "executor failed; replacing after backoff");
+                        self.metrics.failure(&pool, r.class);
+                        self.status.send_modify(|s| s.failures += 1);
+                    }
+                    let mut info = self.info(&id, &r);
+                    info.phase = "terminated";
+                    info.reason = Some(reason);
+                    self.terminal.push_back(Terminal {
+                        info,
+                        at: Instant::now(),
+                    });
                 }
             }
         }
-        self.publish(None);
+        self.publish();
     }
 
     async fn reconcile(&mut self) {
         let now = self.now();
+        let ttl = self.config.terminal_ttl;
+        while self.terminal.front().is_some_and(|t| t.at.elapsed() > ttl) {
+            self.terminal.pop_front();
+        }
         let views: Vec<ExecutorView> = self
             .executors
             .iter()
@@ -164,8 +278,8 @@ impl Reconciler {
                 id: id.clone(),
                 class: r.class,
                 phase: if r.stopping { Phase::Draining } else { r.phase },
-                in_flight: 0,
-                idle_since: self.idle_since,
+                in_flight: r.in_flight,
+                idle_since: r.idle_since,
             })
             .collect();
         let samples: Vec<Sample> = self.samples.iter().copied().collect();
@@ -179,11 +293,13 @@ impl Reconciler {
             },
         );
         self.memory = decision.memory;
+        self.record_decision(&decision);
+        let pool = self.config.name.clone();
         for id in &decision.reap {
             if let Some(r) = self.executors.get_mut(id) {
                 r.stopping = true;
                 let _ = self.provider.terminate(id, self.config.drain_grace);
-                tracing::info!(pool = %self.config.name, executor = %id, "reaping idle ephemeral executor");
+                tracing::info!(%pool, executor = %id, "reaping idle ephemeral executor");
             }
         }
         if self.hold_launches_until.is_none_or(|t| Instant::now() >= t) {
@@ -197,57 +313,145 @@ impl Reconciler {
                     .filter(|r| r.class == class && !r.stopping)
                     .count() as u32;
                 for _ in live..target {
-                    self.next_id += 1;
-                    let kind = if class == Class::Warm { "warm" } else { "eph" };
-                    let id = format!("{}-{kind}-{}", self.config.name, self.next_id);
-                    match self.provider.launch(&id, class).await {
-                        Ok(()) => {
-                            self.executors.insert(
-                                id,
-                                Record {
-                                    class,
-                                    phase: Phase::Starting,
-                                    endpoint: None,
-                                    stopping: false,
-                                },
-                            );
-                        }
-                        Err(e) => {
-                            tracing::error!(pool = %self.config.name, "launch failed: {e}");
-                            self.consecutive_failures += 1;
-                            self.status.send_modify(|s| s.failures += 1);
-                        }
-                    }
+                    self.launch(class).await;
                 }
             }
         }
-        self.publish(Some(decision));
+        self.publish();
     }
 
-    fn publish(&self, decision: Option<Decision>) {
-        let mut endpoints: Vec<String> = self
-            .executors
-            .values()
-            .filter(|r| r.phase == Phase::Ready && !r.stopping)
-            .filter_map(|r| r.endpoint.clone())
-            .collect();
-        endpoints.sort();
-        let count = |p: Phase| {
-            self.executors
-                .values()
-                .filter(|r| !r.stopping && r.phase == p)
-                .count() as u32
-        };
-        let (starting, ready) = (count(Phase::Starting), count(Phase::Ready));
-        let draining = self.executors.values().filter(|r| r.stopping).count() as u32;
-        self.status.send_modify(|s| {
-            s.endpoints = endpoints;
-            s.starting = starting;
-            s.ready = ready;
-            s.draining = draining;
-            if decision.is_some() {
-                s.last_decision = decision;
+    async fn launch(&mut self, class: Class) {
+        let pool = self.config.name.clone();
+        self.next_id += 1;
+        let kind = if class == Class::Warm { "warm" } else { "eph" };
+        let id = format!("{pool}-{kind}-{}", self.next_id);
+        // Registered before launching: the provider's first events may arrive at once.
+        self.executors.insert(
+            id.clone(),
+            Record {
+                class,
+                phase: Phase::Starting,
+                endpoint: None,
+                pid: None,
+                launched: Instant::now(),
+                ready_after: None,
+                in_flight: 0,
+                idle_since: None,
+                stopping: false,
+            },
+        );
+        match self.provider.launch(&id, class).await {
+            Ok(()) => {
+                tracing::info!(%pool, executor = %id, class = class_name(class), "launched executor");
+                if self.to_replace > 0 {
+                    self.to_replace -= 1;
+                    self.metrics.restart(&pool);
+                    self.status.send_modify(|s| s.restarts += 1);
+                }
             }
+            Err(e) => {
+                self.executors.remove(&id);
+                let backoff = self.back_off();
+                tracing::error!(%pool, backoff_ms = backoff.as_millis() as u64, "launch failed: {e}");
+                self.metrics.failure(&pool, class);
+                self.status.send_modify(|s| s.failures += 1);
+            }
+        }
+    }
+
+    /// One more failure in a row: launches wait 0.5 s, 1 s, 2 s, ... up to a minute.
+    fn back_off(&mut self) -> Duration {
+        self.consecutive_failures += 1;
+        let backoff = Duration::from_millis(250 << self.consecutive_failures.min(8))
+            .min(Duration::from_secs(60));
+        self.hold_launches_until = Some(Instant::now() + backoff);
+        backoff
+    }
+
+    /// Counts decisions that change something, by reason, and exports the targets.
+    fn record_decision(&mut self, d: &Decision) {
+        let targets = (d.warm, d.ephemeral);
+        if self.last_targets != Some(targets) || !d.reap.is_empty() {
+            if self.last_targets.is_some() || targets != (0, 0) {
+                self.metrics.decision(&self.config.name, d.reason);
+                tracing::info!(pool = %self.config.name, warm = d.warm, ephemeral = d.ephemeral, reaped = d.reap.len(), reason = d.reason.as_str(), "scale decision");
+            }
+            self.last_targets = Some(targets);
+        }
+        self.metrics.desired(&self.config.name, d.warm, d.ephemeral);
+        self.status.send_modify(|s| {
+            s.desired_warm = d.warm;
+            s.desired_ephemeral = d.ephemeral;
+            s.last_reason = Some(d.reason.as_str());
+        });
+    }
+
+    fn info(&self, id: &str, r: &Record) -> ExecutorInfo {
+        ExecutorInfo {
+            id: id.to_owned(),
+            class: class_name(r.class),
+            phase: match (r.stopping, r.phase) {
+                (true, _) | (_, Phase::Draining) => "draining",
+                (false, Phase::Starting) => "starting",
+                (false, Phase::Ready) => "ready",
+            },
+            endpoint: r.endpoint.clone(),
+            pid: r.pid,
+            age_secs: r.launched.elapsed().as_secs_f64(),
+            cold_start_secs: r.ready_after.map(|d| d.as_secs_f64()),
+            in_flight: r.in_flight,
+            reason: None,
+        }
+    }
+
+    fn publish(&self) {
+        let mut endpoints: Vec<Endpoint> = self
+            .executors
+            .iter()
+            .filter(|(_, r)| r.phase == Phase::Ready && !r.stopping)
+            .filter_map(|(id, r)| {
+                Some(Endpoint {
+                    name: id.clone(),
+                    address: r.endpoint.clone()?,
+                    max_concurrency: self.config.endpoint_concurrency,
+                })
+            })
+            .collect();
+        endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+        let mut executors: Vec<ExecutorInfo> = self
+            .executors
+            .iter()
+            .map(|(id, r)| self.info(id, r))
+            .collect();
+        executors.sort_by(|a, b| a.id.cmp(&b.id));
+        executors.extend(self.terminal.iter().map(|t| t.info.clone()));
+        let mut total = Counts::default();
+        for class in [Class::Warm, Class::Ephemeral] {
+            let mut c = Counts::default();
+            for r in self.executors.values().filter(|r| r.class == class) {
+                match (r.stopping, r.phase) {
+                    (true, _) | (_, Phase::Draining) => c.draining += 1,
+                    (false, Phase::Starting) => c.starting += 1,
+                    (false, Phase::Ready) => c.ready += 1,
+                }
+            }
+            self.metrics.executors(&self.config.name, class, c);
+            total.starting += c.starting;
+            total.ready += c.ready;
+            total.draining += c.draining;
+        }
+        let (queued, in_flight) = (self.demand.queued, self.demand.in_flight);
+        self.status.send_if_modified(|s| {
+            let before = (s.endpoints.clone(), s.starting, s.ready, s.draining);
+            s.endpoints = endpoints;
+            s.starting = total.starting;
+            s.ready = total.ready;
+            s.draining = total.draining;
+            s.queued = queued;
+            s.in_flight = in_flight;
+            s.executors = executors;
+            // Watchers wake for changes to the endpoint set and counts, not for ages.
+            before != (s.endpoints.clone(), s.starting, s.ready, s.draining)
         });
     }
 }

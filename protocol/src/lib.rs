@@ -6,11 +6,13 @@
 //!   worker converts them into its validated types. Fields a client sends that are not
 //!   modelled here are accepted and ignored; a modelled field of the wrong type is a parse
 //!   error.
-//! - `control` (to come): the control API between the gateway and the pool controller.
+//! - [`control`]: the control API between gateways and the pool controller (demand reports,
+//!   endpoint snapshots).
 //!
 //! The OpenAI types are re-exported at the crate root, so `llmctl_protocol::ChatCompletionRequest`
 //! and `llmctl_protocol::openai::ChatCompletionRequest` name the same type.
 
+pub mod control;
 pub mod openai;
 
 pub use openai::*;

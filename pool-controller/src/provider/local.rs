@@ -65,6 +65,9 @@ impl LocalProvider {
             .stdout(Stdio::piped())
             .stderr(log)
             .stdin(Stdio::null())
+            // Its own process group: a terminal's Ctrl-C reaches the controller, which drains
+            // the executors in order, not every worker at once behind its back.
+            .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe and touches only this (forked) process.
         unsafe {
@@ -81,6 +84,7 @@ impl LocalProvider {
         let _ = self.events.send(ExecutorEvent::Starting {
             id: id.to_owned(),
             class,
+            pid: child.id(),
         });
         let (term_tx, term_rx) = mpsc::unbounded_channel();
         self.running

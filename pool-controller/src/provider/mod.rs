@@ -10,7 +10,12 @@ use crate::autoscaler::Class;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExecutorEvent {
     /// Launched; not serving yet.
-    Starting { id: String, class: Class },
+    Starting {
+        id: String,
+        class: Class,
+        /// The process id, for providers that run processes.
+        pid: Option<u32>,
+    },
     /// Serving at `endpoint` (`host:port`).
     Ready { id: String, endpoint: String },
     /// Gone: exited, killed, or never became ready.
