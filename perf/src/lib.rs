@@ -41,3 +41,43 @@ pub fn record(name: &str, text: &str) -> std::io::Result<PathBuf> {
     std::fs::write(&path, text)?;
     Ok(path)
 }
+
+/// The `preset` model with `seed`, written under `target/perf-models/` the first time.
+pub fn preset_model(
+    preset: llmctl_inference_worker::model::init::Preset,
+    seed: u64,
+) -> anyhow::Result<PathBuf> {
+    use llmctl_inference_worker::model::init;
+    let name = format!("{}-seed{seed}", format!("{preset:?}").to_ascii_lowercase());
+    let dir = workspace_root().join("target/perf-models").join(name);
+    if !dir.join("model.safetensors").exists() {
+        let opts = init::InitOptions {
+            preset,
+            seed,
+            dtype: init::InitDtype::Bf16,
+        };
+        init::write_model(&dir, &opts)?;
+    }
+    Ok(dir)
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    use http_body_util::Full;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body)))?;
+    Ok(sender.send_request(req).await?)
+}

@@ -206,16 +206,7 @@ async fn bench(args: Args) -> Result<()> {
 }
 
 fn start_worker() -> Result<(Child, String)> {
-    let root = llmctl_perf::workspace_root();
-    let dir = root.join("target/perf-models/small-seed1");
-    if !dir.join("model.safetensors").exists() {
-        let opts = init::InitOptions {
-            preset: init::Preset::Small,
-            seed: 1,
-            dtype: init::InitDtype::Bf16,
-        };
-        init::write_model(&dir, &opts)?;
-    }
+    let dir = llmctl_perf::preset_model(init::Preset::Small, 1)?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--as-worker", "--model"])
         .arg(&dir)
@@ -235,7 +226,7 @@ fn start_worker() -> Result<(Child, String)> {
 async fn wait_ready(addr: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(r) = request(addr, "GET", "/health", Vec::new()).await
+        if let Ok(r) = llmctl_perf::http_request(addr, "GET", "/health", Vec::new()).await
             && r.status() == 200
         {
             return Ok(());
@@ -247,30 +238,14 @@ async fn wait_ready(addr: &str) -> Result<()> {
     }
 }
 
-async fn request(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: Vec<u8>,
-) -> Result<hyper::Response<hyper::body::Incoming>> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))?;
-    Ok(sender.send_request(req).await?)
-}
-
 /// One streamed completion, timed.
 async fn one_request(addr: &str, model: &str, prompt: &[u32], max_tokens: usize) -> Result<Sample> {
     let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true}});
     let started = Instant::now();
-    let mut r = request(addr, "POST", "/v1/completions", serde_json::to_vec(&body)?).await?;
+    let mut r =
+        llmctl_perf::http_request(addr, "POST", "/v1/completions", serde_json::to_vec(&body)?)
+            .await?;
     if r.status() != 200 {
         bail!("status {}", r.status());
     }
