@@ -412,6 +412,22 @@ target_concurrency = 4
     )
     .await;
     assert_eq!(status, 200, "{body}");
+
+    // Ctrl-C stops the plane and leaves no worker behind.
+    let pids: Vec<i32> = plane.pool("pool").await["executors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["phase"] != "terminated")
+        .map(|e| e["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    drop(plane);
+    for pid in pids {
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "worker {pid} outlived `llmctl up`");
+    }
 }
 
 /// A complete answer, or the explicit error the client saw.
