@@ -34,9 +34,19 @@ pub struct GatewayArgs {
 /// Runs the gateway until SIGTERM/SIGINT, then drains.
 pub fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let config = config::Config::load(&args.config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let threads: usize = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
     runtime.block_on(server::serve(config))
 }
 

@@ -185,23 +185,25 @@ fn duration_header(d: Duration) -> HeaderValue {
 
 /// Writes OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
 pub fn write_headers(headers: &mut HeaderMap, snap: &Snapshot) {
-    for (kind, entry) in [("requests", &snap.requests), ("tokens", &snap.tokens)] {
+    use http::HeaderName;
+    const NAMES: [[&str; 3]; 2] = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
+    for (names, entry) in NAMES.iter().zip([&snap.requests, &snap.tokens]) {
         if let Some((limit, remaining, reset)) = entry {
-            headers.insert(
-                http::HeaderName::from_bytes(format!("x-ratelimit-limit-{kind}").as_bytes())
-                    .expect("static header names"),
-                HeaderValue::from(*limit),
-            );
-            headers.insert(
-                http::HeaderName::from_bytes(format!("x-ratelimit-remaining-{kind}").as_bytes())
-                    .expect("static header names"),
-                HeaderValue::from(*remaining),
-            );
-            headers.insert(
-                http::HeaderName::from_bytes(format!("x-ratelimit-reset-{kind}").as_bytes())
-                    .expect("static header names"),
-                duration_header(*reset),
-            );
+            let [l, r, t] = names.map(HeaderName::from_static);
+            headers.insert(l, HeaderValue::from(*limit));
+            headers.insert(r, HeaderValue::from(*remaining));
+            headers.insert(t, duration_header(*reset));
         }
     }
 }

@@ -169,17 +169,26 @@ impl Settle {
     }
 }
 
-fn total_tokens(v: &Value) -> Option<u32> {
-    let u = v.get("usage")?;
-    let total = u.get("total_tokens").and_then(Value::as_u64).or_else(|| {
-        Some(
-            u.get("prompt_tokens")?.as_u64()?
-                + u.get("completion_tokens")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0),
-        )
-    })?;
-    Some(total as u32)
+/// Only the `usage` of a response body: everything else is skipped without being built.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    usage: Option<UsageCounts>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageCounts {
+    total_tokens: Option<u64>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+/// Tokens a JSON response (or stream chunk) reports in its `usage`.
+fn usage_tokens(json: &[u8]) -> Option<u32> {
+    let u = serde_json::from_slice::<UsageOnly>(json).ok()?.usage?;
+    let total = u
+        .total_tokens
+        .or_else(|| Some(u.prompt_tokens? + u.completion_tokens.unwrap_or(0)))?;
+    Some(total.min(u32::MAX as u64) as u32)
 }
 
 /// Relays `upstream` to the client; settles when the relay ends (or the client leaves).
@@ -204,7 +213,8 @@ pub fn relay(upstream: Response<Incoming>, settle: Settle) -> Response<Body> {
         // Plain bodies need no task: the body itself forwards frames and settles at the end.
         JsonRelay {
             incoming,
-            copy: BytesMut::new(),
+            copy: Vec::new(),
+            copied: 0,
             settle: Some(settle),
             status,
         }
@@ -220,7 +230,9 @@ pub fn relay(upstream: Response<Incoming>, settle: Settle) -> Response<Body> {
 /// settles when the body ends, fails, or is dropped unfinished (client gone).
 struct JsonRelay {
     incoming: Incoming,
-    copy: BytesMut,
+    /// The frames so far (shared, not copied), while they fit the limit.
+    copy: Vec<Bytes>,
+    copied: usize,
     settle: Option<Settle>,
     status: StatusCode,
 }
@@ -242,8 +254,9 @@ impl http_body::Body for JsonRelay {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    if this.copy.len() + data.len() <= USAGE_COPY_LIMIT {
-                        this.copy.extend_from_slice(&data);
+                    if this.copied + data.len() <= USAGE_COPY_LIMIT {
+                        this.copied += data.len();
+                        this.copy.push(data.clone());
                     }
                     // With a known length the server may never poll past the last frame.
                     if http_body::Body::is_end_stream(&this.incoming) {
@@ -272,9 +285,7 @@ impl JsonRelay {
     /// The whole body went through: settle with the usage it reports.
     fn settle_complete(&mut self) {
         if let Some(settle) = self.settle.take() {
-            let usage = serde_json::from_slice::<Value>(&self.copy)
-                .ok()
-                .and_then(|v| total_tokens(&v));
+            let usage = usage_tokens(&self.copy.concat());
             let ok = self.status.is_success();
             settle.finish(
                 self.status.as_u16(),
@@ -365,21 +376,23 @@ fn process_event(
     if !contains(payload, b"\"usage\"") {
         return Bytes::copy_from_slice(event);
     }
-    let Ok(mut v) = serde_json::from_slice::<Value>(payload) else {
-        return Bytes::copy_from_slice(event);
-    };
-    if let Some(total) = total_tokens(&v) {
-        *usage = Some(total);
-        let usage_only = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty);
-        if usage_only && !client_wants_usage {
-            return Bytes::new();
-        }
+    let total = usage_tokens(payload);
+    if total.is_some() {
+        *usage = total;
     }
     if client_wants_usage {
         return Bytes::copy_from_slice(event);
+    }
+    // The client did not ask for usage: drop the usage-only chunk, strip `usage` elsewhere.
+    let Ok(mut v) = serde_json::from_slice::<Value>(payload) else {
+        return Bytes::copy_from_slice(event);
+    };
+    let usage_only = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty);
+    if total.is_some() && usage_only {
+        return Bytes::new();
     }
     if let Some(obj) = v.as_object_mut() {
         obj.remove("usage");
