@@ -1,8 +1,12 @@
-//! llmctl's CUDA kernels: `.cu` sources in `kernels/cuda/`, compiled by NVRTC at first use and
-//! launched through cudarc, each with a CPU reference in Rust. Built by the kernels issue.
+//! llmctl's CUDA kernels: `.cu` sources in `kernels/cuda/`, embedded in the binary (`source`),
+//! compiled by NVRTC at first use for the device's architecture and cached on disk (`compile`),
+//! launched through cudarc (`cuda`), each with a CPU reference in Rust (`reference`).
 //!
-//! This crate already owns one contract the CPU engine relies on: the paged KV-cache layout,
-//! described in [`kv_layout`] and in `kernels/KV_LAYOUT.md`. The CPU backend in
-//! `llmctl-inference-worker` and the CUDA kernels use this one layout.
+//! Everything loads CUDA at run time: the crate builds, and its CPU tests run, on a machine with
+//! no CUDA. The paged KV-cache layout all backends share is [`kv_layout`] (see
+//! `kernels/KV_LAYOUT.md`).
 
+pub mod compile;
 pub mod kv_layout;
+pub mod reference;
+pub mod source;

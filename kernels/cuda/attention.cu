@@ -1,0 +1,281 @@
+// Attention over the paged KV cache (NHD layout, see KV_LAYOUT.md), f32 accumulation with an
+// online (running max and sum) softmax, so no score row is ever materialised.
+//
+// Decode: one query token per sequence. A CTA owns one KV head of one sequence and up to
+// MAX_GROUP of the query heads sharing it (GQA: each K/V row is read once for the whole
+// group), over one partition of the context. Its four warps take tokens in turn; each lane
+// holds head_dim / 32 elements. With one partition the CTA writes the normalised output; with
+// several (split-KV, for long contexts and small batches) it writes an unnormalised partial
+// result and its (max, sum), which `paged_attention_reduce` combines.
+//
+// Prefill: causal attention for packed variable-length sequences whose new tokens' K/V are
+// already in the cache, so cached prefix blocks (prefix-cache hits) are read, never
+// recomputed. A CTA takes 16 query rows of one head (4 per warp) and walks the keys in tiles
+// of 32 (16 for f32 at head_dim 256) staged in shared memory, flash-attention style. This is
+// the plain-FMA version; tensor-core (mma) tiles are the next step once it can be measured.
+
+#define MAX_GROUP 8
+#define WARPS 4
+
+struct Ctx {
+    const int* block_tables;
+    int max_blocks;
+    int block_size;
+    int num_kv_heads;
+};
+
+// Element offset of token `t`'s row for `kv_head` in sequence `seq`'s cache.
+template <int D>
+__device__ __forceinline__ i64 row_offset(const Ctx& c, int seq, int t, int kv_head) {
+    const int block = c.block_tables[(i64)seq * c.max_blocks + t / c.block_size];
+    const i64 slot = (i64)block * c.block_size + t % c.block_size;
+    return (slot * c.num_kv_heads + kv_head) * D;
+}
+
+// grid: (num_kv_heads * ceil(group / MAX_GROUP), num_seqs, num_partitions); block: 32 * WARPS.
+template <typename T, int D>
+__device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
+                       float* __restrict__ part_ml, const T* __restrict__ q, i64 q_stride,
+                       const T* __restrict__ k_cache, const T* __restrict__ v_cache, Ctx c,
+                       const int* __restrict__ context_lens, int num_q_heads,
+                       int partition_size, float scale) {
+    constexpr int PER = (D + 31) / 32;
+    __shared__ float s_m[WARPS][MAX_GROUP];
+    __shared__ float s_l[WARPS][MAX_GROUP];
+    __shared__ float s_acc[WARPS][MAX_GROUP][D];
+
+    const int group = num_q_heads / c.num_kv_heads;
+    const int chunks = (group + MAX_GROUP - 1) / MAX_GROUP;
+    const int kv_head = blockIdx.x / chunks;
+    const int g0 = (blockIdx.x % chunks) * MAX_GROUP;
+    const int gn = min(MAX_GROUP, group - g0);
+    const int seq = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int ctx = context_lens[seq];
+    const int start = part * partition_size;
+    const int end = min(ctx, start + partition_size);
+
+    float qv[MAX_GROUP][PER], acc[MAX_GROUP][PER], m[MAX_GROUP], l[MAX_GROUP];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g) {
+        const int h = kv_head * group + g0 + g;
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            const int d = lane + 32 * p;
+            qv[g][p] = (g < gn && d < D) ? to_float(q[seq * q_stride + (i64)h * D + d]) * scale : 0.f;
+            acc[g][p] = 0.f;
+        }
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+    }
+
+    for (int t = start + warp; t < end; t += WARPS) {
+        const i64 off = row_offset<D>(c, seq, t, kv_head);
+        float kv[PER], vv[PER];
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            const int d = lane + 32 * p;
+            kv[p] = d < D ? to_float(k_cache[off + d]) : 0.f;
+            vv[p] = d < D ? to_float(v_cache[off + d]) : 0.f;
+        }
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; ++g) {
+            if (g >= gn) break;
+            float s = 0.f;
+#pragma unroll
+            for (int p = 0; p < PER; ++p) s += qv[g][p] * kv[p];
+            s = warp_sum(s);
+            const float m_new = fmaxf(m[g], s);
+            const float corr = __expf(m[g] - m_new);
+            const float w = __expf(s - m_new);
+            l[g] = l[g] * corr + w;
+#pragma unroll
+            for (int p = 0; p < PER; ++p) acc[g][p] = acc[g][p] * corr + w * vv[p];
+            m[g] = m_new;
+        }
+    }
+
+    // Merge the warps' partial softmaxes.
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g) {
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            const int d = lane + 32 * p;
+            if (d < D) s_acc[warp][g][d] = acc[g][p];
+        }
+        if (lane == 0) {
+            s_m[warp][g] = m[g];
+            s_l[warp][g] = l[g];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < gn * D; i += blockDim.x) {
+        const int g = i / D, d = i % D;
+        float mx = NEG_INF;
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, s_m[w][g]);
+        float sum = 0.f, o = 0.f;
+        if (mx != NEG_INF) {
+            for (int w = 0; w < WARPS; ++w) {
+                const float f = __expf(s_m[w][g] - mx);
+                sum += s_l[w][g] * f;
+                o += s_acc[w][g][d] * f;
+            }
+        }
+        const int h = kv_head * group + g0 + g;
+        if (parts == 1) {
+            out[((i64)seq * num_q_heads + h) * D + d] = from_float<T>(sum > 0.f ? o / sum : 0.f);
+        } else {
+            const i64 slot = ((i64)seq * num_q_heads + h) * parts + part;
+            part_out[slot * D + d] = o;
+            if (d == 0) {
+                part_ml[slot * 2] = mx;
+                part_ml[slot * 2 + 1] = sum;
+            }
+        }
+    }
+}
+
+// Combines split-KV partitions. grid: (num_q_heads, num_seqs); block: 128.
+template <typename T, int D>
+__device__ void reduce(T* __restrict__ out, const float* __restrict__ part_out,
+                       const float* __restrict__ part_ml, int num_q_heads, int parts) {
+    const int h = blockIdx.x, seq = blockIdx.y;
+    const i64 base = ((i64)seq * num_q_heads + h) * parts;
+    float mx = NEG_INF;
+    for (int p = 0; p < parts; ++p) mx = fmaxf(mx, part_ml[(base + p) * 2]);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float sum = 0.f, o = 0.f;
+        if (mx != NEG_INF) {
+            for (int p = 0; p < parts; ++p) {
+                const float f = __expf(part_ml[(base + p) * 2] - mx);
+                sum += part_ml[(base + p) * 2 + 1] * f;
+                o += part_out[(base + p) * D + d] * f;
+            }
+        }
+        out[((i64)seq * num_q_heads + h) * D + d] = from_float<T>(sum > 0.f ? o / sum : 0.f);
+    }
+}
+
+#define ROWS_PER_WARP 4
+#define KEY_TILE 32
+
+// grid: (ceil(max_query_len / (WARPS * ROWS_PER_WARP)), num_q_heads, num_seqs); block: 128.
+// `cu_q` holds each sequence's first query row (num_seqs + 1 entries); a sequence's queries are
+// the last q_len of its context_len tokens.
+template <typename T, int D>
+__device__ void prefill(T* __restrict__ out, const T* __restrict__ q, i64 q_stride,
+                        const T* __restrict__ k_cache, const T* __restrict__ v_cache, Ctx c,
+                        const int* __restrict__ cu_q, const int* __restrict__ context_lens,
+                        int num_q_heads, float scale) {
+    constexpr int PER = (D + 31) / 32;
+    constexpr int ROWS = WARPS * ROWS_PER_WARP;
+    // K and V tiles within 32 KiB of static shared memory (f32 at head_dim 256: 16 keys).
+    constexpr int TILE = sizeof(T) * D * 2 * KEY_TILE <= 32768 ? KEY_TILE : KEY_TILE / 2;
+    __shared__ T s_k[TILE * D];
+    __shared__ T s_v[TILE * D];
+
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int kv_head = h / (num_q_heads / c.num_kv_heads);
+    const int q0 = cu_q[seq], q_len = cu_q[seq + 1] - q0;
+    const int row0 = blockIdx.x * ROWS;
+    if (row0 >= q_len) return;  // uniform over the CTA
+    const int ctx = context_lens[seq];
+    const int first_pos = ctx - q_len;
+    const int last_key = first_pos + min(row0 + ROWS, q_len) - 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    float qv[ROWS_PER_WARP][PER], acc[ROWS_PER_WARP][PER], m[ROWS_PER_WARP], l[ROWS_PER_WARP];
+    int pos[ROWS_PER_WARP];
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_WARP; ++i) {
+        const int r = row0 + warp * ROWS_PER_WARP + i;
+        pos[i] = r < q_len ? first_pos + r : -1;
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            const int d = lane + 32 * p;
+            qv[i][p] = (r < q_len && d < D) ? to_float(q[(q0 + r) * q_stride + (i64)h * D + d]) * scale : 0.f;
+            acc[i][p] = 0.f;
+        }
+        m[i] = NEG_INF;
+        l[i] = 0.f;
+    }
+
+    for (int k0 = 0; k0 <= last_key; k0 += TILE) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < TILE * D; i += blockDim.x) {
+            const int key = k0 + i / D, d = i % D;
+            if (key <= last_key) {
+                const i64 off = row_offset<D>(c, seq, key, kv_head);
+                s_k[i] = k_cache[off + d];
+                s_v[i] = v_cache[off + d];
+            }
+        }
+        __syncthreads();
+        const int tile_end = min(TILE, last_key - k0 + 1);
+        for (int j = 0; j < tile_end; ++j) {
+            const int key = k0 + j;
+            float kv[PER], vv[PER];
+#pragma unroll
+            for (int p = 0; p < PER; ++p) {
+                const int d = lane + 32 * p;
+                kv[p] = d < D ? to_float(s_k[j * D + d]) : 0.f;
+                vv[p] = d < D ? to_float(s_v[j * D + d]) : 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < ROWS_PER_WARP; ++i) {
+                if (key > pos[i]) continue;  // causal (and padding rows: pos = -1); warp-uniform
+                float s = 0.f;
+#pragma unroll
+                for (int p = 0; p < PER; ++p) s += qv[i][p] * kv[p];
+                s = warp_sum(s);
+                const float m_new = fmaxf(m[i], s);
+                const float corr = __expf(m[i] - m_new);
+                const float w = __expf(s - m_new);
+                l[i] = l[i] * corr + w;
+#pragma unroll
+                for (int p = 0; p < PER; ++p) acc[i][p] = acc[i][p] * corr + w * vv[p];
+                m[i] = m_new;
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_WARP; ++i) {
+        if (pos[i] < 0) continue;
+        const int r = row0 + warp * ROWS_PER_WARP + i;
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            const int d = lane + 32 * p;
+            if (d < D)
+                out[((i64)(q0 + r) * num_q_heads + h) * D + d] =
+                    from_float<T>(l[i] > 0.f ? acc[i][p] / l[i] : 0.f);
+        }
+    }
+}
+
+#define ATTENTION(S, T, D)                                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_decode_##S##_d##D( \
+        T* out, float* part_out, float* part_ml, const T* q, i64 q_stride, const T* k_cache,  \
+        const T* v_cache, const int* block_tables, int max_blocks, int block_size,           \
+        int num_kv_heads, const int* context_lens, int num_q_heads, int partition_size,      \
+        float scale) {                                                                        \
+        Ctx c = {block_tables, max_blocks, block_size, num_kv_heads};                         \
+        decode<T, D>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, c, context_lens,  \
+                     num_q_heads, partition_size, scale);                                     \
+    }                                                                                         \
+    extern "C" __global__ void paged_attention_reduce_##S##_d##D(                             \
+        T* out, const float* part_out, const float* part_ml, int num_q_heads, int parts) {    \
+        reduce<T, D>(out, part_out, part_ml, num_q_heads, parts);                             \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) attention_prefill_##S##_d##D(    \
+        T* out, const T* q, i64 q_stride, const T* k_cache, const T* v_cache,                 \
+        const int* block_tables, int max_blocks, int block_size, int num_kv_heads,            \
+        const int* cu_q, const int* context_lens, int num_q_heads, float scale) {             \
+        Ctx c = {block_tables, max_blocks, block_size, num_kv_heads};                         \
+        prefill<T, D>(out, q, q_stride, k_cache, v_cache, c, cu_q, context_lens, num_q_heads, \
+                      scale);                                                                 \
+    }
+
+#define ATTENTION_ALL_DIMS(S, T) \
+    ATTENTION(S, T, 64) ATTENTION(S, T, 80) ATTENTION(S, T, 96) ATTENTION(S, T, 128) ATTENTION(S, T, 256)
+FOR_EACH_DTYPE(ATTENTION_ALL_DIMS)

@@ -1,0 +1,139 @@
+//! NVRTC compilation with an on-disk cache. A program is compiled for one GPU architecture
+//! (`sm_80`, `sm_90`, ...) at first use; the PTX is kept under the cache directory, keyed by a
+//! hash of the source, the architecture and the NVRTC version, so a changed kernel, another GPU
+//! or another NVRTC never picks up a stale file.
+//!
+//! The NVRTC library is loaded at run time (cudarc's dynamic loading): the crate builds and its
+//! CPU tests run with no CUDA at all. It must be `libnvrtc.so.13` (CUDA 13.0) on the loader path,
+//! e.g. the `nvidia-cuda-nvrtc` wheel's `nvidia/cu13/lib` on `LD_LIBRARY_PATH`.
+
+use std::path::{Path, PathBuf};
+
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use sha2::{Digest, Sha256};
+
+use crate::source::Program;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "the NVRTC library (libnvrtc.so.13, CUDA 13.0) cannot be loaded; put its folder on LD_LIBRARY_PATH (the `nvidia-cuda-nvrtc` wheel has it under nvidia/cu13/lib)"
+    )]
+    NoNvrtc,
+    #[error("unsupported GPU architecture sm_{0}{1}: llmctl's kernels need sm_80 or newer")]
+    Arch(i32, i32),
+    #[error("compiling {program}.cu for {arch}: {log}")]
+    Compile {
+        program: &'static str,
+        arch: &'static str,
+        log: String,
+    },
+    #[error("kernel cache {path}: {source}")]
+    Cache {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Whether NVRTC can be loaded here.
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library by its known names.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// NVRTC's (major, minor) version.
+pub fn nvrtc_version() -> Result<(i32, i32), CompileError> {
+    if !nvrtc_available() {
+        return Err(CompileError::NoNvrtc);
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked above); both pointers are valid for writes.
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if status != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(CompileError::NoNvrtc);
+    }
+    Ok((major, minor))
+}
+
+/// The `-arch` name for a compute capability. Newer GPUs than the table compile for the newest
+/// architecture listed, whose PTX the driver can JIT forward.
+pub fn arch_name(major: i32, minor: i32) -> Result<&'static str, CompileError> {
+    Ok(match (major, minor) {
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (8, _) => "compute_80",
+        (9, _) => "compute_90",
+        (10, _) => "compute_100",
+        (m, _) if m > 10 => "compute_120",
+        _ => return Err(CompileError::Arch(major, minor)),
+    })
+}
+
+/// Where compiled kernels are kept: `$LLMCTL_KERNEL_CACHE`, else `$XDG_CACHE_HOME/llmctl/kernels`,
+/// else `~/.cache/llmctl/kernels`, else a folder under the system temp dir.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LLMCTL_KERNEL_CACHE") {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Path::new(&dir).join("llmctl/kernels");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return Path::new(&home).join(".cache/llmctl/kernels");
+    }
+    std::env::temp_dir().join("llmctl-kernels")
+}
+
+/// The cache file for `program` on `arch` under NVRTC `version`.
+pub fn cache_path(dir: &Path, program: &Program, arch: &str, version: (i32, i32)) -> PathBuf {
+    let mut h = Sha256::new();
+    h.update(program.source().as_bytes());
+    h.update(arch.as_bytes());
+    h.update(format!("nvrtc {}.{}", version.0, version.1).as_bytes());
+    let key = hex::encode(&h.finalize()[..8]);
+    dir.join(format!("{}-{arch}-{key}.ptx", program.name))
+}
+
+/// PTX for `program` on `arch`, from the cache or freshly compiled (and then cached).
+pub fn ptx(program: &Program, arch: &'static str) -> Result<Ptx, CompileError> {
+    let version = nvrtc_version()?;
+    let dir = cache_dir();
+    let path = cache_path(&dir, program, arch, version);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(Ptx::from_src(text));
+    }
+    let text = compile(program, arch)?;
+    let cache_err = |source| CompileError::Cache {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(cache_err)?;
+    // Write then rename: a concurrent reader sees the whole file or none.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &text).map_err(cache_err)?;
+    std::fs::rename(&tmp, &path).map_err(cache_err)?;
+    Ok(Ptx::from_src(text))
+}
+
+/// Compiles `program` for `arch` with NVRTC (no cache); returns the PTX text.
+pub fn compile(program: &Program, arch: &'static str) -> Result<String, CompileError> {
+    if !nvrtc_available() {
+        return Err(CompileError::NoNvrtc);
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        name: Some(format!("{}.cu", program.name)),
+        ..CompileOptions::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(program.source(), opts).map_err(|e| {
+        CompileError::Compile {
+            program: program.name,
+            arch,
+            log: e.to_string(),
+        }
+    })?;
+    Ok(ptx.to_src())
+}

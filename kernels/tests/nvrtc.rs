@@ -1,0 +1,68 @@
+//! Every kernel compiles with NVRTC (CUDA 13.0) for sm_80 and sm_90, and each program defines
+//! the entry points the launchers look up. Needs no GPU, only `libnvrtc.so.13`; ignored by
+//! default, run by `.ci/run` (which installs the `nvidia-cuda-nvrtc` wheel) with
+//! `cargo test -p llmctl-kernels --test nvrtc -- --ignored`, where a missing library fails.
+
+use llmctl_kernels::compile::{self, CompileError};
+use llmctl_kernels::source;
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH; .ci/run installs it and runs this"]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    let version = match compile::nvrtc_version() {
+        Ok(v) => v,
+        Err(e @ CompileError::NoNvrtc) => panic!("{e}"),
+        Err(e) => panic!("NVRTC: {e}"),
+    };
+    assert_eq!(
+        version.0, 13,
+        "NVRTC {version:?}: the kernels target CUDA 13.0"
+    );
+    for arch in [
+        compile::arch_name(8, 0).unwrap(),
+        compile::arch_name(9, 0).unwrap(),
+    ] {
+        for program in source::ALL {
+            let started = std::time::Instant::now();
+            let ptx = compile::compile(&program, arch).unwrap_or_else(|e| panic!("{e}"));
+            for entry in program.entry_points() {
+                assert!(
+                    ptx.contains(&format!(".entry {entry}(")),
+                    "{}.cu for {arch}: no entry point {entry}",
+                    program.name
+                );
+            }
+            eprintln!(
+                "{}.cu for {arch}: {} entry points, {} KiB of PTX, {:.1} s",
+                program.name,
+                program.entry_points().len(),
+                ptx.len() / 1024,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH; .ci/run installs it and runs this"]
+fn compiled_kernels_are_cached_by_source_arch_and_version() {
+    let dir = std::env::temp_dir().join(format!("llmctl-kernel-cache-{}", std::process::id()));
+    // SAFETY: this test binary's other test does not read the variable.
+    unsafe { std::env::set_var("LLMCTL_KERNEL_CACHE", &dir) };
+    let arch = compile::arch_name(9, 0).unwrap();
+    let version = compile::nvrtc_version().unwrap();
+    let path = compile::cache_path(&dir, &source::CACHE, arch, version);
+    assert!(!path.exists());
+    let first = compile::ptx(&source::CACHE, arch).unwrap().to_src();
+    assert!(path.exists(), "{}", path.display());
+    assert_eq!(compile::ptx(&source::CACHE, arch).unwrap().to_src(), first);
+    // Another architecture is another file.
+    let other = compile::cache_path(
+        &dir,
+        &source::CACHE,
+        compile::arch_name(8, 0).unwrap(),
+        version,
+    );
+    assert_ne!(other, path);
+    let _ = std::fs::remove_dir_all(&dir);
+}
