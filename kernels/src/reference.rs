@@ -185,18 +185,29 @@ pub struct SeqAttention {
     pub block_table: Vec<u32>,
 }
 
+/// One layer's paged K and V caches.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedKv<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub layout: KvLayout,
+}
+
 /// Causal attention over the paged cache; returns `[rows, num_q_heads * head_dim]` with
 /// `rows = sum of q_len`, in packed order.
 pub fn paged_attention(
     q: &[f32],
     q_stride: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    layout: KvLayout,
+    cache: PagedKv<'_>,
     num_q_heads: usize,
     seqs: &[SeqAttention],
     scale: f32,
 ) -> Vec<f64> {
+    let PagedKv {
+        k: k_cache,
+        v: v_cache,
+        layout,
+    } = cache;
     let d = layout.head_dim;
     let group = num_q_heads / layout.num_kv_heads;
     let rows: usize = seqs.iter().map(|s| s.q_len).sum();
@@ -307,16 +318,12 @@ mod tests {
         }
         let q = rng.vec(q_start * q_heads * d);
         let scale = 0.25;
-        let got = paged_attention(
-            &q,
-            q_heads * d,
-            &k_cache,
-            &v_cache,
+        let cache = PagedKv {
+            k: &k_cache,
+            v: &v_cache,
             layout,
-            q_heads,
-            &seqs,
-            scale,
-        );
+        };
+        let got = paged_attention(&q, q_heads * d, cache, q_heads, &seqs, scale);
         for (s, (k, v)) in seqs.iter().zip(&dense) {
             for i in 0..s.q_len {
                 let pos = s.context_len - s.q_len + i;
