@@ -7,6 +7,7 @@
 //! `kernels/KV_LAYOUT.md`).
 
 pub mod compile;
+pub mod cuda;
 pub mod kv_layout;
 pub mod reference;
 pub mod source;

@@ -1,0 +1,612 @@
+//! Launching the kernels on a CUDA device through cudarc. [`Kernels::new`] loads the driver at
+//! run time, compiles (or takes from the cache) every program for the device's architecture and
+//! loads it; each method launches one kernel on the device's stream with the grid its source
+//! documents. Shapes are checked here, before any launch, so a bad call is an error, not a
+//! fault on the device.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
+    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+
+use crate::compile::{self, CompileError};
+use crate::reference::decode_partitions;
+use crate::source::{self, Program};
+
+/// A storage type the kernels are instantiated for.
+pub trait Dtype: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
+    /// Entry point suffix (`f32`, `bf16`, `f16`).
+    const SUFFIX: &'static str;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Dtype for f32 {
+    const SUFFIX: &'static str = "f32";
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Dtype for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+impl Dtype for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "the CUDA driver (libcuda.so) cannot be loaded: no NVIDIA driver on this machine, or it is not on the loader path"
+    )]
+    NoDriver,
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("{0}")]
+    Shape(String),
+}
+
+fn shape(ok: bool, what: impl FnOnce() -> String) -> Result<(), KernelError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(KernelError::Shape(what()))
+    }
+}
+
+/// Attention inputs shared by the decode and prefill launchers: one layer's paged caches and
+/// the block tables (`[num_seqs, max_blocks]`, i32) and context lengths (`[num_seqs]`, i32).
+pub struct PagedCache<'a, T> {
+    pub k: &'a CudaSlice<T>,
+    pub v: &'a CudaSlice<T>,
+    pub block_tables: &'a CudaSlice<i32>,
+    pub max_blocks: usize,
+    pub context_lens: &'a CudaSlice<i32>,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// How decode attention partitions long contexts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// By [`decode_partitions`] over the batch, heads and SM count.
+    Auto,
+    /// Exactly this many partitions (tests and benchmarks).
+    Partitions(usize),
+}
+
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    pub arch: &'static str,
+    pub sm_count: usize,
+    pub device_name: String,
+}
+
+impl Kernels {
+    /// Opens device `ordinal` and loads every kernel program for its architecture.
+    pub fn new(ordinal: usize) -> Result<Self, KernelError> {
+        // SAFETY: only tries to dlopen the driver library by its known names.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(KernelError::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = compile::arch_name(major, minor)?;
+        let sm_count = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as usize;
+        let device_name = ctx.name()?;
+        let mut modules = HashMap::new();
+        for program in source::ALL {
+            let ptx = compile::ptx(&program, arch)?;
+            modules.insert(program.name, ctx.load_module(ptx)?);
+        }
+        Ok(Self {
+            stream: ctx.default_stream(),
+            modules,
+            functions: Mutex::default(),
+            arch,
+            sm_count,
+            device_name,
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn function(&self, program: &Program, name: &str) -> Result<CudaFunction, KernelError> {
+        let mut functions = self.functions.lock().expect("function cache lock");
+        if let Some(f) = functions.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self.modules[program.name].load_function(name)?;
+        functions.insert(name.to_owned(), f.clone());
+        Ok(f)
+    }
+
+    fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Scatters `num_tokens` rows of `k` and `v` (row stride `row_stride`, `width =
+    /// num_kv_heads * head_dim` elements each) into the caches by `slots` (negative: skip).
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_kv<T: Dtype>(
+        &self,
+        k: &CudaView<'_, T>,
+        v: &CudaView<'_, T>,
+        row_stride: usize,
+        width: usize,
+        k_cache: &mut CudaSlice<T>,
+        v_cache: &mut CudaSlice<T>,
+        slots: &CudaSlice<i64>,
+    ) -> Result<(), KernelError> {
+        let n = slots.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let need = (n - 1) * row_stride + width;
+        shape(k.len() >= need && v.len() >= need, || {
+            format!("write_kv: {n} rows of stride {row_stride} need {need} elements")
+        })?;
+        shape(
+            k_cache.len() == v_cache.len() && k_cache.len().is_multiple_of(width),
+            || "write_kv: caches differ or are not whole slots".into(),
+        )?;
+        let f = self.function(&source::CACHE, &format!("write_kv_{}", T::SUFFIX))?;
+        let (stride, width_i) = (row_stride as i64, width as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(k)
+            .arg(v)
+            .arg(&stride)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(slots)
+            .arg(&width_i);
+        // SAFETY: argument types and order match `write_kv_*` in cache.cu; sizes checked above
+        // (slots are the caller's to keep within the cache, as the engine's block manager does).
+        unsafe { launch.launch(Self::config((n as u32, 1, 1), 256)) }?;
+        Ok(())
+    }
+
+    pub fn rms_norm<T: Dtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        x: &CudaSlice<T>,
+        weight: &CudaSlice<T>,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        shape(
+            weight.len() == hidden && x.len().is_multiple_of(hidden) && out.len() == x.len(),
+            || {
+                format!(
+                    "rms_norm: x {} / out {} / weight {} for hidden {hidden}",
+                    x.len(),
+                    out.len(),
+                    weight.len()
+                )
+            },
+        )?;
+        let rows = (x.len() / hidden) as u32;
+        let f = self.function(&source::ELEMENTWISE, &format!("rms_norm_{}", T::SUFFIX))?;
+        let h = hidden as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(x).arg(weight).arg(&h).arg(&eps);
+        // SAFETY: matches `rms_norm_*` in elementwise.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((rows, 1, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// `residual += delta`; `out = rms_norm(residual) * weight`.
+    pub fn add_rms_norm<T: Dtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        residual: &mut CudaSlice<T>,
+        delta: &CudaSlice<T>,
+        weight: &CudaSlice<T>,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        shape(
+            weight.len() == hidden
+                && residual.len().is_multiple_of(hidden)
+                && delta.len() == residual.len()
+                && out.len() == residual.len(),
+            || "add_rms_norm: shapes differ".into(),
+        )?;
+        let rows = (residual.len() / hidden) as u32;
+        let f = self.function(&source::ELEMENTWISE, &format!("add_rms_norm_{}", T::SUFFIX))?;
+        let h = hidden as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(residual)
+            .arg(delta)
+            .arg(weight)
+            .arg(&h)
+            .arg(&eps);
+        // SAFETY: matches `add_rms_norm_*` in elementwise.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((rows, 1, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// Rotates in place the first `num_q_heads + num_kv_heads` heads of each of the
+    /// `positions.len()` rows (stride `row_stride`) of `qk`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rotary<T: Dtype>(
+        &self,
+        qk: &mut CudaSlice<T>,
+        row_stride: usize,
+        positions: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        num_q_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<(), KernelError> {
+        let n = positions.len();
+        let width = (num_q_heads + num_kv_heads) * head_dim;
+        shape(
+            head_dim.is_multiple_of(2)
+                && inv_freq.len() == head_dim / 2
+                && width <= row_stride
+                && (n == 0 || qk.len() >= (n - 1) * row_stride + width),
+            || {
+                format!(
+                    "rotary: {n} rows of {width} in stride {row_stride}, inv_freq {}",
+                    inv_freq.len()
+                )
+            },
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function(&source::ELEMENTWISE, &format!("rotary_{}", T::SUFFIX))?;
+        let (stride, nq, nkv, d) = (
+            row_stride as i64,
+            num_q_heads as i32,
+            num_kv_heads as i32,
+            head_dim as i32,
+        );
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(qk)
+            .arg(&stride)
+            .arg(positions)
+            .arg(inv_freq)
+            .arg(&nq)
+            .arg(&nkv)
+            .arg(&d);
+        // SAFETY: matches `rotary_*` in elementwise.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((n as u32, 1, 1), 128)) }?;
+        Ok(())
+    }
+
+    /// `out[r] = silu(gate) * up` for rows `[gate | up]` of `gate_up`.
+    pub fn silu_mul<T: Dtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        gate_up: &CudaSlice<T>,
+        inter: usize,
+    ) -> Result<(), KernelError> {
+        shape(
+            inter > 0 && gate_up.len().is_multiple_of(2 * inter) && out.len() * 2 == gate_up.len(),
+            || "silu_mul: shapes differ".into(),
+        )?;
+        let rows = (out.len() / inter) as u32;
+        let f = self.function(&source::ELEMENTWISE, &format!("silu_mul_{}", T::SUFFIX))?;
+        let i = inter as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(gate_up).arg(&i);
+        // SAFETY: matches `silu_mul_*` in elementwise.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((rows, inter.div_ceil(256) as u32, 1), 256)) }?;
+        Ok(())
+    }
+
+    pub fn embed<T: Dtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        table: &CudaSlice<T>,
+        ids: &CudaSlice<u32>,
+        hidden: usize,
+    ) -> Result<(), KernelError> {
+        shape(
+            table.len().is_multiple_of(hidden) && out.len() == ids.len() * hidden,
+            || "embed: shapes differ".into(),
+        )?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let f = self.function(&source::ELEMENTWISE, &format!("embed_{}", T::SUFFIX))?;
+        let (vocab, h) = ((table.len() / hidden) as i32, hidden as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(table).arg(ids).arg(&vocab).arg(&h);
+        // SAFETY: matches `embed_*` in elementwise.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((ids.len() as u32, 1, 1), 256)) }?;
+        Ok(())
+    }
+
+    pub fn argmax<T: Dtype>(
+        &self,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        out: &mut CudaSlice<i32>,
+    ) -> Result<(), KernelError> {
+        shape(vocab > 0 && logits.len() == out.len() * vocab, || {
+            "argmax: shapes differ".into()
+        })?;
+        let f = self.function(&source::SAMPLING, &format!("argmax_{}", T::SUFFIX))?;
+        let (v, rows) = (vocab as i32, out.len() as u32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(logits).arg(&v).arg(out);
+        // SAFETY: matches `argmax_*` in sampling.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((rows, 1, 1), 1024)) }?;
+        Ok(())
+    }
+
+    pub fn top_k<T: Dtype>(
+        &self,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        k: usize,
+        values: &mut CudaSlice<f32>,
+        ids: &mut CudaSlice<i32>,
+    ) -> Result<(), KernelError> {
+        let rows = logits.len() / vocab.max(1);
+        shape(
+            vocab > 0
+                && k > 0
+                && logits.len() == rows * vocab
+                && values.len() == rows * k
+                && ids.len() == rows * k,
+            || "top_k: shapes differ".into(),
+        )?;
+        let f = self.function(&source::SAMPLING, &format!("top_k_{}", T::SUFFIX))?;
+        let (v, kk) = (vocab as i32, k as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(logits).arg(&v).arg(&kk).arg(values).arg(ids);
+        // SAFETY: matches `top_k_*` in sampling.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((rows as u32, 1, 1), 1024)) }?;
+        Ok(())
+    }
+
+    fn check_attention<T>(
+        cache: &PagedCache<'_, T>,
+        num_seqs: usize,
+        num_q_heads: usize,
+    ) -> Result<(), KernelError> {
+        let d = cache.head_dim;
+        shape(source::HEAD_DIMS.contains(&d), || {
+            format!(
+                "attention: head_dim {d} is not one of {:?}",
+                source::HEAD_DIMS
+            )
+        })?;
+        shape(matches!(cache.block_size, 16 | 32), || {
+            format!("attention: block_size {} is not 16 or 32", cache.block_size)
+        })?;
+        shape(
+            cache.num_kv_heads > 0 && num_q_heads.is_multiple_of(cache.num_kv_heads),
+            || {
+                format!(
+                    "attention: {num_q_heads} query heads over {} KV heads",
+                    cache.num_kv_heads
+                )
+            },
+        )?;
+        shape(
+            cache.block_tables.len() == num_seqs * cache.max_blocks
+                && cache.context_lens.len() == num_seqs
+                && cache.k.len() == cache.v.len()
+                && cache
+                    .k
+                    .len()
+                    .is_multiple_of(cache.block_size * cache.num_kv_heads * d),
+            || "attention: block tables, context lengths or caches have the wrong size".into(),
+        )
+    }
+
+    /// Decode attention, one query row per sequence (`q` rows of stride `q_stride`, heads
+    /// contiguous); `out` is `[num_seqs, num_q_heads * head_dim]`. `max_context` bounds the
+    /// context lengths (it sizes the partitions). Returns the partitions used.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention<T: Dtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaView<'_, T>,
+        q_stride: usize,
+        cache: &PagedCache<'_, T>,
+        num_q_heads: usize,
+        max_context: usize,
+        scale: f32,
+        split: Split,
+    ) -> Result<usize, KernelError> {
+        let num_seqs = cache.context_lens.len();
+        let d = cache.head_dim;
+        Self::check_attention(cache, num_seqs, num_q_heads)?;
+        shape(out.len() == num_seqs * num_q_heads * d, || {
+            "decode: out has the wrong size".into()
+        })?;
+        shape(
+            num_seqs == 0 || q.len() >= (num_seqs - 1) * q_stride + num_q_heads * d,
+            || "decode: q is too small".into(),
+        )?;
+        if num_seqs == 0 {
+            return Ok(0);
+        }
+        let group = num_q_heads / cache.num_kv_heads;
+        let chunks = group.div_ceil(8);
+        let ctas = cache.num_kv_heads * chunks;
+        let (parts, partition) = match split {
+            Split::Auto => decode_partitions(num_seqs, ctas, max_context, self.sm_count),
+            Split::Partitions(p) => {
+                let p = p.max(1);
+                (p, max_context.max(1).div_ceil(p))
+            }
+        };
+        let (scratch_len, ml_len) = if parts > 1 {
+            (
+                num_seqs * num_q_heads * parts * d,
+                num_seqs * num_q_heads * parts * 2,
+            )
+        } else {
+            (1, 1)
+        };
+        let mut part_out = self.stream.alloc_zeros::<f32>(scratch_len)?;
+        let mut part_ml = self.stream.alloc_zeros::<f32>(ml_len)?;
+        let f = self.function(
+            &source::ATTENTION,
+            &format!("paged_attention_decode_{}_d{d}", T::SUFFIX),
+        )?;
+        let (stride, max_blocks, bs, nkv, nq, psize) = (
+            q_stride as i64,
+            cache.max_blocks as i32,
+            cache.block_size as i32,
+            cache.num_kv_heads as i32,
+            num_q_heads as i32,
+            partition as i32,
+        );
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(&mut *out)
+            .arg(&mut part_out)
+            .arg(&mut part_ml)
+            .arg(q)
+            .arg(&stride)
+            .arg(cache.k)
+            .arg(cache.v)
+            .arg(cache.block_tables)
+            .arg(&max_blocks)
+            .arg(&bs)
+            .arg(&nkv)
+            .arg(cache.context_lens)
+            .arg(&nq)
+            .arg(&psize)
+            .arg(&scale);
+        // SAFETY: matches `paged_attention_decode_*` in attention.cu; shapes checked above;
+        // block tables must name blocks inside the cache (the engine's invariant).
+        unsafe {
+            launch.launch(Self::config(
+                (ctas as u32, num_seqs as u32, parts as u32),
+                128,
+            ))
+        }?;
+        if parts > 1 {
+            let r = self.function(
+                &source::ATTENTION,
+                &format!("paged_attention_reduce_{}_d{d}", T::SUFFIX),
+            )?;
+            let p = parts as i32;
+            let mut launch = self.stream.launch_builder(&r);
+            launch
+                .arg(out)
+                .arg(&part_out)
+                .arg(&part_ml)
+                .arg(&nq)
+                .arg(&p);
+            // SAFETY: matches `paged_attention_reduce_*`; the scratch was sized for `parts`.
+            unsafe { launch.launch(Self::config((num_q_heads as u32, num_seqs as u32, 1), 128)) }?;
+        }
+        Ok(parts)
+    }
+
+    /// Causal prefill attention for packed sequences: sequence `s` has query rows
+    /// `cu_q[s]..cu_q[s + 1]` of `q` (the last ones of its context). `out` is
+    /// `[total_rows, num_q_heads * head_dim]`. `max_q_len` bounds the query lengths.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention<T: Dtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaView<'_, T>,
+        q_stride: usize,
+        cache: &PagedCache<'_, T>,
+        cu_q: &CudaSlice<i32>,
+        num_q_heads: usize,
+        max_q_len: usize,
+        scale: f32,
+    ) -> Result<(), KernelError> {
+        let num_seqs = cache.context_lens.len();
+        let d = cache.head_dim;
+        Self::check_attention(cache, num_seqs, num_q_heads)?;
+        shape(cu_q.len() == num_seqs + 1, || {
+            "prefill: cu_q needs num_seqs + 1 entries".into()
+        })?;
+        let rows = out.len() / (num_q_heads * d);
+        shape(out.len() == rows * num_q_heads * d, || {
+            "prefill: out has the wrong size".into()
+        })?;
+        shape(
+            rows == 0 || q.len() >= (rows - 1) * q_stride + num_q_heads * d,
+            || "prefill: q is too small".into(),
+        )?;
+        if num_seqs == 0 || max_q_len == 0 {
+            return Ok(());
+        }
+        let f = self.function(
+            &source::ATTENTION,
+            &format!("attention_prefill_{}_d{d}", T::SUFFIX),
+        )?;
+        let (stride, max_blocks, bs, nkv, nq) = (
+            q_stride as i64,
+            cache.max_blocks as i32,
+            cache.block_size as i32,
+            cache.num_kv_heads as i32,
+            num_q_heads as i32,
+        );
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(q)
+            .arg(&stride)
+            .arg(cache.k)
+            .arg(cache.v)
+            .arg(cache.block_tables)
+            .arg(&max_blocks)
+            .arg(&bs)
+            .arg(&nkv)
+            .arg(cu_q)
+            .arg(cache.context_lens)
+            .arg(&nq)
+            .arg(&scale);
+        let grid = (
+            max_q_len.div_ceil(16) as u32,
+            num_q_heads as u32,
+            num_seqs as u32,
+        );
+        // SAFETY: matches `attention_prefill_*` in attention.cu; shapes checked above; cu_q and
+        // context lengths must describe the batch (query lengths at most max_q_len).
+        unsafe { launch.launch(Self::config(grid, 128)) }?;
+        Ok(())
+    }
+}
