@@ -63,6 +63,11 @@ fn download<T: Dtype>(k: &Kernels, x: &CudaSlice<T>) -> Vec<f32> {
         .collect()
 }
 
+/// An output buffer filled with NaN, so an element the kernel fails to write cannot pass.
+fn poisoned<T: Dtype>(k: &Kernels, n: usize) -> CudaSlice<T> {
+    upload::<T>(k, &vec![f32::NAN; n])
+}
+
 fn assert_close(what: &str, got: &[f32], want: &[f64], t: Tol) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let mut worst = 0.0f64;
@@ -101,7 +106,7 @@ fn norms<T: Dtype>(k: &Kernels) {
         let x = rounded::<T>(&rng.vec(rows * hidden));
         let w = rounded::<T>(&rng.vec(hidden));
         let (dx, dw) = (upload::<T>(k, &x), upload::<T>(k, &w));
-        let mut out = k.stream().alloc_zeros::<T>(rows * hidden).unwrap();
+        let mut out = poisoned::<T>(k, rows * hidden);
         k.rms_norm(&mut out, &dx, &dw, hidden, 1e-5).unwrap();
         let want = reference::rms_norm(&x, &w, hidden, 1e-5);
         assert_close(
@@ -177,7 +182,7 @@ fn elementwise<T: Dtype>(k: &Kernels) {
                 .map(|v| v * 6.0)
                 .collect::<Vec<_>>(),
         );
-        let mut out = k.stream().alloc_zeros::<T>(rows * inter).unwrap();
+        let mut out = poisoned::<T>(k, rows * inter);
         k.silu_mul(&mut out, &upload::<T>(k, &gu), inter).unwrap();
         assert_close(
             &format!("silu_mul {} {rows}x{inter}", T::SUFFIX),
@@ -190,7 +195,7 @@ fn elementwise<T: Dtype>(k: &Kernels) {
     let (vocab, hidden) = (1000, 96);
     let table = rounded::<T>(&rng.vec(vocab * hidden));
     let ids: Vec<u32> = vec![0, 999, 5, 5, 1000, 17];
-    let mut out = k.stream().alloc_zeros::<T>(ids.len() * hidden).unwrap();
+    let mut out = poisoned::<T>(k, ids.len() * hidden);
     k.embed(
         &mut out,
         &upload::<T>(k, &table),
@@ -331,7 +336,7 @@ fn decode<T: Dtype>(k: &Kernels) {
     let contexts = [1usize, 17, 100, 513, 1100];
     for head_dim in [64, 80, 96, 128, 256] {
         for block_size in [16, 32] {
-            for (q_heads, kv_heads) in [(4, 4), (8, 2), (16, 2)] {
+            for (q_heads, kv_heads) in [(4, 4), (8, 2), (16, 2), (16, 1)] {
                 let b = batch::<T>(&mut rng, &contexts, kv_heads, head_dim, block_size);
                 let u = upload_batch::<T>(k, &b, &contexts);
                 let q = rounded::<T>(&rng.vec(contexts.len() * q_heads * head_dim));
@@ -370,10 +375,7 @@ fn decode<T: Dtype>(k: &Kernels) {
                     scale,
                 );
                 for split in [Split::Partitions(1), Split::Partitions(4), Split::Auto] {
-                    let mut out = k
-                        .stream()
-                        .alloc_zeros::<T>(contexts.len() * q_heads * head_dim)
-                        .unwrap();
+                    let mut out = poisoned::<T>(k, contexts.len() * q_heads * head_dim);
                     let parts = k
                         .decode_attention(
                             &mut out,
@@ -437,10 +439,7 @@ fn prefill<T: Dtype>(k: &Kernels) {
                 head_dim,
             };
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let mut out = k
-                .stream()
-                .alloc_zeros::<T>(rows * q_heads * head_dim)
-                .unwrap();
+            let mut out = poisoned::<T>(k, rows * q_heads * head_dim);
             let dq = upload::<T>(k, &q);
             k.prefill_attention(
                 &mut out,
