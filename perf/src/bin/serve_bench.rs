@@ -16,10 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use llmctl_inference_worker::model::init;
 use llmctl_inference_worker::rng::Rng;
 use llmctl_inference_worker::server::{self, WorkerArgs};

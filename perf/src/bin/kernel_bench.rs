@@ -1,0 +1,260 @@
+//! Kernel benchmark on a CUDA GPU (bf16, head_dim 128, 32 query heads over 8 KV heads, block
+//! size 16):
+//!
+//! - the device's copy bandwidth (a large device-to-device copy, bytes read plus written);
+//! - decode attention at batch x context 1 x 64k, 16 x 4k, 64 x 1k and 8 x 1k: achieved
+//!   bandwidth (K/V and Q read, output written, over the median time) against the copy
+//!   bandwidth. Several caches are rotated so small shapes are not served from L2;
+//! - prefill attention (causal, one sequence of 1k to 16k tokens): TFLOP/s, side by side with
+//!   PyTorch's `scaled_dot_product_attention` on the same shapes when `--sdpa SCRIPT` names
+//!   `perf/gpu/sdpa_bench.py` (run in the same call; its JSON is merged into the table).
+//!
+//! Times are medians over `--repeats` runs, after a warm-up, with device events.
+//! `perf/gpu/run.sh` builds this on a build machine and runs it on the GPU machine.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use cudarc::driver::{CudaSlice, sys::CUevent_flags};
+use half::bf16;
+use llmctl_kernels::cuda::{Kernels, PagedCache, Split};
+use llmctl_kernels::reference::TestRng;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Python script printing PyTorch SDPA times as JSON (perf/gpu/sdpa_bench.py).
+    #[arg(long)]
+    sdpa: Option<String>,
+    /// Write the table to this file as well.
+    #[arg(long)]
+    out: Option<String>,
+}
+
+const Q_HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const BLOCK: usize = 16;
+
+fn random(k: &Kernels, rng: &mut TestRng, n: usize) -> Result<CudaSlice<bf16>> {
+    let host: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.uniform())).collect();
+    Ok(k.stream().clone_htod(&host)?)
+}
+
+/// Median milliseconds of `f` over `repeats` runs (after two warm-ups), timed with events.
+fn time_ms(k: &Kernels, repeats: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    for i in 0..2 {
+        f(i)?;
+    }
+    let mut times = Vec::with_capacity(repeats);
+    for i in 0..repeats {
+        let start = k
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        f(i)?;
+        let end = k
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        end.synchronize()?;
+        times.push(start.elapsed_ms(&end)? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn copy_bandwidth(k: &Kernels, repeats: usize) -> Result<f64> {
+    let n = 1usize << 30; // 2 GiB of bf16
+    let src = k.stream().alloc_zeros::<bf16>(n)?;
+    let mut dst = k.stream().alloc_zeros::<bf16>(n)?;
+    let ms = time_ms(k, repeats, |_| {
+        Ok(k.stream().memcpy_dtod(&src, &mut dst)?)
+    })?;
+    Ok(2.0 * (n * 2) as f64 / (ms * 1e-3) / 1e9)
+}
+
+struct Layer {
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+}
+
+fn decode(
+    k: &Kernels,
+    rng: &mut TestRng,
+    seqs: usize,
+    ctx: usize,
+    repeats: usize,
+    copy_gbs: f64,
+) -> Result<String> {
+    let blocks_per_seq = ctx.div_ceil(BLOCK);
+    let elems = seqs * blocks_per_seq * BLOCK * KV_HEADS * HEAD_DIM;
+    let kv_bytes = 2 * elems * 2;
+    // Enough copies that the rotation does not fit in L2 (at least 256 MiB touched in turn).
+    let copies = ((256usize << 20) / kv_bytes).clamp(1, 8);
+    let layers: Vec<Layer> = (0..copies)
+        .map(|_| {
+            Ok(Layer {
+                k: random(k, rng, elems)?,
+                v: random(k, rng, elems)?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let tables: Vec<i32> = (0..(seqs * blocks_per_seq) as i32).collect();
+    let tables = k.stream().clone_htod(&tables)?;
+    let lens = k.stream().clone_htod(&vec![ctx as i32; seqs])?;
+    let q = random(k, rng, seqs * Q_HEADS * HEAD_DIM)?;
+    let mut out = k.stream().alloc_zeros::<bf16>(seqs * Q_HEADS * HEAD_DIM)?;
+    let mut parts = 0;
+    let ms = time_ms(k, repeats, |i| {
+        let layer = &layers[i % layers.len()];
+        let cache = PagedCache {
+            k: &layer.k,
+            v: &layer.v,
+            block_tables: &tables,
+            max_blocks: blocks_per_seq,
+            context_lens: &lens,
+            block_size: BLOCK,
+            num_kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+        };
+        parts = k.decode_attention(
+            &mut out,
+            &q.slice(..),
+            Q_HEADS * HEAD_DIM,
+            &cache,
+            Q_HEADS,
+            ctx,
+            0.088,
+            Split::Auto,
+        )?;
+        Ok(())
+    })?;
+    let bytes = kv_bytes + 2 * 2 * seqs * Q_HEADS * HEAD_DIM;
+    let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+    Ok(format!(
+        "| {seqs} x {ctx} | {parts} | {:.1} | {gbs:.0} | {:.0}% |",
+        ms * 1e3,
+        100.0 * gbs / copy_gbs
+    ))
+}
+
+fn prefill(k: &Kernels, rng: &mut TestRng, len: usize, repeats: usize) -> Result<(f64, f64)> {
+    let blocks = len.div_ceil(BLOCK);
+    let elems = blocks * BLOCK * KV_HEADS * HEAD_DIM;
+    let layer = Layer {
+        k: random(k, rng, elems)?,
+        v: random(k, rng, elems)?,
+    };
+    let tables = k
+        .stream()
+        .clone_htod(&(0..blocks as i32).collect::<Vec<_>>())?;
+    let lens = k.stream().clone_htod(&[len as i32])?;
+    let cu = k.stream().clone_htod(&[0, len as i32])?;
+    let q = random(k, rng, len * Q_HEADS * HEAD_DIM)?;
+    let mut out = k.stream().alloc_zeros::<bf16>(len * Q_HEADS * HEAD_DIM)?;
+    let cache = PagedCache {
+        k: &layer.k,
+        v: &layer.v,
+        block_tables: &tables,
+        max_blocks: blocks,
+        context_lens: &lens,
+        block_size: BLOCK,
+        num_kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+    };
+    let ms = time_ms(k, repeats.min(10), |_| {
+        Ok(k.prefill_attention(
+            &mut out,
+            &q.slice(..),
+            Q_HEADS * HEAD_DIM,
+            &cache,
+            &cu,
+            Q_HEADS,
+            len,
+            0.088,
+        )?)
+    })?;
+    // Causal: QK^T and PV over about half the score matrix, 2 FLOPs per multiply-add.
+    let flops = 4.0 * (len as f64) * (len as f64 + 1.0) / 2.0 * HEAD_DIM as f64 * Q_HEADS as f64;
+    Ok((ms, flops / (ms * 1e-3) / 1e12))
+}
+
+fn sdpa_times(script: &str, lens: &[usize], repeats: usize) -> Result<serde_json::Value> {
+    let out = Command::new("python3")
+        .arg(script)
+        .args([
+            "--lens",
+            &lens
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ])
+        .args(["--repeats", &repeats.to_string()])
+        .args([
+            "--q-heads",
+            &Q_HEADS.to_string(),
+            "--kv-heads",
+            &KV_HEADS.to_string(),
+            "--head-dim",
+            &HEAD_DIM.to_string(),
+        ])
+        .output()
+        .context("running the SDPA script")?;
+    if !out.status.success() {
+        bail!("{script}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let k = Kernels::new(0)?;
+    let mut rng = TestRng::new(42);
+    let copy = copy_bandwidth(&k, args.repeats)?;
+    let mut text = format!(
+        "Device: {} ({}, {} SMs); copy bandwidth {copy:.0} GB/s (device-to-device, read + write)\n\n\
+         Decode attention, bf16, head_dim {HEAD_DIM}, {Q_HEADS} query / {KV_HEADS} KV heads, block {BLOCK}:\n\n\
+         | batch x context | partitions | µs | GB/s | of copy BW |\n|---|---:|---:|---:|---:|\n",
+        k.device_name, k.arch, k.sm_count
+    );
+    for (seqs, ctx) in [(1, 65536), (16, 4096), (64, 1024), (8, 1024)] {
+        let row = decode(&k, &mut rng, seqs, ctx, args.repeats, copy)?;
+        eprintln!("{row}");
+        text += &row;
+        text.push('\n');
+    }
+    let lens = [1024, 2048, 4096, 8192, 16384];
+    let sdpa = match &args.sdpa {
+        Some(script) => Some(sdpa_times(script, &lens, args.repeats)?),
+        None => None,
+    };
+    text += &format!(
+        "\nPrefill attention, causal, bf16, head_dim {HEAD_DIM}, {Q_HEADS}/{KV_HEADS} heads, one sequence:\n\n\
+         | tokens | llmctl ms | llmctl TFLOP/s | SDPA ms | SDPA TFLOP/s | llmctl / SDPA time |\n|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for len in lens {
+        let (ms, tflops) = prefill(&k, &mut rng, len, args.repeats)?;
+        let reference = sdpa.as_ref().and_then(|s| {
+            let r = &s[len.to_string()];
+            Some((r["ms"].as_f64()?, r["tflops"].as_f64()?))
+        });
+        let (sms, stf, ratio) = match reference {
+            Some((ms2, tf2)) => (
+                format!("{ms2:.3}"),
+                format!("{tf2:.1}"),
+                format!("{:.2}", ms / ms2),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let row = format!("| {len} | {ms:.3} | {tflops:.1} | {sms} | {stf} | {ratio} |\n");
+        eprint!("{row}");
+        text += &row;
+    }
+    println!("{text}");
+    if let Some(path) = args.out {
+        std::fs::write(&path, &text)?;
+    }
+    Ok(())
+}
