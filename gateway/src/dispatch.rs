@@ -21,6 +21,8 @@ pub struct EndpointState {
     pub outstanding: usize,
     pub failures: u32,
     pub ejected_until: Option<Instant>,
+    /// Exports `outstanding` (a detached gauge until the queue registers one).
+    pub gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// What a finished attempt says about its endpoint.
@@ -38,6 +40,7 @@ impl EndpointState {
             outstanding: 0,
             failures: 0,
             ejected_until: None,
+            gauge: Default::default(),
         }
     }
 

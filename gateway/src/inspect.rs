@@ -61,7 +61,9 @@ fn affinity(prefix: &str) -> Option<u64> {
     Some(h.finish())
 }
 
-pub fn inspect(api: Api, bytes: &[u8]) -> Result<Inspected, GatewayError> {
+/// Reads `body`; the upstream body shares its bytes unless it must be rewritten.
+pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
+    let bytes: &[u8] = body;
     let (model, stream, wants_usage, max_tokens, n, prompt_text) = match api {
         Api::Chat => {
             let req: ChatCompletionRequest = serde_json::from_slice(bytes).map_err(bad_json)?;
@@ -120,7 +122,7 @@ pub fn inspect(api: Api, bytes: &[u8]) -> Result<Inspected, GatewayError> {
         value["stream_options"] = json!({ "include_usage": true });
         Bytes::from(serde_json::to_vec(&value).expect("JSON values serialize"))
     } else {
-        Bytes::copy_from_slice(bytes)
+        body.clone()
     };
     Ok(Inspected {
         model,
@@ -136,10 +138,14 @@ pub fn inspect(api: Api, bytes: &[u8]) -> Result<Inspected, GatewayError> {
 mod tests {
     use super::*;
 
+    fn ins(api: Api, body: &'static [u8]) -> Result<Inspected, GatewayError> {
+        inspect(api, &Bytes::from_static(body))
+    }
+
     #[test]
     fn streaming_requests_ask_upstream_for_usage() {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"stream":true,"max_tokens":10}"#;
-        let i = inspect(Api::Chat, body).unwrap();
+        let i = ins(Api::Chat, body).unwrap();
         assert!(i.stream && !i.client_wants_usage);
         let up: Value = serde_json::from_slice(&i.upstream_body).unwrap();
         assert_eq!(up["stream_options"]["include_usage"], true);
@@ -148,12 +154,12 @@ mod tests {
 
     #[test]
     fn same_prefix_same_affinity_and_bad_bodies_refused() {
-        let a = inspect(
+        let a = ins(
             Api::Completions,
             br#"{"model":"m","prompt":"shared system prompt, then A"}"#,
         )
         .unwrap();
-        let b = inspect(
+        let b = ins(
             Api::Completions,
             br#"{"model":"m","prompt":"shared system prompt, then A"}"#,
         )
@@ -164,18 +170,18 @@ mod tests {
             br#"{"model":"m","prompt":"shared system prompt, then A"}"#
         );
         assert!(matches!(
-            inspect(Api::Chat, b"{nope"),
+            ins(Api::Chat, b"{nope"),
             Err(GatewayError::BadRequest {
                 code: "invalid_json",
                 ..
             })
         ));
         assert!(matches!(
-            inspect(Api::Chat, br#"{"model":"m","messages":"x"}"#),
+            ins(Api::Chat, br#"{"model":"m","messages":"x"}"#),
             Err(GatewayError::BadRequest { .. })
         ));
         assert!(matches!(
-            inspect(Api::Chat, br#"{"model":"m","messages":[]}"#),
+            ins(Api::Chat, br#"{"model":"m","messages":[]}"#),
             Err(GatewayError::BadRequest { .. })
         ));
     }

@@ -1,5 +1,8 @@
 //! Every metric the gateway exports, prefix `llmctl_gateway_`, in one registry.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -44,8 +47,21 @@ fn histogram() -> Histogram {
     ])
 }
 
+/// Metric handles of one pool, taken once so the request path neither allocates label
+/// strings nor hashes them.
+#[derive(Clone, Debug)]
+pub struct PoolHandles {
+    pub queue_wait: Histogram,
+    pub ttfb: Histogram,
+    pub e2e: Histogram,
+}
+
+type RequestCounters = HashMap<String, HashMap<String, HashMap<u16, Counter>>>;
+
 pub struct Metrics {
     registry: Registry,
+    /// pool → tenant → status → counter, in front of the `requests` family.
+    request_cache: RwLock<RequestCounters>,
     requests: Family<RequestLabels, Counter>,
     queue_depth: Family<PoolLabel, Gauge>,
     queue_wait: Family<PoolLabel, Histogram>,
@@ -70,6 +86,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("llmctl_gateway");
         let m = Self {
             registry: Registry::default(),
+            request_cache: RwLock::default(),
             requests: Family::default(),
             queue_depth: Family::default(),
             queue_wait: Family::new_with_constructor(histogram),
@@ -141,25 +158,57 @@ impl Metrics {
     }
 
     pub fn request(&self, pool: &str, tenant: &str, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
+        let cached = self
+            .request_cache
+            .read()
+            .expect("metrics cache lock")
+            .get(pool)
+            .and_then(|t| t.get(tenant)?.get(&status).cloned());
+        let counter = cached.unwrap_or_else(|| {
+            let c = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    pool: pool.into(),
+                    tenant: tenant.into(),
+                    status,
+                })
+                .clone();
+            self.request_cache
+                .write()
+                .expect("metrics cache lock")
+                .entry(pool.to_owned())
+                .or_default()
+                .entry(tenant.to_owned())
+                .or_default()
+                .insert(status, c.clone());
+            c
+        });
+        counter.inc();
+    }
+
+    pub fn pool_handles(&self, pool: &str) -> PoolHandles {
+        let label = PoolLabel { pool: pool.into() };
+        PoolHandles {
+            queue_wait: self.queue_wait.get_or_create(&label).clone(),
+            ttfb: self.ttfb.get_or_create(&label).clone(),
+            e2e: self.e2e.get_or_create(&label).clone(),
+        }
+    }
+
+    /// The in-flight gauge of one endpoint (kept by the queue with the endpoint's state).
+    pub fn endpoint_gauge(&self, pool: &str, endpoint: &str) -> Gauge {
+        self.inflight
+            .get_or_create(&EndpointLabels {
                 pool: pool.into(),
-                tenant: tenant.into(),
-                status,
+                endpoint: endpoint.into(),
             })
-            .inc();
+            .clone()
     }
 
     pub fn queue_depth(&self, pool: &str, depth: usize) {
         self.queue_depth
             .get_or_create(&PoolLabel { pool: pool.into() })
             .set(depth as i64);
-    }
-
-    pub fn queue_wait(&self, pool: &str, seconds: f64) {
-        self.queue_wait
-            .get_or_create(&PoolLabel { pool: pool.into() })
-            .observe(seconds);
     }
 
     pub fn queue_left(&self, pool: &str, reason: &str) {
@@ -169,18 +218,6 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
-    }
-
-    pub fn ttfb(&self, pool: &str, seconds: f64) {
-        self.ttfb
-            .get_or_create(&PoolLabel { pool: pool.into() })
-            .observe(seconds);
-    }
-
-    pub fn e2e(&self, pool: &str, seconds: f64) {
-        self.e2e
-            .get_or_create(&PoolLabel { pool: pool.into() })
-            .observe(seconds);
     }
 
     pub fn rate_limited(&self, tenant: &str, kind: &str) {
@@ -205,15 +242,6 @@ impl Metrics {
                 endpoint: endpoint.into(),
             })
             .inc();
-    }
-
-    pub fn endpoint_inflight(&self, pool: &str, endpoint: &str, n: usize) {
-        self.inflight
-            .get_or_create(&EndpointLabels {
-                pool: pool.into(),
-                endpoint: endpoint.into(),
-            })
-            .set(n as i64);
     }
 
     pub fn upstream_error(&self, pool: &str, reason: &str) {

@@ -61,6 +61,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Header names the gateway reads or writes, built at compile time.
+pub mod names {
+    use http::HeaderName;
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+    pub const DISPATCH_ID: HeaderName = HeaderName::from_static("x-llmctl-dispatch-id");
+    pub const POOL: HeaderName = HeaderName::from_static("x-llmctl-pool");
+    pub const EXECUTOR: HeaderName = HeaderName::from_static("x-llmctl-executor");
+    pub const QUEUE_MS: HeaderName = HeaderName::from_static("x-llmctl-queue-ms");
+}
+
 /// Why an attempt failed before anything reached the client (so it may be retried).
 #[derive(Debug)]
 pub enum AttemptError {
@@ -103,13 +114,8 @@ impl Upstream {
             .uri(format!("http://{address}{path}"))
             .body(Full::new(body))
             .map_err(|e| AttemptError::Connect(e.to_string()))?;
-        for (k, v) in headers {
-            req.headers_mut().append(k.clone(), v.clone());
-        }
-        strip_hop_by_hop(req.headers_mut());
-        req.headers_mut().remove(header::HOST);
-        req.headers_mut().remove(header::CONTENT_LENGTH);
-        req.headers_mut().remove(header::AUTHORIZATION);
+        // `headers` are the gateway's own choice (no hop-by-hop, host, length or credentials).
+        *req.headers_mut() = headers.clone();
         let response = self
             .client
             .request(req)
@@ -125,7 +131,8 @@ impl Upstream {
 /// What the relay needs to settle the request when it ends.
 pub struct Settle {
     pub metrics: Arc<Metrics>,
-    pub pool: String,
+    pub e2e: prometheus_client::metrics::histogram::Histogram,
+    pub pool: Arc<str>,
     pub tenant: Arc<TenantState>,
     pub charged: u32,
     pub started: Instant,
@@ -162,8 +169,7 @@ impl Settle {
         self.tenant
             .limits
             .true_up(self.charged, usage.unwrap_or(self.charged));
-        self.metrics
-            .e2e(&self.pool, self.started.elapsed().as_secs_f64());
+        self.e2e.observe(self.started.elapsed().as_secs_f64());
         self.metrics.request(&self.pool, &self.tenant.name, status);
         tracing::info!(request_id = %self.request_id, pool = %self.pool, tenant = %self.tenant.name, status, tokens = ?usage, failed, "request finished");
     }

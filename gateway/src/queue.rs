@@ -129,7 +129,7 @@ impl QueueHandle {
             pool,
             config,
             metrics,
-            endpoints: endpoints.into_iter().map(EndpointState::new).collect(),
+            endpoints: Vec::new(),
             classes: Default::default(),
             where_is: HashMap::new(),
             deadlines: BinaryHeap::new(),
@@ -138,6 +138,8 @@ impl QueueHandle {
             depth: depth.clone(),
             tx: tx.clone(),
         };
+        let mut actor = actor;
+        actor.endpoints = endpoints.into_iter().map(|e| actor.state(e)).collect();
         tokio::spawn(actor.run(rx));
         Self {
             tx,
@@ -284,8 +286,7 @@ impl Actor {
                         tracing::warn!(pool = %self.pool, endpoint = %e.info.name, "endpoint ejected after repeated failures");
                         self.metrics.ejected(&self.pool, &e.info.name);
                     }
-                    self.metrics
-                        .endpoint_inflight(&self.pool, &e.info.name, e.outstanding);
+                    e.gauge.set(e.outstanding as i64);
                 }
             }
             Command::SetEndpoints(list) => {
@@ -298,10 +299,13 @@ impl Actor {
                     {
                         Some(i) => {
                             let mut e = self.endpoints.swap_remove(i);
+                            if e.info.name != info.name {
+                                e.gauge = self.metrics.endpoint_gauge(&self.pool, &info.name);
+                            }
                             e.info = info;
                             next.push(e);
                         }
-                        None => next.push(EndpointState::new(info)),
+                        None => next.push(self.state(info)),
                     }
                 }
                 self.endpoints = next;
@@ -318,6 +322,15 @@ impl Actor {
                         .collect(),
                 });
             }
+        }
+    }
+
+    /// A new endpoint's state, with its in-flight gauge registered.
+    fn state(&self, info: Endpoint) -> EndpointState {
+        let gauge = self.metrics.endpoint_gauge(&self.pool, &info.name);
+        EndpointState {
+            gauge,
+            ..EndpointState::new(info)
         }
     }
 
@@ -385,8 +398,7 @@ impl Actor {
                 let e = &mut self.endpoints[i];
                 e.outstanding += 1;
                 self.in_flight += 1;
-                self.metrics
-                    .endpoint_inflight(&self.pool, &e.info.name, e.outstanding);
+                e.gauge.set(e.outstanding as i64);
                 let grant = Grant {
                     endpoint: e.info.clone(),
                     permit: Permit {

@@ -25,17 +25,18 @@ use crate::config::{Config, Priority};
 use crate::error::GatewayError;
 use crate::inspect::{self, Api};
 use crate::limit;
-use crate::metrics::Metrics;
-use crate::proxy::{self, AttemptError, InflightGuard, Settle, Upstream};
+use crate::metrics::{Metrics, PoolHandles};
+use crate::proxy::{self, AttemptError, InflightGuard, Settle, Upstream, names};
 use crate::queue::{self, QueueError, QueueHandle, Ticket};
 
 /// A request may lower its priority with this header (never raise it).
-pub const PRIORITY_HEADER: &str = "x-llmctl-priority";
+pub const PRIORITY_HEADER: http::HeaderName = http::HeaderName::from_static("x-llmctl-priority");
 
 struct PoolRuntime {
-    name: String,
+    name: Arc<str>,
     models: Vec<String>,
     queue: QueueHandle,
+    metrics: PoolHandles,
 }
 
 pub struct Gateway {
@@ -57,8 +58,9 @@ impl Gateway {
             .pools
             .iter()
             .map(|p| PoolRuntime {
-                name: p.name.clone(),
+                name: Arc::from(p.name.as_str()),
                 models: p.models.clone(),
+                metrics: metrics.pool_handles(&p.name),
                 queue: QueueHandle::spawn(
                     p.name.clone(),
                     p.endpoints.clone(),
@@ -102,24 +104,27 @@ impl Gateway {
     }
 
     pub fn pool_names(&self) -> Vec<String> {
-        self.pools.iter().map(|p| p.name.clone()).collect()
+        self.pools.iter().map(|p| p.name.to_string()).collect()
     }
 
     /// Queue of the pool serving `name`, for tests and the controller integration.
     pub fn queue(&self, pool: &str) -> Option<&QueueHandle> {
-        self.pools.iter().find(|p| p.name == pool).map(|p| &p.queue)
+        self.pools
+            .iter()
+            .find(|p| &*p.name == pool)
+            .map(|p| &p.queue)
     }
 
     pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let request_id = req
             .headers()
-            .get("x-request-id")
+            .get(names::REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(new_id);
-        let correlation = req.headers().get("x-correlation-id").cloned();
+        let correlation = req.headers().get(names::CORRELATION_ID).cloned();
         let path = req.uri().path().to_owned();
         let mut response = match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => body::with_type(StatusCode::OK, "text/plain", "ok\n"),
@@ -165,9 +170,9 @@ impl Gateway {
             _ => GatewayError::NotFound(path).response(),
         };
         let h = response.headers_mut();
-        h.insert("x-request-id", proxy::header_value(&request_id));
+        h.insert(names::REQUEST_ID, proxy::header_value(&request_id));
         if let Some(c) = correlation {
-            h.insert("x-correlation-id", c);
+            h.insert(names::CORRELATION_ID, c);
         }
         response
     }
@@ -245,12 +250,16 @@ impl Gateway {
             "/v1/completions"
         };
         let mut forward_headers = HeaderMap::new();
-        for name in ["content-type", "x-correlation-id", "accept"] {
-            if let Some(v) = parts.headers.get(name) {
+        for name in [
+            http::header::CONTENT_TYPE,
+            names::CORRELATION_ID,
+            http::header::ACCEPT,
+        ] {
+            if let Some(v) = parts.headers.get(&name) {
                 forward_headers.insert(name, v.clone());
             }
         }
-        forward_headers.insert("x-request-id", proxy::header_value(request_id));
+        forward_headers.insert(names::REQUEST_ID, proxy::header_value(request_id));
         let tenant_name: Arc<str> = Arc::from(tenant.name.as_str());
         let deadline = queue::deadline(&config.queue);
         let mut avoid: Vec<String> = Vec::new();
@@ -287,8 +296,9 @@ impl Gateway {
             };
             let queue_ms = queued_at.elapsed().as_millis();
             if attempt == 0 {
-                self.metrics
-                    .queue_wait(&pool.name, queued_at.elapsed().as_secs_f64());
+                pool.metrics
+                    .queue_wait
+                    .observe(queued_at.elapsed().as_secs_f64());
             }
             let dispatch_id = new_id();
             let mut grant = grant;
@@ -304,11 +314,11 @@ impl Gateway {
                 .await
             {
                 Ok(upstream) => {
-                    self.metrics
-                        .ttfb(&pool.name, started.elapsed().as_secs_f64());
+                    pool.metrics.ttfb.observe(started.elapsed().as_secs_f64());
                     let endpoint_name = grant.endpoint.name.clone();
                     let settle = Settle {
                         metrics: self.metrics.clone(),
+                        e2e: pool.metrics.e2e.clone(),
                         pool: pool.name.clone(),
                         tenant: tenant.clone(),
                         charged: inspected.charge,
@@ -321,15 +331,12 @@ impl Gateway {
                     let mut response = proxy::relay(upstream, settle);
                     let h = response.headers_mut();
                     limit::write_headers(h, &snapshot);
-                    h.insert("x-llmctl-dispatch-id", proxy::header_value(&dispatch_id));
-                    h.insert("x-llmctl-pool", proxy::header_value(&pool.name));
-                    h.insert("x-llmctl-executor", proxy::header_value(&endpoint_name));
-                    h.insert(
-                        "x-llmctl-queue-ms",
-                        http::HeaderValue::from(queue_ms as u64),
-                    );
+                    h.insert(names::DISPATCH_ID, proxy::header_value(&dispatch_id));
+                    h.insert(names::POOL, proxy::header_value(&pool.name));
+                    h.insert(names::EXECUTOR, proxy::header_value(&endpoint_name));
+                    h.insert(names::QUEUE_MS, http::HeaderValue::from(queue_ms as u64));
                     if let Some(c) = &correlation {
-                        h.insert("x-correlation-id", c.clone());
+                        h.insert(names::CORRELATION_ID, c.clone());
                     }
                     return response;
                 }
@@ -425,19 +432,40 @@ async fn read_body(
     }
 }
 
+/// A 128-bit id as 32 hex digits: a per-process random seed and a counter, mixed (SplitMix64),
+/// so ids are unique within the process and unpredictable across processes.
 fn new_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_usize(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    let a = h.finish();
-    h.write_u64(a);
-    format!("{a:016x}{:016x}", h.finish())
+    use std::sync::OnceLock;
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let a = mix(seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let b = mix(a ^ seed.rotate_left(32));
+    let mut out = String::with_capacity(32);
+    for word in [a, b] {
+        for shift in (0..16).rev() {
+            out.push(char::from(
+                b"0123456789abcdef"[((word >> (shift * 4)) & 0xf) as usize],
+            ));
+        }
+    }
+    out
 }
 
 fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
