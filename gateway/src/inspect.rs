@@ -43,6 +43,33 @@ fn bad_json(e: serde_json::Error) -> GatewayError {
     }
 }
 
+/// The prompt's parts joined by newlines, as far as the gateway needs them: the total length
+/// (for the token estimate) and the first bytes (for affinity), without building the whole.
+#[derive(Default)]
+struct PromptText {
+    len: usize,
+    prefix: String,
+}
+
+impl PromptText {
+    fn push(&mut self, part: &str) {
+        let sep = usize::from(self.len > 0);
+        self.len += sep + part.len();
+        if self.prefix.len() < AFFINITY_PREFIX {
+            if sep == 1 {
+                self.prefix.push('\n');
+            }
+            let mut end = part
+                .len()
+                .min(AFFINITY_PREFIX.saturating_sub(self.prefix.len()));
+            while !part.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.prefix.push_str(&part[..end]);
+        }
+    }
+}
+
 /// About four bytes of text per token for English-like text: the estimate is trued up later.
 fn estimate_tokens(chars: usize) -> u32 {
     (chars / 4 + 1) as u32
@@ -74,12 +101,10 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
                     code: "invalid_value",
                 });
             }
-            let text: String = req
-                .messages
-                .iter()
-                .map(|m| m.text_content().into_owned())
-                .collect::<Vec<_>>()
-                .join("\n");
+            let mut text = PromptText::default();
+            for m in &req.messages {
+                text.push(&m.text_content());
+            }
             (
                 req.model.clone(),
                 req.is_stream(),
@@ -98,22 +123,21 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
                 req.max_tokens,
                 req.n,
             );
-            let text: String = req
-                .prompt
-                .into_prompts()
-                .into_iter()
-                .map(|p| match p {
-                    PromptInput::Text(t) => t,
+            let mut text = PromptText::default();
+            for p in req.prompt.into_prompts() {
+                match p {
+                    PromptInput::Text(t) => text.push(&t),
                     // Token ids: four bytes each keeps the estimate at one token per id.
-                    PromptInput::Tokens(ids) => ids.iter().map(|i| format!("{i:03} ")).collect(),
-                })
-                .collect::<Vec<_>>()
-                .join("\n");
+                    PromptInput::Tokens(ids) => {
+                        text.push(&ids.iter().map(|i| format!("{i:03} ")).collect::<String>())
+                    }
+                }
+            }
             (model, stream, wants_usage, max_tokens, n, text)
         }
     };
     let n = n.unwrap_or(1).max(1);
-    let charge = estimate_tokens(prompt_text.len())
+    let charge = estimate_tokens(prompt_text.len)
         .saturating_add(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).saturating_mul(n));
     let upstream_body = if stream {
         // Only streaming bodies are rewritten, through a plain JSON value so that every field
@@ -129,7 +153,7 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
         stream,
         client_wants_usage: wants_usage,
         charge,
-        affinity: affinity(&prompt_text),
+        affinity: affinity(&prompt_text.prefix),
         upstream_body,
     })
 }

@@ -174,33 +174,40 @@ impl TenantLimits {
 }
 
 fn duration_header(d: Duration) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 32];
+    let mut w = &mut buf[..];
     let ms = d.as_millis();
-    let text = if ms < 1000 {
-        format!("{ms}ms")
+    let written = if ms < 1000 {
+        write!(w, "{ms}ms")
     } else {
-        format!("{:.3}s", d.as_secs_f64())
+        write!(w, "{:.3}s", d.as_secs_f64())
     };
-    HeaderValue::from_str(&text).expect("durations format as ASCII")
+    let len = 32 - w.len();
+    match written {
+        Ok(()) => HeaderValue::from_bytes(&buf[..len]).expect("durations format as ASCII"),
+        Err(_) => HeaderValue::from_static("0ms"),
+    }
 }
 
 /// Writes OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
 pub fn write_headers(headers: &mut HeaderMap, snap: &Snapshot) {
     use http::HeaderName;
-    const NAMES: [[&str; 3]; 2] = [
+    const NAMES: [[HeaderName; 3]; 2] = [
         [
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
         ],
         [
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
         ],
     ];
     for (names, entry) in NAMES.iter().zip([&snap.requests, &snap.tokens]) {
         if let Some((limit, remaining, reset)) = entry {
-            let [l, r, t] = names.map(HeaderName::from_static);
+            let [l, r, t] = names.clone();
             headers.insert(l, HeaderValue::from(*limit));
             headers.insert(r, HeaderValue::from(*remaining));
             headers.insert(t, duration_header(*reset));

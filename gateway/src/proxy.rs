@@ -188,9 +188,23 @@ struct UsageCounts {
     completion_tokens: Option<u64>,
 }
 
-/// Tokens a JSON response (or stream chunk) reports in its `usage`.
+/// Tokens a JSON response (or stream chunk) reports in its `usage`. Fast path: `usage` is
+/// normally the last key, so its object is read from the last `"usage":` on (an unescaped
+/// quote can only open a key or string, never sit inside one); otherwise the whole body.
 fn usage_tokens(json: &[u8]) -> Option<u32> {
-    let u = serde_json::from_slice::<UsageOnly>(json).ok()?.usage?;
+    const KEY: &[u8] = b"\"usage\":";
+    let tail = json
+        .windows(KEY.len())
+        .rposition(|w| w == KEY)
+        .and_then(|at| {
+            use serde::Deserialize;
+            let mut de = serde_json::Deserializer::from_slice(&json[at + KEY.len()..]);
+            Option::<UsageCounts>::deserialize(&mut de).ok()
+        });
+    let u = match tail {
+        Some(u) => u?,
+        None => serde_json::from_slice::<UsageOnly>(json).ok()?.usage?,
+    };
     let total = u
         .total_tokens
         .or_else(|| Some(u.prompt_tokens? + u.completion_tokens.unwrap_or(0)))?;
@@ -291,7 +305,10 @@ impl JsonRelay {
     /// The whole body went through: settle with the usage it reports.
     fn settle_complete(&mut self) {
         if let Some(settle) = self.settle.take() {
-            let usage = usage_tokens(&self.copy.concat());
+            let usage = match self.copy.as_slice() {
+                [one] => usage_tokens(one),
+                many => usage_tokens(&many.concat()),
+            };
             let ok = self.status.is_success();
             settle.finish(
                 self.status.as_u16(),

@@ -1,17 +1,22 @@
-//! The admission queue of one pool, as an actor: one task owns the waiting requests and the
-//! pool's endpoint states; handlers talk to it through a [`QueueHandle`]. A request waits until
-//! an endpoint has a free slot, then receives a [`Grant`] naming the endpoint; dropping the
-//! grant's [`Permit`] frees the slot. The queue is bounded (full → refused at once), ordered by
-//! priority class, fair between tenants within a class (round robin over tenants, so one
-//! tenant's burst waits behind its own requests only), and every entry has a deadline. A client
-//! that goes away cancels its entry at once (the waiting future's drop sends the cancel).
+//! The admission queue of one pool. A request waits until an endpoint has a free slot, then
+//! receives a [`Grant`] naming the endpoint; dropping the grant's [`Permit`] frees the slot. The
+//! queue is bounded (full → refused at once), ordered by priority class, fair between tenants
+//! within a class (round robin over tenants, so one tenant's burst waits behind its own requests
+//! only), and every entry has a deadline. A client that goes away cancels its entry at once (the
+//! waiting future's drop removes it).
+//!
+//! The state sits behind one mutex, held only for short bookkeeping: a request that finds
+//! nobody ahead of it and a free slot is granted on the spot, and a released slot is handed to
+//! the next in line by the releasing thread. A timer task expires deadlines and lets ejected
+//! endpoints back when their cool-down ends. Grants that could not be delivered (the client had
+//! just left) are dropped only after the lock is released, since dropping one releases its slot.
 
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::config::{Endpoint, Priority, QueueConfig};
@@ -51,7 +56,7 @@ pub struct Grant {
 pub struct Permit {
     address: String,
     outcome: Outcome,
-    tx: mpsc::UnboundedSender<Command>,
+    inner: Arc<Inner>,
 }
 
 impl Permit {
@@ -62,26 +67,19 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let _ = self.tx.send(Command::Release {
-            address: std::mem::take(&mut self.address),
-            outcome: self.outcome,
-        });
+        let address = std::mem::take(&mut self.address);
+        let undelivered = {
+            let mut s = self.inner.lock();
+            let ejected = s.release(&address, self.outcome);
+            let undelivered = s.dispatch(&self.inner);
+            s.publish_depth(&self.inner);
+            if ejected {
+                self.inner.wake.notify_one();
+            }
+            undelivered
+        };
+        drop(undelivered);
     }
-}
-
-enum Command {
-    Enqueue {
-        id: u64,
-        ticket: Ticket,
-        reply: oneshot::Sender<Result<Grant, QueueError>>,
-    },
-    Cancel(u64),
-    Release {
-        address: String,
-        outcome: Outcome,
-    },
-    SetEndpoints(Vec<Endpoint>),
-    Load(oneshot::Sender<Load>),
 }
 
 /// What the pool's queue holds now, for demand reports to the controller.
@@ -94,24 +92,41 @@ pub struct Load {
     pub per_endpoint: Vec<(String, usize)>,
 }
 
-#[derive(Clone)]
-pub struct QueueHandle {
-    tx: mpsc::UnboundedSender<Command>,
-    next_id: Arc<AtomicU64>,
-    depth: Arc<AtomicUsize>,
+struct Inner {
+    state: Mutex<State>,
+    /// Wakes the timer (a new deadline, an ejection).
+    wake: Notify,
+    next_id: AtomicU64,
+    depth: AtomicUsize,
 }
 
-/// Cancels its entry if dropped before the grant arrives (the client went away).
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough bookkeeping; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Clone)]
+pub struct QueueHandle {
+    inner: Arc<Inner>,
+}
+
+/// Removes its entry if dropped before the grant arrives (the client went away).
 struct CancelOnDrop {
     id: u64,
-    tx: mpsc::UnboundedSender<Command>,
+    inner: Arc<Inner>,
     armed: bool,
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.tx.send(Command::Cancel(self.id));
+            let mut s = self.inner.lock();
+            if s.remove(self.id).is_some() {
+                s.metrics.queue_left(&s.pool, "client_gone");
+            }
+            s.publish_depth(&self.inner);
         }
     }
 }
@@ -123,9 +138,7 @@ impl QueueHandle {
         config: QueueConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let depth = Arc::new(AtomicUsize::new(0));
-        let actor = Actor {
+        let mut state = State {
             pool,
             config,
             metrics,
@@ -135,34 +148,52 @@ impl QueueHandle {
             deadlines: BinaryHeap::new(),
             len: 0,
             in_flight: 0,
-            depth: depth.clone(),
-            tx: tx.clone(),
         };
-        let mut actor = actor;
-        actor.endpoints = endpoints.into_iter().map(|e| actor.state(e)).collect();
-        tokio::spawn(actor.run(rx));
-        Self {
-            tx,
-            next_id: Arc::new(AtomicU64::new(0)),
-            depth,
-        }
+        state.endpoints = endpoints.into_iter().map(|e| state.state(e)).collect();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            next_id: AtomicU64::new(0),
+            depth: AtomicUsize::new(0),
+        });
+        tokio::spawn(timer(inner.clone()));
+        Self { inner }
     }
 
     /// Requests waiting now.
     pub fn depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        self.inner.depth.load(Ordering::Relaxed)
     }
 
-    /// Waits in line for an endpoint slot.
+    /// Waits in line for an endpoint slot (or takes one at once when nobody is waiting).
     pub async fn acquire(&self, ticket: Ticket) -> Result<Grant, QueueError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Command::Enqueue { id, ticket, reply })
-            .map_err(|_| QueueError::Closed)?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let answer = {
+            let mut s = self.inner.lock();
+            if s.len == 0 && ticket.deadline > Instant::now() {
+                let now = Instant::now();
+                if let Some(i) = dispatch::choose(&s.endpoints, now, ticket.affinity, &ticket.avoid)
+                {
+                    return Ok(s.grant(i, &self.inner));
+                }
+            }
+            if s.len >= s.config.max_size {
+                return Err(QueueError::Full);
+            }
+            let (reply, answer) = oneshot::channel();
+            s.enqueue(id, ticket, reply);
+            // Normally nothing is free here (others are waiting), but an ejected endpoint's
+            // probe may be due.
+            let undelivered = s.dispatch(&self.inner);
+            s.publish_depth(&self.inner);
+            (answer, undelivered)
+        };
+        let (answer, undelivered) = answer;
+        drop(undelivered);
+        self.inner.wake.notify_one();
         let mut guard = CancelOnDrop {
             id,
-            tx: self.tx.clone(),
+            inner: self.inner.clone(),
             armed: true,
         };
         let result = answer.await.map_err(|_| QueueError::Closed)?;
@@ -170,17 +201,77 @@ impl QueueHandle {
         result
     }
 
-    /// The queue's current load (`None` once the queue is gone).
+    /// The queue's current load.
     pub async fn load(&self) -> Option<Load> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Load(tx)).ok()?;
-        rx.await.ok()
+        let s = self.inner.lock();
+        Some(Load {
+            queued: s.len,
+            in_flight: s.in_flight,
+            per_endpoint: s
+                .endpoints
+                .iter()
+                .filter(|e| e.outstanding > 0)
+                .map(|e| (e.info.address.clone(), e.outstanding))
+                .collect(),
+        })
     }
 
     /// Replaces the pool's endpoints (live endpoint sets from the controller); state of
-    /// endpoints that stay is kept.
+    /// endpoints that stay is kept. Requests waiting for a slot get the new ones at once.
     pub fn set_endpoints(&self, endpoints: Vec<Endpoint>) {
-        let _ = self.tx.send(Command::SetEndpoints(endpoints));
+        let undelivered = {
+            let mut s = self.inner.lock();
+            let mut next = Vec::with_capacity(endpoints.len());
+            for info in endpoints {
+                match s
+                    .endpoints
+                    .iter()
+                    .position(|e| e.info.address == info.address)
+                {
+                    Some(i) => {
+                        let mut e = s.endpoints.swap_remove(i);
+                        if e.info.name != info.name {
+                            e.gauge = s.metrics.endpoint_gauge(&s.pool, &info.name);
+                        }
+                        e.info = info;
+                        next.push(e);
+                    }
+                    None => {
+                        let e = s.state(info);
+                        next.push(e);
+                    }
+                }
+            }
+            s.endpoints = next;
+            let undelivered = s.dispatch(&self.inner);
+            s.publish_depth(&self.inner);
+            undelivered
+        };
+        drop(undelivered);
+        self.inner.wake.notify_one();
+    }
+}
+
+/// Expires deadlines and lets ejected endpoints back on time.
+async fn timer(inner: Arc<Inner>) {
+    loop {
+        let notified = inner.wake.notified();
+        let (wake, undelivered) = {
+            let mut s = inner.lock();
+            s.expire();
+            let undelivered = s.dispatch(&inner);
+            s.publish_depth(&inner);
+            let next_deadline = s.deadlines.peek().map(|d| d.0.0);
+            // Ejected endpoints come back on their own: wake then too.
+            let next_probe = s.endpoints.iter().filter_map(|e| e.ejected_until).min();
+            let wake = [next_deadline, next_probe].into_iter().flatten().min();
+            (wake, undelivered)
+        };
+        drop(undelivered);
+        tokio::select! {
+            () = notified => {}
+            () = sleep_until(wake) => {}
+        }
     }
 }
 
@@ -197,7 +288,7 @@ struct Class {
     rotation: VecDeque<Arc<str>>,
 }
 
-struct Actor {
+struct State {
     pool: String,
     config: QueueConfig,
     metrics: Arc<Metrics>,
@@ -208,120 +299,83 @@ struct Actor {
     len: usize,
     /// Grants whose permits are not yet released.
     in_flight: usize,
-    depth: Arc<AtomicUsize>,
-    tx: mpsc::UnboundedSender<Command>,
 }
 
-impl Actor {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        loop {
-            let next_deadline = self.deadlines.peek().map(|d| d.0.0);
-            // Ejected endpoints come back on their own: wake then too.
-            let next_probe = self.endpoints.iter().filter_map(|e| e.ejected_until).min();
-            let wake = [next_deadline, next_probe].into_iter().flatten().min();
-            tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
-                    None => return,
-                },
-                () = sleep_until(wake) => {}
+impl State {
+    fn enqueue(
+        &mut self,
+        id: u64,
+        ticket: Ticket,
+        reply: oneshot::Sender<Result<Grant, QueueError>>,
+    ) {
+        let class = ticket.priority.index();
+        let tenant = ticket.tenant.clone();
+        self.deadlines
+            .push(std::cmp::Reverse((ticket.deadline, id)));
+        self.where_is.insert(id, (class, tenant.clone()));
+        let retry = ticket.retry;
+        let c = &mut self.classes[class];
+        let line = c.lines.entry(tenant.clone()).or_default();
+        if line.is_empty() {
+            if retry {
+                c.rotation.push_front(tenant);
+            } else {
+                c.rotation.push_back(tenant);
             }
-            self.expire();
-            self.dispatch();
-            if self.depth.swap(self.len, Ordering::Relaxed) != self.len {
-                self.metrics.queue_depth(&self.pool, self.len);
-            }
+        }
+        let entry = Waiting { id, ticket, reply };
+        if retry {
+            line.push_front(entry)
+        } else {
+            line.push_back(entry)
+        }
+        self.len += 1;
+    }
+
+    /// Frees a slot of `address`; true when this outcome ejected the endpoint.
+    fn release(&mut self, address: &str, outcome: Outcome) -> bool {
+        self.in_flight -= 1;
+        let now = Instant::now();
+        let Some(e) = self
+            .endpoints
+            .iter_mut()
+            .find(|e| e.info.address == address)
+        else {
+            return false;
+        };
+        let ejected = e.finish(
+            outcome,
+            now,
+            self.config.eject_after_failures,
+            self.config.eject_cooldown,
+        );
+        if ejected {
+            tracing::warn!(pool = %self.pool, endpoint = %e.info.name, "endpoint ejected after repeated failures");
+            self.metrics.ejected(&self.pool, &e.info.name);
+        }
+        e.gauge.set(e.outstanding as i64);
+        ejected
+    }
+
+    /// Takes a slot of endpoint `i`.
+    fn grant(&mut self, i: usize, inner: &Arc<Inner>) -> Grant {
+        let e = &mut self.endpoints[i];
+        e.outstanding += 1;
+        e.gauge.set(e.outstanding as i64);
+        self.in_flight += 1;
+        Grant {
+            endpoint: e.info.clone(),
+            permit: Permit {
+                address: e.info.address.clone(),
+                outcome: Outcome::Success,
+                inner: inner.clone(),
+            },
         }
     }
 
-    fn handle(&mut self, cmd: Command) {
-        match cmd {
-            Command::Enqueue { id, ticket, reply } => {
-                if self.len >= self.config.max_size {
-                    let _ = reply.send(Err(QueueError::Full));
-                    return;
-                }
-                let class = ticket.priority.index();
-                let tenant = ticket.tenant.clone();
-                self.deadlines
-                    .push(std::cmp::Reverse((ticket.deadline, id)));
-                self.where_is.insert(id, (class, tenant.clone()));
-                let retry = ticket.retry;
-                let c = &mut self.classes[class];
-                let line = c.lines.entry(tenant.clone()).or_default();
-                if line.is_empty() {
-                    if retry {
-                        c.rotation.push_front(tenant);
-                    } else {
-                        c.rotation.push_back(tenant);
-                    }
-                }
-                let entry = Waiting { id, ticket, reply };
-                if retry {
-                    line.push_front(entry)
-                } else {
-                    line.push_back(entry)
-                }
-                self.len += 1;
-            }
-            Command::Cancel(id) => {
-                if self.remove(id).is_some() {
-                    self.metrics.queue_left(&self.pool, "client_gone");
-                }
-            }
-            Command::Release { address, outcome } => {
-                self.in_flight -= 1;
-                let now = Instant::now();
-                if let Some(e) = self
-                    .endpoints
-                    .iter_mut()
-                    .find(|e| e.info.address == address)
-                {
-                    if e.finish(
-                        outcome,
-                        now,
-                        self.config.eject_after_failures,
-                        self.config.eject_cooldown,
-                    ) {
-                        tracing::warn!(pool = %self.pool, endpoint = %e.info.name, "endpoint ejected after repeated failures");
-                        self.metrics.ejected(&self.pool, &e.info.name);
-                    }
-                    e.gauge.set(e.outstanding as i64);
-                }
-            }
-            Command::SetEndpoints(list) => {
-                let mut next = Vec::with_capacity(list.len());
-                for info in list {
-                    match self
-                        .endpoints
-                        .iter()
-                        .position(|e| e.info.address == info.address)
-                    {
-                        Some(i) => {
-                            let mut e = self.endpoints.swap_remove(i);
-                            if e.info.name != info.name {
-                                e.gauge = self.metrics.endpoint_gauge(&self.pool, &info.name);
-                            }
-                            e.info = info;
-                            next.push(e);
-                        }
-                        None => next.push(self.state(info)),
-                    }
-                }
-                self.endpoints = next;
-            }
-            Command::Load(reply) => {
-                let _ = reply.send(Load {
-                    queued: self.len,
-                    in_flight: self.in_flight,
-                    per_endpoint: self
-                        .endpoints
-                        .iter()
-                        .filter(|e| e.outstanding > 0)
-                        .map(|e| (e.info.address.clone(), e.outstanding))
-                        .collect(),
-                });
-            }
+    fn publish_depth(&self, inner: &Inner) {
+        if inner.depth.swap(self.len, Ordering::Relaxed) != self.len {
+            self.metrics.queue_depth(&self.pool, self.len);
         }
     }
 
@@ -362,9 +416,12 @@ impl Actor {
         }
     }
 
-    /// Hands out grants while the next request in line can be placed.
-    fn dispatch(&mut self) {
+    /// Hands out grants while the next request in line can be placed. Returns the grants
+    /// whose clients had just gone: the caller drops them after unlocking (dropping one frees
+    /// its slot, which takes the lock).
+    fn dispatch(&mut self, inner: &Arc<Inner>) -> Vec<Grant> {
         let now = Instant::now();
+        let mut undelivered = Vec::new();
         'classes: for class in 0..self.classes.len() {
             loop {
                 let c = &mut self.classes[class];
@@ -391,26 +448,17 @@ impl Actor {
                 ) else {
                     // Nothing free: put the tenant back where it was and stop.
                     self.classes[class].rotation.push_front(tenant);
-                    return;
+                    return undelivered;
                 };
                 let w = line.pop_front().expect("head exists");
                 self.after_pop(class, tenant, w.id);
-                let e = &mut self.endpoints[i];
-                e.outstanding += 1;
-                self.in_flight += 1;
-                e.gauge.set(e.outstanding as i64);
-                let grant = Grant {
-                    endpoint: e.info.clone(),
-                    permit: Permit {
-                        address: e.info.address.clone(),
-                        outcome: Outcome::Success,
-                        tx: self.tx.clone(),
-                    },
-                };
-                // If the client left in between, dropping the grant releases the slot.
-                let _ = w.reply.send(Ok(grant));
+                let grant = self.grant(i, inner);
+                if let Err(Ok(grant)) = w.reply.send(Ok(grant)) {
+                    undelivered.push(grant);
+                }
             }
         }
+        undelivered
     }
 
     fn after_pop(&mut self, class: usize, tenant: Arc<str>, id: u64) {
@@ -484,7 +532,7 @@ mod tests {
 
     /// Enqueues `tickets` in order, then releases grants one at a time; returns who got them.
     async fn serve_order(q: &QueueHandle, tickets: Vec<Ticket>) -> Vec<String> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // Occupy the only slot so everything queues.
         let blocker = q
             .acquire(ticket("blocker", Priority::High, Duration::from_secs(30)))

@@ -34,6 +34,8 @@ pub const PRIORITY_HEADER: http::HeaderName = http::HeaderName::from_static("x-l
 
 struct PoolRuntime {
     name: Arc<str>,
+    /// `name` as the `x-llmctl-pool` header value.
+    header: http::HeaderValue,
     models: Vec<String>,
     queue: QueueHandle,
     metrics: PoolHandles,
@@ -59,6 +61,7 @@ impl Gateway {
             .iter()
             .map(|p| PoolRuntime {
                 name: Arc::from(p.name.as_str()),
+                header: proxy::header_value(&p.name),
                 models: p.models.clone(),
                 metrics: metrics.pool_handles(&p.name),
                 queue: QueueHandle::spawn(
@@ -330,9 +333,10 @@ impl Gateway {
                     };
                     let mut response = proxy::relay(upstream, settle);
                     let h = response.headers_mut();
+                    h.reserve(12);
                     limit::write_headers(h, &snapshot);
                     h.insert(names::DISPATCH_ID, proxy::header_value(&dispatch_id));
-                    h.insert(names::POOL, proxy::header_value(&pool.name));
+                    h.insert(names::POOL, pool.header.clone());
                     h.insert(names::EXECUTOR, proxy::header_value(&endpoint_name));
                     h.insert(names::QUEUE_MS, http::HeaderValue::from(queue_ms as u64));
                     if let Some(c) = &correlation {

@@ -37,6 +37,10 @@ struct Args {
     /// Requests held in the gateway's queue for the memory measurement (0 skips it).
     #[arg(long, default_value_t = 10_000)]
     queued: usize,
+    /// Saturation rounds; targets take turns each round and the median counts (this shared
+    /// machine drifts by tens of percent between minutes).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     #[arg(long)]
     record: bool,
 }
@@ -246,11 +250,13 @@ fn gateway_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Starts the gateway with `threads` runtime threads (1: a current-thread runtime).
 fn start_gateway(
     dir: &Path,
     upstream_port: u16,
     concurrency: usize,
     max_queue: usize,
+    threads: usize,
 ) -> Result<(Proc, u16)> {
     use sha2::Digest;
     let key_hash = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
@@ -259,16 +265,13 @@ fn start_gateway(
          [[pools]]\nname = \"p\"\nmodels = [\"m\"]\n[[pools.endpoints]]\naddress = \"127.0.0.1:{upstream_port}\"\nmax_concurrency = {concurrency}\n\
          [queue]\nmax_size = {max_queue}\ndeadline_ms = 600000\n"
     );
-    let path = dir.join(format!("gateway-{concurrency}.toml"));
+    let path = dir.join(format!("gateway-{concurrency}-{threads}.toml"));
     std::fs::write(&path, config)?;
     let mut child = Command::new(gateway_bin()?)
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "warn")
-        .env(
-            "TOKIO_WORKER_THREADS",
-            std::env::var("GATEWAY_THREADS").unwrap_or_else(|_| "2".into()),
-        )
+        .env("TOKIO_WORKER_THREADS", threads.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
@@ -310,7 +313,7 @@ async fn queue_memory(dir: &Path, n: usize) -> Result<(f64, f64, usize)> {
             conns.push(s);
         }
     });
-    let (gw, port) = start_gateway(dir, silent_port, 1, n + 10)?;
+    let (gw, port) = start_gateway(dir, silent_port, 1, n + 10, 2)?;
     let pid = gw.0.id();
     wait_port(port).await?;
     let before = rss_mib(pid)?;
@@ -403,17 +406,30 @@ async fn run(args: Args) -> Result<()> {
             " upstream up {{ server 127.0.0.1:{up_port}; keepalive 512; }}\n server {{ listen 127.0.0.1:{proxy_port}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
         ),
     )?;
-    let (_gateway, gw_port) = start_gateway(dir.path(), up_port, 100_000, 100_000)?;
-    for p in [up_port, proxy_port, gw_port] {
+    // One gateway thread is the same CPU allowance as nginx's one worker; two for reference.
+    let (_gateway1, gw1_port) = start_gateway(dir.path(), up_port, 100_000, 100_000, 1)?;
+    let (_gateway2, gw2_port) = start_gateway(dir.path(), up_port, 100_000, 100_000, 2)?;
+    for p in [up_port, proxy_port, gw1_port, gw2_port] {
         wait_port(p).await?;
     }
-    let mut rows = Vec::new();
-    for (name, port) in [
+    let targets = [
         ("upstream direct", up_port),
-        ("nginx proxy", proxy_port),
-        ("llmctl gateway", gw_port),
-    ] {
-        let sat = saturate(port, args.connections, args.seconds).await?;
+        ("nginx proxy (1 worker)", proxy_port),
+        ("llmctl gateway (1 thread)", gw1_port),
+        ("llmctl gateway (2 threads)", gw2_port),
+    ];
+    let mut sats: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for round in 0..args.rounds.max(1) {
+        for (i, (name, port)) in targets.iter().enumerate() {
+            let sat = saturate(*port, args.connections, args.seconds).await?;
+            eprintln!("round {round}: {name}: {sat:.0} req/s");
+            sats[i].push(sat);
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, (name, port)) in targets.into_iter().enumerate() {
+        sats[i].sort_by(f64::total_cmp);
+        let sat = sats[i][sats[i].len() / 2];
         let (p50, p99, lost) = fixed_rate(port, args.rate, args.seconds).await?;
         eprintln!(
             "{name}: {sat:.0} req/s saturated; at {} req/s p50 {p50:.3} ms p99 {p99:.3} ms ({lost} failed)",
@@ -423,7 +439,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let nginx_sat = rows[1].1;
     let mut table = format!(
-        "| target | req/s at saturation ({} conns) | vs nginx | p50 ms @ {} req/s | p99 ms @ {} req/s | failed |\n|---|---:|---:|---:|---:|---:|\n",
+        "| target | req/s at saturation ({} conns, median of rounds) | vs nginx | p50 ms @ {} req/s | p99 ms @ {} req/s | failed |\n|---|---:|---:|---:|---:|---:|\n",
         args.connections, args.rate, args.rate
     );
     for (name, sat, p50, p99, lost) in &rows {
@@ -447,9 +463,9 @@ async fn run(args: Args) -> Result<()> {
                 .to_owned();
         let text = format!(
             "# Gateway benchmark, {date}\n\n- machine: {machine}, shared by the load generator, the upstream and the proxy under test\n\
-             - command: `cargo run --release -p llmctl-perf --bin gateway_bench -- --seconds {} --connections {} --rate {} --queued {} --record`\n\
-             - upstream: {nginx_version} (1 worker) returning a static chat completion; nginx proxy: 1 worker, keepalive upstream; llmctl gateway: auth, rate limits (high), queue and metrics on, 2 runtime threads\n\n{table}\n",
-            args.seconds, args.connections, args.rate, args.queued
+             - command: `cargo run --release -p llmctl-perf --bin gateway_bench -- --seconds {} --connections {} --rate {} --queued {} --rounds {} --record`\n\
+             - upstream: {nginx_version} (1 worker) returning a static chat completion; nginx proxy: 1 worker, keepalive upstream; llmctl gateway: auth, rate limits (high), queue and metrics on, with 1 runtime thread (current-thread runtime: the same CPU allowance as nginx's one worker) and with 2\n\n{table}\n",
+            args.seconds, args.connections, args.rate, args.queued, args.rounds
         );
         let path = llmctl_perf::record("gateway", &text)?;
         eprintln!("recorded {}", path.display());
