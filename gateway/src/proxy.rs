@@ -473,6 +473,17 @@ mod tests {
     }
 
     #[test]
+    fn usage_is_found_wherever_it_is() {
+        let last = br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {} trap"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+        assert_eq!(usage_tokens(last), Some(12));
+        let middle = br#"{"usage":{"prompt_tokens":2,"completion_tokens":3},"choices":[]}"#;
+        assert_eq!(usage_tokens(middle), Some(5));
+        assert_eq!(usage_tokens(br#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(usage_tokens(br#"{"choices":[]}"#), None);
+        assert_eq!(usage_tokens(b"not json"), None);
+    }
+
+    #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
         h.insert(
