@@ -67,6 +67,33 @@ __device__ void rotary(T* __restrict__ qk, i64 row_stride, const int* __restrict
     }
 }
 
+// The same rotation with the angles' cos and sin given per token ([num_tokens, head_dim / 2],
+// f32), as a step computes them once for every layer. grid: (num_tokens), block: 128.
+template <typename T>
+__device__ void rotary_table(T* __restrict__ qk, i64 row_stride, const float* __restrict__ cos_t,
+                             const float* __restrict__ sin_t, int heads, int head_dim) {
+    const int t = blockIdx.x;
+    const int half = head_dim / 2;
+    T* row = qk + (i64)t * row_stride;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        const int h = i / half, j = i % half;
+        const float c = cos_t[(i64)t * half + j], s = sin_t[(i64)t * half + j];
+        T* head = row + (i64)h * head_dim;
+        const float a = to_float(head[j]), b = to_float(head[j + half]);
+        head[j] = from_float<T>(a * c - b * s);
+        head[j + half] = from_float<T>(b * c + a * s);
+    }
+}
+
+// x[r, c] += bias[c]. grid: (rows, ceil(cols / 256)).
+template <typename T>
+__device__ void add_bias(T* __restrict__ x, const T* __restrict__ bias, int cols) {
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    T* v = x + (i64)blockIdx.x * cols + c;
+    *v = from_float<T>(to_float(*v) + to_float(bias[c]));
+}
+
 // out[r, j] = silu(gate_up[r, j]) * gate_up[r, inter + j]. grid: (rows, ceil(inter / 256)).
 template <typename T>
 __device__ void silu_mul(T* __restrict__ out, const T* __restrict__ gate_up, int inter) {
@@ -100,6 +127,13 @@ __device__ void embed(T* __restrict__ out, const T* __restrict__ table,
                                           const float* inv_freq, int num_q_heads,             \
                                           int num_kv_heads, int head_dim) {                   \
         rotary<T>(qk, row_stride, positions, inv_freq, num_q_heads, num_kv_heads, head_dim);  \
+    }                                                                                         \
+    extern "C" __global__ void rotary_table_##S(T* qk, i64 row_stride, const float* cos_t,    \
+                                                const float* sin_t, int heads, int head_dim) { \
+        rotary_table<T>(qk, row_stride, cos_t, sin_t, heads, head_dim);                       \
+    }                                                                                         \
+    extern "C" __global__ void add_bias_##S(T* x, const T* bias, int cols) {                  \
+        add_bias<T>(x, bias, cols);                                                           \
     }                                                                                         \
     extern "C" __global__ void silu_mul_##S(T* out, const T* gate_up, int inter) {            \
         silu_mul<T>(out, gate_up, inter);                                                     \

@@ -313,6 +313,73 @@ impl Kernels {
         Ok(())
     }
 
+    /// Rotates in place the first `heads` heads of each row (stride `row_stride`) of `qk` by
+    /// per-token angles given as cos and sin tables (`[num_tokens, head_dim / 2]`).
+    pub fn rotary_table<T: Dtype>(
+        &self,
+        qk: &mut CudaSlice<T>,
+        row_stride: usize,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), KernelError> {
+        let half = head_dim / 2;
+        let n = cos.len() / half.max(1);
+        shape(
+            head_dim.is_multiple_of(2)
+                && half > 0
+                && cos.len() == n * half
+                && sin.len() == cos.len()
+                && heads * head_dim <= row_stride
+                && (n == 0 || qk.len() >= (n - 1) * row_stride + heads * head_dim),
+            || {
+                format!(
+                    "rotary_table: {n} rows of {heads} heads x {head_dim} in stride {row_stride}"
+                )
+            },
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function(&source::ELEMENTWISE, &format!("rotary_table_{}", T::SUFFIX))?;
+        let (stride, h, d) = (row_stride as i64, heads as i32, head_dim as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(qk)
+            .arg(&stride)
+            .arg(cos)
+            .arg(sin)
+            .arg(&h)
+            .arg(&d);
+        // SAFETY: matches `rotary_table_*` in elementwise.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((n as u32, 1, 1), 128)) }?;
+        Ok(())
+    }
+
+    /// `x[r] += bias` for every row of `x` (`cols = bias.len()`).
+    pub fn add_bias<T: Dtype>(
+        &self,
+        x: &mut CudaSlice<T>,
+        bias: &CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        let cols = bias.len();
+        shape(cols > 0 && x.len().is_multiple_of(cols), || {
+            format!("add_bias: {} elements are not rows of {cols}", x.len())
+        })?;
+        let rows = (x.len() / cols) as u32;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.function(&source::ELEMENTWISE, &format!("add_bias_{}", T::SUFFIX))?;
+        let c = cols as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(bias).arg(&c);
+        // SAFETY: matches `add_bias_*` in elementwise.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((rows, cols.div_ceil(256) as u32, 1), 256)) }?;
+        Ok(())
+    }
+
     /// `out[r] = silu(gate) * up` for rows `[gate | up]` of `gate_up`.
     pub fn silu_mul<T: Dtype>(
         &self,
@@ -334,6 +401,7 @@ impl Kernels {
         Ok(())
     }
 
+    /// Rows `ids` of `table` (`hidden` wide), in order; also gathers activation rows.
     pub fn embed<T: Dtype>(
         &self,
         out: &mut CudaSlice<T>,

@@ -95,6 +95,39 @@ pub fn rotary(
     out
 }
 
+/// Rotate-half rotary embedding with per-token angle tables `cos`/`sin` (`[tokens, head_dim/2]`).
+pub fn rotary_table(
+    qk: &[f32],
+    row_stride: usize,
+    cos: &[f32],
+    sin: &[f32],
+    heads: usize,
+    head_dim: usize,
+) -> Vec<f64> {
+    let half = head_dim / 2;
+    let mut out: Vec<f64> = qk.iter().map(|&v| v as f64).collect();
+    for t in 0..cos.len() / half {
+        for h in 0..heads {
+            let base = t * row_stride + h * head_dim;
+            for j in 0..half {
+                let (c, s) = (cos[t * half + j] as f64, sin[t * half + j] as f64);
+                let (a, b) = (qk[base + j] as f64, qk[base + j + half] as f64);
+                out[base + j] = a * c - b * s;
+                out[base + j + half] = b * c + a * s;
+            }
+        }
+    }
+    out
+}
+
+/// `x[r] + bias` for every row.
+pub fn add_bias(x: &[f32], bias: &[f32]) -> Vec<f64> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| v as f64 + bias[i % bias.len()] as f64)
+        .collect()
+}
+
 /// `silu(gate) * up` for rows of `[gate | up]`, each `inter` wide.
 pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(gate_up.len() / 2);

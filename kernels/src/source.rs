@@ -47,7 +47,15 @@ impl Program {
             match self.name {
                 "cache" => names.push(format!("write_kv_{dtype}")),
                 "elementwise" => {
-                    for k in ["rms_norm", "add_rms_norm", "rotary", "silu_mul", "embed"] {
+                    for k in [
+                        "rms_norm",
+                        "add_rms_norm",
+                        "rotary",
+                        "rotary_table",
+                        "add_bias",
+                        "silu_mul",
+                        "embed",
+                    ] {
                         names.push(format!("{k}_{dtype}"));
                     }
                 }

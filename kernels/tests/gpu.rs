@@ -174,6 +174,42 @@ fn elementwise<T: Dtype>(k: &Kernels) {
             tol::<T>(false),
         );
     }
+    // The same rotation from per-token cos/sin tables, and the bias add.
+    {
+        let (heads, head_dim, tokens) = (6, 128, 9);
+        let stride = heads * head_dim + 64;
+        let qk = rounded::<T>(&rng.vec(tokens * stride));
+        let angles: Vec<f32> = (0..tokens * head_dim / 2)
+            .map(|i| i as f32 * 0.37)
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let mut d = upload::<T>(k, &qk);
+        let (dc, ds) = (
+            k.stream().clone_htod(&cos).unwrap(),
+            k.stream().clone_htod(&sin).unwrap(),
+        );
+        k.rotary_table(&mut d, stride, &dc, &ds, heads, head_dim)
+            .unwrap();
+        let want = reference::rotary_table(&qk, stride, &cos, &sin, heads, head_dim);
+        assert_close(
+            &format!("rotary_table {}", T::SUFFIX),
+            &download(k, &d),
+            &want,
+            tol::<T>(false),
+        );
+        let (rows, cols) = (5, 700);
+        let x = rounded::<T>(&rng.vec(rows * cols));
+        let bias = rounded::<T>(&rng.vec(cols));
+        let mut dx = upload::<T>(k, &x);
+        k.add_bias(&mut dx, &upload::<T>(k, &bias)).unwrap();
+        assert_close(
+            &format!("add_bias {}", T::SUFFIX),
+            &download(k, &dx),
+            &reference::add_bias(&x, &bias),
+            tol::<T>(false),
+        );
+    }
     // SiLU-and-mul, including a width that is not a multiple of the block.
     for (rows, inter) in [(3, 300), (16, 11008)] {
         let gu = rounded::<T>(
