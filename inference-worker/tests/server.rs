@@ -737,3 +737,53 @@ async fn http2_is_served_and_a_second_signal_exits_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(exit.code(), Some(1));
 }
+
+/// `--device cuda` where CUDA cannot be used fails at once with a clear message, before
+/// listening; an unknown device is refused by the argument parser. (Every other test here runs
+/// with the default `--device auto`, which falls back to the CPU on a machine without a GPU.)
+/// On a machine with a usable GPU the first half cannot happen and is not checked.
+#[test]
+fn cuda_device_without_cuda_is_a_clear_error() {
+    let dir = model_dir(Preset::Tiny);
+    // SAFETY: only tries to dlopen the driver library.
+    let cuda = unsafe { cudarc::driver::sys::is_culib_present() }
+        && cudarc::driver::CudaContext::device_count().is_ok_and(|n| n > 0);
+    if !cuda {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmctl-worker"))
+            .args([
+                "--model",
+                dir.to_str().unwrap(),
+                "--port",
+                "0",
+                "--device",
+                "cuda:0",
+            ])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--device cuda:0") && err.contains("no usable CUDA"),
+            "{err}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "nothing listens: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmctl-worker"))
+        .args([
+            "--model",
+            dir.to_str().unwrap(),
+            "--port",
+            "0",
+            "--device",
+            "gpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device `gpu`"));
+}

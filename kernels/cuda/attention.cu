@@ -277,5 +277,5 @@ __device__ void prefill(T* __restrict__ out, const T* __restrict__ q, i64 q_stri
     }
 
 #define ATTENTION_ALL_DIMS(S, T) \
-    ATTENTION(S, T, 64) ATTENTION(S, T, 80) ATTENTION(S, T, 96) ATTENTION(S, T, 128) ATTENTION(S, T, 256)
+    ATTENTION(S, T, 16) ATTENTION(S, T, 32) ATTENTION(S, T, 64) ATTENTION(S, T, 80) ATTENTION(S, T, 96) ATTENTION(S, T, 128) ATTENTION(S, T, 256)
 FOR_EACH_DTYPE(ATTENTION_ALL_DIMS)

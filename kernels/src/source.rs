@@ -31,8 +31,8 @@ pub const ALL: [Program; 4] = [CACHE, ELEMENTWISE, SAMPLING, ATTENTION];
 
 /// Storage types every kernel is instantiated for (the suffix of its entry point).
 pub const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
-/// Head sizes the attention kernels are instantiated for.
-pub const HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
+/// Head sizes the attention kernels are instantiated for (16 and 32 for small test models).
+pub const HEAD_DIMS: [usize; 7] = [16, 32, 64, 80, 96, 128, 256];
 
 impl Program {
     /// The full text NVRTC compiles.

@@ -370,7 +370,7 @@ fn upload_batch<T: Dtype>(k: &Kernels, b: &Batch, contexts: &[usize]) -> Uploade
 fn decode<T: Dtype>(k: &Kernels) {
     let mut rng = TestRng::new(4);
     let contexts = [1usize, 17, 100, 513, 1100];
-    for head_dim in [64, 80, 96, 128, 256] {
+    for head_dim in [16, 32, 64, 80, 96, 128, 256] {
         for block_size in [16, 32] {
             for (q_heads, kv_heads) in [(4, 4), (8, 2), (16, 2), (16, 1)] {
                 let b = batch::<T>(&mut rng, &contexts, kv_heads, head_dim, block_size);
@@ -445,7 +445,7 @@ fn prefill<T: Dtype>(k: &Kernels) {
     // and a long one spanning several CTAs and key tiles.
     let shapes = [(5usize, 5usize), (3, 40), (17, 17), (1, 33), (70, 130)];
     let contexts: Vec<usize> = shapes.iter().map(|s| s.1).collect();
-    for head_dim in [64, 80, 96, 128, 256] {
+    for head_dim in [16, 32, 64, 80, 96, 128, 256] {
         for (q_heads, kv_heads, block_size) in [(4, 4, 16), (8, 2, 32), (16, 2, 16)] {
             let b = batch::<T>(&mut rng, &contexts, kv_heads, head_dim, block_size);
             let u = upload_batch::<T>(k, &b, &contexts);

@@ -2,30 +2,38 @@
 # Kernel tests and benchmark on a GPU machine that has CUDA 13.0 and PyTorch but no Rust and no
 # package registry. Two steps, one command each:
 #
-#   perf/gpu/run.sh build   # here (x86-64 build machine): release-builds the GPU test binary
-#                           # and kernel_bench into perf/gpu/bin/ (git-ignored; carry it)
+#   perf/gpu/run.sh build   # here (x86-64 build machine): release-builds the GPU test binaries
+#                           # (kernels, worker CUDA backend) and kernel_bench into perf/gpu/bin/
+#                           # (git-ignored; carry it)
 #   perf/gpu/run.sh run     # on the GPU machine: GPU tests, then the benchmark with PyTorch's
 #                           # SDPA side by side; logs and the table go to $OUT (or perf/gpu/out)
 #
 # With the device tool: run `perf/gpu/run.sh build` here, then run `bash perf/gpu/run.sh run`
-# there with carry = ["perf/gpu/bin"]. NVRTC 13 is found in PyTorch's nvidia-* wheels
-# (nvidia/cu13/lib) unless LD_LIBRARY_PATH already has it; the driver's libcuda is the system's.
+# there with carry = ["perf/gpu/bin"]. NVRTC 13 and cuBLAS 13 are found in PyTorch's nvidia-*
+# wheels (nvidia/cu13/lib) unless LD_LIBRARY_PATH already has them; the driver's libcuda is the
+# system's. Run from the repository root (the worker's tests read its fixtures).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=perf/gpu/bin
+
+# Copies the release test binary `$2` of package `$1` to $BIN/$3.
+test_binary() {
+    local exe
+    exe=$(cargo test --release -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$2")
+    cp "$exe" "$BIN/$3"
+}
 
 build() {
     mkdir -p "$BIN"
     cargo build --release -p llmctl-perf --bin kernel_bench
     cp target/release/kernel_bench "$BIN/"
-    local test_bin
-    test_bin=$(cargo test --release -p llmctl-kernels --test gpu --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
-        print(m["executable"])')
-    cp "$test_bin" "$BIN/kernels-gpu-tests"
+    test_binary llmctl-kernels gpu kernels-gpu-tests
+    test_binary llmctl-inference-worker cuda worker-cuda-tests
     ls -la "$BIN"
 }
 
@@ -43,6 +51,8 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
     local status=0
     "$BIN/kernels-gpu-tests" --ignored --test-threads=1 2>&1 | tee "$out/tests.log" || status=1
+    # The worker's CUDA backend reads the Hugging Face fixtures from the source tree.
+    "$BIN/worker-cuda-tests" --ignored --test-threads=1 2>&1 | tee -a "$out/tests.log" || status=1
     "$BIN/kernel_bench" --sdpa perf/gpu/sdpa_bench.py --out "$out/kernels.md" 2>"$out/bench.log" || status=1
     tail -5 "$out/bench.log" || true
     cat "$out/kernels.md" 2>/dev/null || true

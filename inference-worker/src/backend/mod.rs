@@ -5,6 +5,7 @@
 //! paged KV cache); they know nothing of requests or scheduling.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use llmctl_kernels::kv_layout::KvLayout;
 

@@ -68,6 +68,45 @@ pub struct WorkerArgs {
     /// Longest prompt plus completion; default: the model's.
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// Where the forward pass runs: `auto` (the first CUDA GPU if one can be used, else the
+    /// CPU), `cpu`, or `cuda[:N]`.
+    #[arg(long, env = "LLMCTL_DEVICE", default_value = "auto")]
+    pub device: Device,
+    /// On CUDA: the share of the GPU's memory the worker may fill (weights, activations and the
+    /// KV cache, which gets what the weights leave); `--kv-cache-mib` is then ignored.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+}
+
+/// Where the forward pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}` (auto, cpu, cuda, cuda:N)")),
+        }
+    }
+}
+
+/// Whether a CUDA driver with at least one device can be used here.
+fn cuda_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its known names.
+    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+    driver && cudarc::driver::CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
 pub struct AppState {
@@ -94,6 +133,13 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 }
 
 async fn serve(args: WorkerArgs) -> Result<()> {
+    if let Device::Cuda(n) = args.device
+        && !cuda_present()
+    {
+        anyhow::bail!(
+            "--device cuda:{n}: no usable CUDA driver or GPU here (libcuda.so cannot be loaded or reports no device); use --device cpu"
+        );
+    }
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
@@ -191,18 +237,94 @@ fn announce(addr: SocketAddr) -> Result<()> {
 }
 
 fn load(args: &WorkerArgs, metrics: &Arc<Metrics>) -> Result<EngineHandle> {
+    let device = match args.device {
+        Device::Auto if cuda_present() => Device::Cuda(0),
+        Device::Auto => {
+            tracing::info!("device: cpu (auto: no usable CUDA driver or GPU)");
+            Device::Cpu
+        }
+        d => d,
+    };
+    match device {
+        Device::Cuda(n) => {
+            // f16 models stay f16; everything else runs in bf16.
+            let f16 = model_dtype(&args.model).as_deref() == Some("float16");
+            let result = if f16 {
+                cuda_engine::<half::f16>(args, n, metrics)
+            } else {
+                cuda_engine::<half::bf16>(args, n, metrics)
+            };
+            match (result, args.device) {
+                (Ok(handle), _) => Ok(handle),
+                (Err(e), Device::Auto) => {
+                    tracing::warn!("device: cpu (auto: CUDA could not be used: {e:#})");
+                    cpu_engine(args, metrics)
+                }
+                (Err(e), _) => Err(e),
+            }
+        }
+        _ => cpu_engine(args, metrics),
+    }
+}
+
+fn engine_config(args: &WorkerArgs, kv_cache_bytes: usize) -> EngineConfig {
+    EngineConfig {
+        kv_cache_bytes,
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len: args.max_model_len,
+        ..EngineConfig::default()
+    }
+}
+
+fn cpu_engine(args: &WorkerArgs, metrics: &Arc<Metrics>) -> Result<EngineHandle> {
     let loaded = crate::model::load(&args.model, CpuBackend::new())?;
-    let engine = Engine::new(
-        loaded,
-        EngineConfig {
-            kv_cache_bytes: args.kv_cache_mib << 20,
-            max_num_seqs: args.max_num_seqs,
-            max_num_batched_tokens: args.max_num_batched_tokens,
-            max_model_len: args.max_model_len,
-            ..EngineConfig::default()
-        },
-    );
+    let engine = Engine::new(loaded, engine_config(args, args.kv_cache_mib << 20));
     Ok(EngineHandle::spawn(engine, metrics.clone()))
+}
+
+fn cuda_engine<T>(args: &WorkerArgs, ordinal: usize, metrics: &Arc<Metrics>) -> Result<EngineHandle>
+where
+    T: crate::backend::cuda::GpuDtype,
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let util = args.gpu_memory_utilization;
+    anyhow::ensure!(
+        util > 0.0 && util <= 1.0,
+        "--gpu-memory-utilization {util}: must be in (0, 1]"
+    );
+    let backend = crate::backend::cuda::CudaBackend::<T>::new(ordinal)
+        .with_context(|| format!("--device cuda:{ordinal}"))?;
+    let loaded = crate::model::load(&args.model, backend)?;
+    let (free, total) = crate::backend::cuda::device_memory();
+    // Keep (1 - util) of the GPU for others and a margin for activations and cuBLAS workspace.
+    let reserve = ((1.0 - util) * total as f64) as usize + (1usize << 30);
+    let kv = free.saturating_sub(reserve);
+    anyhow::ensure!(
+        kv > 0,
+        "cuda:{ordinal}: no memory left for the KV cache after the weights ({} MiB free of {} MiB)",
+        free >> 20,
+        total >> 20
+    );
+    tracing::info!(
+        device = format!("cuda:{ordinal}"),
+        kv_cache_mib = kv >> 20,
+        free_mib = free >> 20,
+        total_mib = total >> 20,
+        "KV cache sized from free device memory"
+    );
+    let engine = Engine::new(loaded, engine_config(args, kv));
+    Ok(EngineHandle::spawn(engine, metrics.clone()))
+}
+
+/// `torch_dtype` (or transformers 5's `dtype`) from the model's config.json.
+fn model_dtype(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("torch_dtype")
+        .or_else(|| v.get("dtype"))?
+        .as_str()
+        .map(str::to_owned)
 }
 
 async fn route(req: Request<Incoming>, state: Arc<AppState>) -> Response<Body> {

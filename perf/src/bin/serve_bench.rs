@@ -96,6 +96,8 @@ fn main() -> Result<()> {
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             max_model_len: None,
+            device: server::Device::Cpu,
+            gpu_memory_utilization: 0.9,
         });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
