@@ -3,6 +3,8 @@
 //! 200, writes the worker's logs to `<log_dir>/<id>.log`, and terminates with SIGTERM, then
 //! SIGKILL after the drain grace. Children die with the controller: `kill_on_drop` covers a
 //! normal exit or Ctrl-C, and `PR_SET_PDEATHSIG` covers the controller being killed outright.
+//! (The death signal fires when the *thread* that spawned the child exits; launches run on the
+//! runtime's worker threads, which live as long as the runtime.)
 
 use std::collections::HashMap;
 use std::path::PathBuf;
