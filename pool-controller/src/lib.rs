@@ -4,12 +4,13 @@
 //! decision out); `demand` sums the gateways' demand reports; `reconciler` drives a `provider`
 //! (local child processes now, Kubernetes pods later) to the autoscaler's decisions;
 //! `controller` assembles one reconciler per pool behind the control API (`api`); `metrics`
-//! is the Prometheus registry. Still to come (Kubernetes issue): the `InferencePool` CRD and the
-//! Kubernetes provider.
+//! is the Prometheus registry; `crd` is the `InferencePool` custom resource. Still to come
+//! (Kubernetes issue): the Kubernetes provider and leader election.
 
 pub mod api;
 pub mod autoscaler;
 pub mod controller;
+pub mod crd;
 pub mod demand;
 pub mod metrics;
 pub mod provider;

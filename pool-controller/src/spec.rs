@@ -49,7 +49,7 @@ struct RawPool {
     models: Option<Vec<String>>,
     executor: RawExecutor,
     #[serde(default)]
-    scaling: RawScaling,
+    scaling: ScalingFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,19 +63,78 @@ struct RawExecutor {
     drain_grace_secs: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A pool's scaling parameters as written (every one optional), shared by the TOML spec and the
+/// `InferencePool` resource; [`scaling`] validates them.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawScaling {
-    min_warm: Option<u32>,
-    max_replicas: Option<u32>,
-    target_concurrency: Option<f64>,
-    stable_window_secs: Option<f64>,
-    panic_window_secs: Option<f64>,
-    panic_threshold: Option<f64>,
-    max_scale_up_rate: Option<f64>,
-    max_scale_down_rate: Option<f64>,
-    idle_ttl_secs: Option<f64>,
-    terminal_ttl_secs: Option<f64>,
+pub struct ScalingFields {
+    pub min_warm: Option<u32>,
+    pub max_replicas: Option<u32>,
+    pub target_concurrency: Option<f64>,
+    pub stable_window_secs: Option<f64>,
+    pub panic_window_secs: Option<f64>,
+    pub panic_threshold: Option<f64>,
+    pub max_scale_up_rate: Option<f64>,
+    pub max_scale_down_rate: Option<f64>,
+    pub idle_ttl_secs: Option<f64>,
+    pub terminal_ttl_secs: Option<f64>,
+}
+
+/// Validates scaling fields into the autoscaler's spec and the terminal TTL; `invalid` builds
+/// the error for a field name (relative to the scaling block), a value and a reason.
+pub fn scaling(
+    s: &ScalingFields,
+    invalid: &dyn Fn(&str, &dyn std::fmt::Display, &str) -> SpecError,
+) -> Result<(ScalingSpec, Duration), SpecError> {
+    let secs = |field: &str, v: Option<f64>, default: Duration| -> Result<Duration, SpecError> {
+        match v {
+            None => Ok(default),
+            Some(x) if x.is_finite() && x > 0.0 && x < 1e7 => Ok(Duration::from_secs_f64(x)),
+            Some(x) => Err(invalid(field, &x, "must be a positive number of seconds")),
+        }
+    };
+    let d = ScalingSpec::default();
+    let spec = ScalingSpec {
+        min_warm: s.min_warm.unwrap_or(d.min_warm),
+        max_replicas: s.max_replicas.unwrap_or(d.max_replicas),
+        target_concurrency: s.target_concurrency.unwrap_or(d.target_concurrency),
+        stable_window: secs("stable_window_secs", s.stable_window_secs, d.stable_window)?,
+        panic_window: secs("panic_window_secs", s.panic_window_secs, d.panic_window)?,
+        panic_threshold: s.panic_threshold.unwrap_or(d.panic_threshold),
+        max_scale_up_rate: s.max_scale_up_rate.unwrap_or(d.max_scale_up_rate),
+        max_scale_down_rate: s.max_scale_down_rate.unwrap_or(d.max_scale_down_rate),
+        idle_ttl: secs("idle_ttl_secs", s.idle_ttl_secs, d.idle_ttl)?,
+    };
+    if spec.max_replicas == 0 || spec.max_replicas < spec.min_warm {
+        return Err(invalid(
+            "max_replicas",
+            &spec.max_replicas,
+            "must be positive and at least min_warm",
+        ));
+    }
+    if spec.panic_window > spec.stable_window {
+        return Err(invalid(
+            "panic_window_secs",
+            &spec.panic_window.as_secs_f64(),
+            "must not exceed stable_window_secs",
+        ));
+    }
+    for (field, v, min) in [
+        ("target_concurrency", spec.target_concurrency, 0.0),
+        ("panic_threshold", spec.panic_threshold, 1.0),
+        ("max_scale_up_rate", spec.max_scale_up_rate, 1.0),
+        ("max_scale_down_rate", spec.max_scale_down_rate, 1.0),
+    ] {
+        if !(v.is_finite() && v > min) {
+            return Err(invalid(field, &v, &format!("must be a number above {min}")));
+        }
+    }
+    let terminal_ttl = secs(
+        "terminal_ttl_secs",
+        s.terminal_ttl_secs,
+        Duration::from_secs(300),
+    )?;
+    Ok((spec, terminal_ttl))
 }
 
 /// How each executor of a pool is started.
@@ -139,16 +198,6 @@ impl ControllerConfig {
         let listen: SocketAddr = listen_text
             .parse()
             .map_err(|_| invalid("listen", &listen_text, "not an address like 127.0.0.1:9090"))?;
-        let secs = |field: &str,
-                    v: Option<f64>,
-                    default: Duration|
-         -> Result<Duration, SpecError> {
-            match v {
-                None => Ok(default),
-                Some(s) if s.is_finite() && s > 0.0 && s < 1e7 => Ok(Duration::from_secs_f64(s)),
-                Some(s) => Err(invalid(field, &s, "must be a positive number of seconds")),
-            }
-        };
 
         let mut pools = Vec::new();
         let mut names = HashSet::new();
@@ -203,60 +252,9 @@ impl ControllerConfig {
                 ));
             }
 
-            let s = p.scaling;
-            let d = ScalingSpec::default();
-            let scaling = ScalingSpec {
-                min_warm: s.min_warm.unwrap_or(d.min_warm),
-                max_replicas: s.max_replicas.unwrap_or(d.max_replicas),
-                target_concurrency: s.target_concurrency.unwrap_or(d.target_concurrency),
-                stable_window: secs(
-                    &at("scaling.stable_window_secs"),
-                    s.stable_window_secs,
-                    d.stable_window,
-                )?,
-                panic_window: secs(
-                    &at("scaling.panic_window_secs"),
-                    s.panic_window_secs,
-                    d.panic_window,
-                )?,
-                panic_threshold: s.panic_threshold.unwrap_or(d.panic_threshold),
-                max_scale_up_rate: s.max_scale_up_rate.unwrap_or(d.max_scale_up_rate),
-                max_scale_down_rate: s.max_scale_down_rate.unwrap_or(d.max_scale_down_rate),
-                idle_ttl: secs(&at("scaling.idle_ttl_secs"), s.idle_ttl_secs, d.idle_ttl)?,
-            };
-            if scaling.max_replicas == 0 || scaling.max_replicas < scaling.min_warm {
-                return Err(invalid(
-                    &at("scaling.max_replicas"),
-                    &scaling.max_replicas,
-                    "must be positive and at least min_warm",
-                ));
-            }
-            if scaling.panic_window > scaling.stable_window {
-                return Err(invalid(
-                    &at("scaling.panic_window_secs"),
-                    &scaling.panic_window.as_secs_f64(),
-                    "must not exceed stable_window_secs",
-                ));
-            }
-            for (field, v, min) in [
-                ("target_concurrency", scaling.target_concurrency, 0.0),
-                ("panic_threshold", scaling.panic_threshold, 1.0),
-                ("max_scale_up_rate", scaling.max_scale_up_rate, 1.0),
-                ("max_scale_down_rate", scaling.max_scale_down_rate, 1.0),
-            ] {
-                if !(v.is_finite() && v > min) {
-                    return Err(invalid(
-                        &at(&format!("scaling.{field}")),
-                        &v,
-                        &format!("must be a number above {min}"),
-                    ));
-                }
-            }
-            let terminal_ttl = secs(
-                &at("scaling.terminal_ttl_secs"),
-                s.terminal_ttl_secs,
-                Duration::from_secs(300),
-            )?;
+            let (scaling, terminal_ttl) = scaling(&p.scaling, &|f, v, r| {
+                invalid(&at(&format!("scaling.{f}")), v, r)
+            })?;
             pools.push(PoolSpec {
                 name: p.name,
                 models,
