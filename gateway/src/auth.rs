@@ -12,7 +12,7 @@ use crate::limit::TenantLimits;
 
 /// A tenant as requests see it: its name, class and live rate-limit state.
 pub struct TenantState {
-    pub name: String,
+    pub name: Arc<str>,
     pub priority: crate::config::Priority,
     pub limits: TenantLimits,
 }
@@ -96,7 +96,7 @@ fn build(config: &Config, old: Option<&Table>) -> Table {
         });
         let state = reuse.cloned().unwrap_or_else(|| {
             Arc::new(TenantState {
-                name: t.name.clone(),
+                name: Arc::from(t.name.as_str()),
                 priority: t.priority,
                 limits: TenantLimits::new(t.requests_per_minute, t.tokens_per_minute),
             })
@@ -109,7 +109,7 @@ fn build(config: &Config, old: Option<&Table>) -> Table {
     let open = config.open.then(|| {
         old.and_then(|o| o.open.clone()).unwrap_or_else(|| {
             Arc::new(TenantState {
-                name: "open".into(),
+                name: Arc::from("open"),
                 priority: crate::config::Priority::Normal,
                 limits: TenantLimits::new(None, None),
             })

@@ -41,6 +41,32 @@ struct PoolRuntime {
     metrics: PoolHandles,
 }
 
+/// The paths the gateway answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Healthz,
+    Readyz,
+    Metrics,
+    Models,
+    Chat,
+    Completions,
+    Other,
+}
+
+impl Route {
+    fn of(path: &str) -> Self {
+        match path {
+            "/healthz" => Self::Healthz,
+            "/readyz" => Self::Readyz,
+            "/metrics" => Self::Metrics,
+            "/v1/models" => Self::Models,
+            "/v1/chat/completions" => Self::Chat,
+            "/v1/completions" => Self::Completions,
+            _ => Self::Other,
+        }
+    }
+}
+
 pub struct Gateway {
     config: std::sync::RwLock<Arc<Config>>,
     tenants: Tenants,
@@ -120,60 +146,53 @@ impl Gateway {
 
     pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let request_id = req
+        // The client's id when it is usable (its header value is reused as is), else a new one.
+        let given = req
             .headers()
             .get(names::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map(str::to_owned)
-            .unwrap_or_else(new_id);
+            .and_then(|v| Some((v.to_str().ok()?, v)))
+            .filter(|(s, _)| !s.is_empty() && s.len() <= 128)
+            .map(|(s, v)| (s.to_owned(), v.clone()));
+        let (request_id, id_header) = given.unwrap_or_else(|| {
+            let id = new_id();
+            let header = proxy::header_value(&id);
+            (id, header)
+        });
         let correlation = req.headers().get(names::CORRELATION_ID).cloned();
-        let path = req.uri().path().to_owned();
-        let mut response = match (req.method(), path.as_str()) {
-            (&Method::GET, "/healthz") => body::with_type(StatusCode::OK, "text/plain", "ok\n"),
-            (&Method::GET, "/readyz") => {
+        let route = (req.method().clone(), Route::of(req.uri().path()));
+        let mut response = match route {
+            (Method::GET, Route::Healthz) => body::with_type(StatusCode::OK, "text/plain", "ok\n"),
+            (Method::GET, Route::Readyz) => {
                 if self.draining.load(Ordering::SeqCst) {
                     body::with_type(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
                 } else {
                     body::with_type(StatusCode::OK, "text/plain", "ready\n")
                 }
             }
-            (&Method::GET, "/metrics") => body::with_type(
+            (Method::GET, Route::Metrics) => body::with_type(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 self.metrics.encode(),
             ),
-            (&Method::GET, "/v1/models") => match self.tenants.authenticate(req.headers()) {
+            (Method::GET, Route::Models) => match self.tenants.authenticate(req.headers()) {
                 Ok(_) => self.models(),
                 Err(e) => auth_error(e).response(),
             },
-            (&Method::POST, "/v1/chat/completions") => {
-                self.complete(req, Api::Chat, &request_id, correlation.clone(), started)
+            (Method::POST, Route::Chat) => {
+                let ids = (request_id.as_str(), &id_header);
+                self.complete(req, Api::Chat, ids, correlation.clone(), started)
                     .await
             }
-            (&Method::POST, "/v1/completions") => {
-                self.complete(
-                    req,
-                    Api::Completions,
-                    &request_id,
-                    correlation.clone(),
-                    started,
-                )
-                .await
+            (Method::POST, Route::Completions) => {
+                let ids = (request_id.as_str(), &id_header);
+                self.complete(req, Api::Completions, ids, correlation.clone(), started)
+                    .await
             }
-            (
-                _,
-                "/v1/chat/completions"
-                | "/v1/completions"
-                | "/v1/models"
-                | "/healthz"
-                | "/readyz"
-                | "/metrics",
-            ) => GatewayError::MethodNotAllowed.response(),
-            _ => GatewayError::NotFound(path).response(),
+            (_, Route::Other) => GatewayError::NotFound(req.uri().path().to_owned()).response(),
+            _ => GatewayError::MethodNotAllowed.response(),
         };
         let h = response.headers_mut();
-        h.insert(names::REQUEST_ID, proxy::header_value(&request_id));
+        h.insert(names::REQUEST_ID, id_header);
         if let Some(c) = correlation {
             h.insert(names::CORRELATION_ID, c);
         }
@@ -197,7 +216,7 @@ impl Gateway {
         self: &Arc<Self>,
         req: Request<Incoming>,
         api: Api,
-        request_id: &str,
+        (request_id, id_header): (&str, &http::HeaderValue),
         correlation: Option<http::HeaderValue>,
         started: Instant,
     ) -> Response<Body> {
@@ -262,8 +281,8 @@ impl Gateway {
                 forward_headers.insert(name, v.clone());
             }
         }
-        forward_headers.insert(names::REQUEST_ID, proxy::header_value(request_id));
-        let tenant_name: Arc<str> = Arc::from(tenant.name.as_str());
+        forward_headers.insert(names::REQUEST_ID, id_header.clone());
+        let tenant_name: Arc<str> = tenant.name.clone();
         let deadline = queue::deadline(&config.queue);
         let mut avoid: Vec<String> = Vec::new();
         let mut attempt = 0;
