@@ -142,12 +142,10 @@ async fn report_demand(gateway: Arc<Gateway>, link: ControllerLink) {
             pools: Vec::with_capacity(pools.len()),
         };
         for pool in &pools {
-            let Some(load) = gateway.queue(pool) else {
+            let Some(queue) = gateway.queue(pool) else {
                 continue;
             };
-            let Some(load) = load.load().await else {
-                continue;
-            };
+            let load = queue.load();
             report.pools.push(PoolDemand {
                 pool: pool.clone(),
                 queued: load.queued as u32,

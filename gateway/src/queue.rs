@@ -202,9 +202,9 @@ impl QueueHandle {
     }
 
     /// The queue's current load.
-    pub async fn load(&self) -> Option<Load> {
+    pub fn load(&self) -> Load {
         let s = self.inner.lock();
-        Some(Load {
+        Load {
             queued: s.len,
             in_flight: s.in_flight,
             per_endpoint: s
@@ -213,7 +213,7 @@ impl QueueHandle {
                 .filter(|e| e.outstanding > 0)
                 .map(|e| (e.info.address.clone(), e.outstanding))
                 .collect(),
-        })
+        }
     }
 
     /// Replaces the pool's endpoints (live endpoint sets from the controller); state of
