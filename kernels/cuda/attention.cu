@@ -32,6 +32,25 @@ __device__ __forceinline__ i64 row_offset(const Ctx& c, int seq, int t, int kv_h
     return (slot * c.num_kv_heads + kv_head) * D;
 }
 
+// One key for one query row held across a warp (each lane `PER` elements): the score, then
+// the online-softmax update of the running max `m`, sum `l` and unnormalised output `acc`.
+template <int PER>
+__device__ __forceinline__ void attend(const float (&q)[PER], const float (&k)[PER],
+                                       const float (&v)[PER], float& m, float& l,
+                                       float (&acc)[PER]) {
+    float s = 0.f;
+#pragma unroll
+    for (int p = 0; p < PER; ++p) s += q[p] * k[p];
+    s = warp_sum(s);
+    const float m_new = fmaxf(m, s);
+    const float corr = __expf(m - m_new);
+    const float w = __expf(s - m_new);
+    l = l * corr + w;
+#pragma unroll
+    for (int p = 0; p < PER; ++p) acc[p] = acc[p] * corr + w * v[p];
+    m = m_new;
+}
+
 // grid: (num_kv_heads * ceil(group / MAX_GROUP), num_seqs, num_partitions); block: 32 * WARPS.
 template <typename T, int D>
 __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
@@ -81,17 +100,7 @@ __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; ++g) {
             if (g >= gn) break;
-            float s = 0.f;
-#pragma unroll
-            for (int p = 0; p < PER; ++p) s += qv[g][p] * kv[p];
-            s = warp_sum(s);
-            const float m_new = fmaxf(m[g], s);
-            const float corr = __expf(m[g] - m_new);
-            const float w = __expf(s - m_new);
-            l[g] = l[g] * corr + w;
-#pragma unroll
-            for (int p = 0; p < PER; ++p) acc[g][p] = acc[g][p] * corr + w * vv[p];
-            m[g] = m_new;
+            attend<PER>(qv[g], kv, vv, m[g], l[g], acc[g]);
         }
     }
 
@@ -224,17 +233,7 @@ __device__ void prefill(T* __restrict__ out, const T* __restrict__ q, i64 q_stri
 #pragma unroll
             for (int i = 0; i < ROWS_PER_WARP; ++i) {
                 if (key > pos[i]) continue;  // causal (and padding rows: pos = -1); warp-uniform
-                float s = 0.f;
-#pragma unroll
-                for (int p = 0; p < PER; ++p) s += qv[i][p] * kv[p];
-                s = warp_sum(s);
-                const float m_new = fmaxf(m[i], s);
-                const float corr = __expf(m[i] - m_new);
-                const float w = __expf(s - m_new);
-                l[i] = l[i] * corr + w;
-#pragma unroll
-                for (int p = 0; p < PER; ++p) acc[i][p] = acc[i][p] * corr + w * vv[p];
-                m[i] = m_new;
+                attend<PER>(qv[i], kv, vv, m[i], l[i], acc[i]);
             }
         }
     }
