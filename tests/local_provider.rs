@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use llmctl_pool_controller::autoscaler::Class;
-use llmctl_pool_controller::provider::ExecutorEvent;
 use llmctl_pool_controller::provider::local::{LocalConfig, LocalProvider};
+use llmctl_pool_controller::provider::{ExecutorEvent, Provider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LLMCTL: &str = env!("CARGO_BIN_EXE_llmctl");
@@ -74,6 +74,7 @@ async fn launches_a_worker_serves_and_drains_it() {
 
     provider
         .terminate("tiny-1", Duration::from_secs(10))
+        .await
         .unwrap();
     let ExecutorEvent::Terminated { id, reason } = next(&mut events).await else {
         panic!("expected terminated")
@@ -143,6 +144,7 @@ async fn executors_that_never_become_ready_or_die_are_reported() {
     assert!(
         provider
             .terminate("broken", Duration::from_secs(1))
+            .await
             .is_err(),
         "a gone executor is unknown"
     );

@@ -5,7 +5,8 @@
 //!   `?watch=true` streams that snapshot as NDJSON, once at once and again on every change
 //!   (and as a heartbeat every few seconds, so a watcher notices a dead connection);
 //! - `POST /v1/demand`: a gateway's demand report;
-//! - `GET /metrics`, `GET /healthz`.
+//! - `GET /metrics`, `GET /healthz` (alive), `GET /readyz` (200 only on the replica that
+//!   should take traffic: on Kubernetes, the elected leader).
 //!
 //! Errors use the OpenAI error body, like every other llmctl HTTP surface.
 
@@ -78,6 +79,14 @@ async fn handle(controller: &Arc<Controller>, req: Request<Incoming>) -> Respons
     let query = req.uri().query().unwrap_or("").to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") if controller.is_ready() => {
+            respond(StatusCode::OK, "text/plain", "ready\n")
+        }
+        (&Method::GET, "/readyz") => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: not the leader\n",
+        ),
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -109,10 +118,15 @@ async fn handle(controller: &Arc<Controller>, req: Request<Incoming>) -> Respons
             }
         }
         (&Method::POST, "/v1/demand") => demand(controller, req).await,
-        (_, "/healthz" | "/metrics" | "/v1/pools" | "/v1/endpoints" | "/v1/demand") => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorResponse::invalid_request(format!("{} is not allowed on {path}", req.method())),
-        ),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/pools" | "/v1/endpoints" | "/v1/demand") => {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorResponse::invalid_request(format!(
+                    "{} is not allowed on {path}",
+                    req.method()
+                )),
+            )
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             ErrorResponse::invalid_request(format!("no route {path}")),

@@ -1,12 +1,15 @@
-//! The controller process: one reconciler per pool (each with its own local provider), the
-//! demand book the gateways report into, and the endpoint snapshot the gateways watch. The
-//! control API (`api`) reads and writes through [`Controller`]. [`start`] brings it all up;
-//! [`Running::shutdown`] drains every executor and waits for the children to be gone.
+//! The controller process: one reconciler per pool, the demand book the gateways report into,
+//! and the endpoint snapshot the gateways watch. Pools come and go while it runs (the local spec
+//! file adds them all at start; on Kubernetes they follow the `InferencePool` resources). The
+//! control API (`api`) reads and writes through [`Controller`]. [`start`] brings up the local
+//! controller; [`Controller::shutdown`] stops every reconciler (the local provider drains its
+//! executors and waits for the children to be gone).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -18,20 +21,26 @@ use llmctl_protocol::control::{DemandReport, Endpoint, EndpointSnapshot, PoolDem
 use crate::demand::DemandBook;
 use crate::metrics::Metrics;
 use crate::provider::local::{LocalConfig, LocalProvider};
+use crate::provider::{ExecutorEvent, Provider};
 use crate::reconciler::{PoolConfig, PoolStatus, Reconciler};
 use crate::spec::{ControllerConfig, PoolSpec};
 
+/// One running pool: its reconciler and the follower that folds its endpoints into the snapshot.
 struct Pool {
     status: watch::Receiver<PoolStatus>,
+    demand: mpsc::Sender<PoolDemand>,
+    reconciler: JoinHandle<()>,
+    follower: JoinHandle<()>,
 }
 
 pub struct Controller {
-    pools: BTreeMap<String, Pool>,
-    /// Demand senders to the reconcilers; emptied at shutdown (which stops them).
-    demand: Mutex<HashMap<String, mpsc::Sender<PoolDemand>>>,
+    pools: RwLock<BTreeMap<String, Pool>>,
     book: Mutex<DemandBook>,
     origin: Instant,
-    endpoints: watch::Receiver<EndpointSnapshot>,
+    snapshot: watch::Sender<EndpointSnapshot>,
+    /// Whether this replica should receive traffic (`/readyz`): always for the local
+    /// controller, only while leading on Kubernetes.
+    ready: AtomicBool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -42,30 +51,140 @@ pub enum DemandError {
 }
 
 impl Controller {
+    pub fn new(demand_ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            pools: RwLock::default(),
+            book: Mutex::new(DemandBook::new(demand_ttl)),
+            origin: Instant::now(),
+            snapshot: watch::channel(EndpointSnapshot::default()).0,
+            ready: AtomicBool::new(true),
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
     pub fn pools(&self) -> Vec<PoolStatus> {
-        self.pools
+        self.read()
             .values()
             .map(|p| p.status.borrow().clone())
             .collect()
     }
 
     pub fn pool(&self, name: &str) -> Option<PoolStatus> {
-        self.pools.get(name).map(|p| p.status.borrow().clone())
+        self.read().get(name).map(|p| p.status.borrow().clone())
+    }
+
+    pub fn pool_names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
     }
 
     pub fn endpoints(&self) -> watch::Receiver<EndpointSnapshot> {
-        self.endpoints.clone()
+        self.snapshot.subscribe()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Pool>> {
+        self.pools.read().expect("pool map lock")
+    }
+
+    /// Starts a reconciler for `config` driving `provider`, and returns its status channel.
+    pub fn add_pool<P: Provider>(
+        self: &Arc<Self>,
+        config: PoolConfig,
+        provider: P,
+        events: mpsc::UnboundedReceiver<ExecutorEvent>,
+    ) -> watch::Receiver<PoolStatus> {
+        let name = config.name.clone();
+        let (reconciler, status) = Reconciler::new(config, provider, self.metrics.clone());
+        let (demand, rx) = mpsc::channel(256);
+        let reconciler = tokio::spawn(reconciler.run(events, rx));
+        let follower = tokio::spawn({
+            let controller = Arc::downgrade(self);
+            let mut status = status.clone();
+            async move {
+                while status.changed().await.is_ok() {
+                    let Some(controller) = controller.upgrade() else {
+                        return;
+                    };
+                    controller.refresh_snapshot();
+                }
+            }
+        });
+        let pool = Pool {
+            status: status.clone(),
+            demand,
+            reconciler,
+            follower,
+        };
+        self.pools
+            .write()
+            .expect("pool map lock")
+            .insert(name, pool);
+        self.refresh_snapshot();
+        status
+    }
+
+    /// Stops pool `name`'s reconciler and waits for its provider's shutdown.
+    pub async fn remove_pool(&self, name: &str) {
+        let pool = self.pools.write().expect("pool map lock").remove(name);
+        self.refresh_snapshot();
+        if let Some(pool) = pool {
+            pool.follower.abort();
+            // Closing the demand channel is the reconciler's signal to stop.
+            drop(pool.demand);
+            let _ = pool.reconciler.await;
+        }
+    }
+
+    /// Stops every reconciler (each provider shuts down its way).
+    pub async fn shutdown(&self) {
+        self.set_ready(false);
+        let pools: Vec<Pool> = std::mem::take(&mut *self.pools.write().expect("pool map lock"))
+            .into_values()
+            .collect();
+        self.refresh_snapshot();
+        let mut reconcilers = Vec::new();
+        for pool in pools {
+            pool.follower.abort();
+            drop(pool.demand);
+            reconcilers.push(pool.reconciler);
+        }
+        for task in reconcilers {
+            let _ = task.await;
+        }
+    }
+
+    /// Rebuilds the endpoint snapshot; watchers wake only when an endpoint set changed.
+    fn refresh_snapshot(&self) {
+        let pools: BTreeMap<String, Vec<Endpoint>> = self
+            .read()
+            .iter()
+            .map(|(name, p)| (name.clone(), p.status.borrow().endpoints.clone()))
+            .collect();
+        self.snapshot.send_if_modified(|snap| {
+            if pools == snap.pools {
+                return false;
+            }
+            snap.pools = pools;
+            snap.revision += 1;
+            true
+        });
     }
 
     /// Records one gateway's report (all pools checked first: a bad report changes nothing)
     /// and passes the new totals to the reconcilers.
     pub fn report(&self, report: DemandReport) -> Result<(), DemandError> {
-        if let Some(d) = report
-            .pools
-            .iter()
-            .find(|d| !self.pools.contains_key(&d.pool))
         {
-            return Err(DemandError::UnknownPool(d.pool.clone()));
+            let pools = self.read();
+            if let Some(d) = report.pools.iter().find(|d| !pools.contains_key(&d.pool)) {
+                return Err(DemandError::UnknownPool(d.pool.clone()));
+            }
         }
         let now = self.origin.elapsed();
         let mut pools: Vec<String> = report.pools.iter().map(|d| d.pool.clone()).collect();
@@ -93,20 +212,51 @@ impl Controller {
         };
         self.metrics
             .demand(pool, total.queued, total.in_flight, gateways);
-        let demand = self.demand.lock().expect("demand senders lock");
-        if let Some(tx) = demand.get(pool) {
+        if let Some(p) = self.read().get(pool) {
             // A full channel means the reconciler is busy launching; the next report or the
             // periodic refresh carries the same information.
-            let _ = tx.try_send(total);
+            let _ = p.demand.try_send(total);
         }
+    }
+
+    /// Pushes every pool's total once a second, so quiet gateways expire even when nobody
+    /// reports.
+    pub fn spawn_demand_refresh(self: &Arc<Self>) -> JoinHandle<()> {
+        let controller = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let Some(controller) = controller.upgrade() else {
+                    return;
+                };
+                for pool in controller.pool_names() {
+                    controller.push_demand(&pool);
+                }
+            }
+        })
+    }
+
+    /// Serves the control API on `listen`.
+    pub async fn listen(
+        self: &Arc<Self>,
+        listen: SocketAddr,
+    ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the control API on {listen}: {e}"))?;
+        let addr = listener.local_addr()?;
+        Ok((
+            addr,
+            tokio::spawn(crate::api::serve(listener, self.clone())),
+        ))
     }
 }
 
-/// The started controller.
+/// The started local controller.
 pub struct Running {
     pub addr: SocketAddr,
     pub controller: Arc<Controller>,
-    reconcilers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -114,14 +264,7 @@ impl Running {
     /// Stops the reconcilers, which drain their executors (SIGTERM, SIGKILL after the grace)
     /// and return when the children are gone.
     pub async fn shutdown(self) {
-        self.controller
-            .demand
-            .lock()
-            .expect("demand senders lock")
-            .clear();
-        for task in self.reconcilers {
-            let _ = task.await;
-        }
+        self.controller.shutdown().await;
         for task in self.background {
             task.abort();
         }
@@ -152,17 +295,14 @@ fn local_config(
     }
 }
 
-/// Starts every pool's reconciler and the control API. `worker_program` is the `llmctl` binary
-/// the local provider runs as `llmctl worker`.
+/// Starts every pool of the spec file with the local provider, and the control API.
+/// `worker_program` is the `llmctl` binary the local provider runs as `llmctl worker`.
 pub async fn start(config: ControllerConfig, worker_program: PathBuf) -> anyhow::Result<Running> {
-    let metrics = Arc::new(Metrics::new());
-    let mut pools = BTreeMap::new();
-    let mut senders = HashMap::new();
-    let mut reconcilers = Vec::new();
+    let controller = Controller::new(config.demand_ttl);
     for spec in &config.pools {
         let (provider, events) =
             LocalProvider::new(local_config(spec, &worker_program, &config.log_dir));
-        let (reconciler, status) = Reconciler::new(
+        controller.add_pool(
             PoolConfig {
                 name: spec.name.clone(),
                 scaling: spec.scaling.clone(),
@@ -172,82 +312,15 @@ pub async fn start(config: ControllerConfig, worker_program: PathBuf) -> anyhow:
                 endpoint_concurrency: spec.executor.max_concurrency,
             },
             provider,
-            metrics.clone(),
+            events,
         );
-        let (tx, rx) = mpsc::channel(256);
-        senders.insert(spec.name.clone(), tx);
-        reconcilers.push(tokio::spawn(reconciler.run(events, rx)));
-        pools.insert(spec.name.clone(), Pool { status });
     }
-
-    let (snapshot_tx, snapshot_rx) = watch::channel(EndpointSnapshot::default());
-    let mut background = Vec::new();
-    // One follower per pool keeps the endpoint snapshot current.
-    let snapshot_tx = Arc::new(snapshot_tx);
-    let statuses: Vec<watch::Receiver<PoolStatus>> =
-        pools.values().map(|p| p.status.clone()).collect();
-    for mut status in statuses.clone() {
-        let snapshot_tx = snapshot_tx.clone();
-        let all = statuses.clone();
-        background.push(tokio::spawn(async move {
-            loop {
-                snapshot_tx.send_if_modified(|snap| {
-                    let pools: BTreeMap<String, Vec<Endpoint>> = all
-                        .iter()
-                        .map(|s| {
-                            let s = s.borrow();
-                            (s.name.clone(), s.endpoints.clone())
-                        })
-                        .collect();
-                    if pools == snap.pools {
-                        return false;
-                    }
-                    snap.pools = pools;
-                    snap.revision += 1;
-                    true
-                });
-                if status.changed().await.is_err() {
-                    return;
-                }
-            }
-        }));
-    }
-
-    let controller = Arc::new(Controller {
-        pools,
-        demand: Mutex::new(senders),
-        book: Mutex::new(DemandBook::new(config.demand_ttl)),
-        origin: Instant::now(),
-        endpoints: snapshot_rx,
-        metrics,
-    });
-    // Quiet gateways expire even when nobody reports.
-    background.push(tokio::spawn({
-        let controller = controller.clone();
-        async move {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                every.tick().await;
-                for pool in controller.pools.keys() {
-                    controller.push_demand(pool);
-                }
-            }
-        }
-    }));
-
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the control API on {}: {e}", config.listen))?;
-    let addr = listener.local_addr()?;
-    background.push(tokio::spawn(crate::api::serve(
-        listener,
-        controller.clone(),
-    )));
+    let refresh = controller.spawn_demand_refresh();
+    let (addr, api) = controller.listen(config.listen).await?;
     tracing::info!(%addr, pools = config.pools.len(), "controller listening");
     Ok(Running {
         addr,
         controller,
-        reconcilers,
-        background,
+        background: vec![refresh, api],
     })
 }

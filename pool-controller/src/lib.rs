@@ -4,14 +4,16 @@
 //! decision out); `demand` sums the gateways' demand reports; `reconciler` drives a `provider`
 //! (local child processes now, Kubernetes pods later) to the autoscaler's decisions;
 //! `controller` assembles one reconciler per pool behind the control API (`api`); `metrics`
-//! is the Prometheus registry; `crd` is the `InferencePool` custom resource. Still to come
-//! (Kubernetes issue): the Kubernetes provider and leader election.
+//! is the Prometheus registry; `crd` is the `InferencePool` custom resource; `kubernetes` runs
+//! the controller in a cluster (pools from `InferencePool`s, executor pods through
+//! `provider::kubernetes`, leader election on a Lease, status and Events on the resources).
 
 pub mod api;
 pub mod autoscaler;
 pub mod controller;
 pub mod crd;
 pub mod demand;
+pub mod kubernetes;
 pub mod metrics;
 pub mod provider;
 pub mod reconciler;
@@ -19,27 +21,42 @@ pub mod spec;
 
 use std::path::PathBuf;
 
-/// `llmctl controller` options.
+/// `llmctl controller` options: a local spec file, or `--kubernetes`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ControllerArgs {
     /// The controller's TOML pool spec file (see docs/controller.md).
-    #[arg(long, env = "LLMCTL_CONTROLLER_CONFIG")]
-    pub config: PathBuf,
+    #[arg(
+        long,
+        env = "LLMCTL_CONTROLLER_CONFIG",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub config: Option<PathBuf>,
     /// The `llmctl` binary executors run as `llmctl worker` (default: this binary).
     #[arg(long)]
     pub worker_program: Option<PathBuf>,
+    /// Run in a Kubernetes cluster: pools are the namespace's `InferencePool` resources and
+    /// executors are pods (see docs/kubernetes.md).
+    #[arg(long)]
+    pub kubernetes: bool,
+    #[command(flatten, next_help_heading = "Kubernetes")]
+    pub cluster: kubernetes::KubernetesArgs,
 }
 
-/// Runs the controller until SIGTERM/SIGINT, then drains every executor and exits.
+/// Runs the controller until SIGTERM/SIGINT, then stops every pool (local executors are drained
+/// and exit; Kubernetes pods stay for the next leader).
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
-    let config = spec::ControllerConfig::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let Some(config) = args.config else {
+        return runtime.block_on(kubernetes::run(args.cluster));
+    };
+    let config = spec::ControllerConfig::load(&config)?;
     let program = match args.worker_program {
         Some(p) => p,
         None => std::env::current_exe()?,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;

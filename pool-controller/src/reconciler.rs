@@ -18,8 +18,7 @@ use crate::autoscaler::{
     self, Class, Decision, ExecutorView, Memory, Observations, Phase, Sample, ScalingSpec,
 };
 use crate::metrics::{Counts, Metrics, class_name};
-use crate::provider::ExecutorEvent;
-use crate::provider::local::LocalProvider;
+use crate::provider::{Adopted, ExecutorEvent, Provider};
 use llmctl_protocol::control::{Endpoint, PoolDemand};
 
 #[derive(Clone, Debug)]
@@ -80,6 +79,8 @@ pub struct PoolStatus {
     pub desired_ephemeral: u32,
     pub last_reason: Option<&'static str>,
     pub failures: u64,
+    /// What the latest failure was (an exit, a failed launch, a deleted pod).
+    pub last_failure: Option<String>,
     pub restarts: u64,
     pub queued: u32,
     pub in_flight: u32,
@@ -97,9 +98,9 @@ struct Terminal {
     at: Instant,
 }
 
-pub struct Reconciler {
+pub struct Reconciler<P> {
     config: PoolConfig,
-    provider: LocalProvider,
+    provider: P,
     metrics: Arc<Metrics>,
     executors: HashMap<String, Record>,
     terminal: VecDeque<Terminal>,
@@ -116,10 +117,10 @@ pub struct Reconciler {
     status: watch::Sender<PoolStatus>,
 }
 
-impl Reconciler {
+impl<P: Provider> Reconciler<P> {
     pub fn new(
         config: PoolConfig,
-        provider: LocalProvider,
+        provider: P,
         metrics: Arc<Metrics>,
     ) -> (Self, watch::Receiver<PoolStatus>) {
         let (status, rx) = watch::channel(PoolStatus {
@@ -146,12 +147,17 @@ impl Reconciler {
         (r, rx)
     }
 
-    /// Runs until the demand channel closes; then drains every executor and waits for them.
+    /// Adopts the executors that exist already, then runs until the demand channel closes, and
+    /// hands the provider its shutdown (the local one drains its children and waits for them).
     pub async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<ExecutorEvent>,
         mut demand: mpsc::Receiver<PoolDemand>,
     ) {
+        for adopted in self.provider.adopt().await {
+            self.adopt(adopted);
+        }
+        self.publish();
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -172,18 +178,37 @@ impl Reconciler {
                 _ = tick.tick() => self.reconcile().await,
             }
         }
-        let ids: Vec<String> = self.executors.keys().cloned().collect();
-        for id in &ids {
-            let _ = self.provider.terminate(id, self.config.drain_grace);
+        self.provider
+            .shutdown(self.config.drain_grace, events)
+            .await;
+    }
+
+    /// Takes over an executor a predecessor left; ids continue after the highest one seen so a
+    /// new executor never takes a name still in use.
+    fn adopt(&mut self, a: Adopted) {
+        if let Some(n) = a.id.rsplit('-').next().and_then(|n| n.parse::<u64>().ok()) {
+            self.next_id = self.next_id.max(n);
         }
-        // Wait (bounded by the grace) for every child to be gone before returning.
-        let deadline = Instant::now() + self.config.drain_grace + Duration::from_secs(2);
-        while !self.provider.running().is_empty() && Instant::now() < deadline {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(_)) => {}
-                _ => break,
-            }
+        if a.leaving {
+            return;
         }
+        tracing::info!(pool = %self.config.name, executor = %a.id, class = class_name(a.class), ready = a.endpoint.is_some(), "adopted executor");
+        let now = self.now();
+        let ready = a.endpoint.is_some();
+        self.executors.insert(
+            a.id,
+            Record {
+                class: a.class,
+                phase: if ready { Phase::Ready } else { Phase::Starting },
+                endpoint: a.endpoint,
+                pid: None,
+                launched: Instant::now(),
+                ready_after: None,
+                in_flight: 0,
+                idle_since: ready.then_some(now),
+                stopping: false,
+            },
+        );
     }
 
     fn now(&self) -> Duration {
@@ -250,7 +275,11 @@ impl Reconciler {
                         self.hold_launches_until = Some(Instant::now() + backoff);
                         tracing::warn!(%pool, executor = %id, %reason, backoff_ms = backoff.as_millis() as u64, "executor failed; replacing after backoff");
                         self.metrics.failure(&pool, r.class);
-                        self.status.send_modify(|s| s.failures += 1);
+                        let failure = format!("{id}: {reason}");
+                        self.status.send_modify(|s| {
+                            s.failures += 1;
+                            s.last_failure = Some(failure);
+                        });
                     }
                     let mut info = self.info(&id, &r);
                     info.phase = "terminated";
@@ -298,8 +327,10 @@ impl Reconciler {
         for id in &decision.reap {
             if let Some(r) = self.executors.get_mut(id) {
                 r.stopping = true;
-                let _ = self.provider.terminate(id, self.config.drain_grace);
                 tracing::info!(%pool, executor = %id, "reaping idle ephemeral executor");
+                if let Err(e) = self.provider.terminate(id, self.config.drain_grace).await {
+                    tracing::warn!(%pool, executor = %id, "terminate failed: {e}");
+                }
             }
         }
         if self.hold_launches_until.is_none_or(|t| Instant::now() >= t) {
@@ -354,7 +385,11 @@ impl Reconciler {
                 let backoff = self.back_off();
                 tracing::error!(%pool, backoff_ms = backoff.as_millis() as u64, "launch failed: {e}");
                 self.metrics.failure(&pool, class);
-                self.status.send_modify(|s| s.failures += 1);
+                let failure = e.to_string();
+                self.status.send_modify(|s| {
+                    s.failures += 1;
+                    s.last_failure = Some(failure);
+                });
             }
         }
     }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ExecutorEvent, ProviderError};
+use super::{Adopted, ExecutorEvent, Provider, ProviderError};
 use crate::autoscaler::Class;
 
 #[derive(Clone, Debug)]
@@ -51,8 +51,25 @@ impl LocalProvider {
         )
     }
 
-    /// Starts executor `id`; its progress arrives as events. Returns once the process runs.
-    pub async fn launch(&self, id: &str, class: Class) -> Result<(), ProviderError> {
+    /// The ids of the executors whose processes are alive.
+    pub fn running(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .expect("executor map lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+impl Provider for LocalProvider {
+    /// Children die with their controller, so a new one starts with none.
+    async fn adopt(&self) -> Vec<Adopted> {
+        Vec::new()
+    }
+
+    /// Spawns the worker; its progress arrives as events. Returns once the process runs.
+    async fn launch(&self, id: &str, class: Class) -> Result<(), ProviderError> {
         let err = |reason: String| ProviderError::Launch {
             id: id.to_owned(),
             reason,
@@ -107,8 +124,8 @@ impl LocalProvider {
         Ok(())
     }
 
-    /// Asks executor `id` to drain and stop: SIGTERM now, SIGKILL after `grace`.
-    pub fn terminate(&self, id: &str, grace: Duration) -> Result<(), ProviderError> {
+    /// SIGTERM now, SIGKILL after `grace`.
+    async fn terminate(&self, id: &str, grace: Duration) -> Result<(), ProviderError> {
         let running = self.running.lock().expect("executor map lock");
         let tx = running
             .get(id)
@@ -117,13 +134,25 @@ impl LocalProvider {
         Ok(())
     }
 
-    pub fn running(&self) -> Vec<String> {
-        self.running
+    /// Drains every child and waits (bounded by the grace) until all of them are gone.
+    async fn shutdown(self, grace: Duration, mut events: mpsc::UnboundedReceiver<ExecutorEvent>) {
+        let senders: Vec<_> = self
+            .running
             .lock()
             .expect("executor map lock")
-            .keys()
+            .values()
             .cloned()
-            .collect()
+            .collect();
+        for tx in senders {
+            let _ = tx.send(grace);
+        }
+        let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(2);
+        while !self.running().is_empty() {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
     }
 }
 
