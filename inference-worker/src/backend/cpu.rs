@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::{Backend, KvLayout, QkvShape, RopeRows, SeqSlice};
 use crate::model::ModelError;
-use crate::model::weights::TensorView;
+use crate::model::weights::{TensorView, fuse_f32};
 
 /// A row-major f32 matrix: activations and weights alike.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,30 +60,7 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, parts: &[TensorView<'_>]) -> Result<Matrix, ModelError> {
-        // 1-D parts (norm gains, biases) concatenate into one row vector; N-D parts stack rows.
-        let row_vector = parts.iter().all(|p| p.shape.len() == 1);
-        let cols: usize = if row_vector {
-            parts.iter().map(|p| p.shape[0]).sum()
-        } else {
-            parts[0].shape[1..].iter().product()
-        };
-        let mut data = Vec::new();
-        for part in parts {
-            if !row_vector
-                && (part.shape.len() < 2 || part.shape[1..].iter().product::<usize>() != cols)
-            {
-                return Err(ModelError::Tensor {
-                    file: part.file.display().to_string(),
-                    tensor: part.name.to_owned(),
-                    reason: format!(
-                        "shape {:?} cannot be fused with {:?}",
-                        part.shape, parts[0].shape
-                    ),
-                });
-            }
-            data.extend(part.to_f32());
-        }
-        let rows = data.len() / cols.max(1);
+        let (data, rows, cols) = fuse_f32(parts)?;
         Ok(Matrix { data, rows, cols })
     }
 

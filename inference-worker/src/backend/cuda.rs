@@ -18,7 +18,7 @@ use llmctl_kernels::cuda::{Dtype, KernelError, Kernels, PagedCache};
 
 use super::{Backend, KvLayout, QkvShape, RopeRows, SeqSlice};
 use crate::model::ModelError;
-use crate::model::weights::TensorView;
+use crate::model::weights::{TensorView, fuse_f32};
 
 /// A row-major matrix in device memory.
 pub struct GpuMatrix<T> {
@@ -120,29 +120,8 @@ where
     }
 
     fn load_weight(&self, parts: &[TensorView<'_>]) -> Result<GpuMatrix<T>, ModelError> {
-        let row_vector = parts.iter().all(|p| p.shape.len() == 1);
-        let cols: usize = if row_vector {
-            parts.iter().map(|p| p.shape[0]).sum()
-        } else {
-            parts[0].shape[1..].iter().product()
-        };
-        let mut host: Vec<T> = Vec::new();
-        for part in parts {
-            if !row_vector
-                && (part.shape.len() < 2 || part.shape[1..].iter().product::<usize>() != cols)
-            {
-                return Err(ModelError::Tensor {
-                    file: part.file.display().to_string(),
-                    tensor: part.name.to_owned(),
-                    reason: format!(
-                        "shape {:?} cannot be fused with {:?}",
-                        part.shape, parts[0].shape
-                    ),
-                });
-            }
-            host.extend(part.to_f32().into_iter().map(T::from_f32));
-        }
-        let rows = host.len() / cols.max(1);
+        let (fused, rows, cols) = fuse_f32(parts)?;
+        let host: Vec<T> = fused.into_iter().map(T::from_f32).collect();
         let data = self
             .stream
             .clone_htod(&host)

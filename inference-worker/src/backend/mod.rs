@@ -1,7 +1,7 @@
 //! The ops interface the model's forward pass is written against, and the batch description
 //! one engine step hands to it. The CPU backend (`cpu`) implements it in f32 as the reference;
-//! the CUDA backend will implement the same trait with cuBLAS and our kernels, so the forward
-//! pass, engine and server do not change. Backends own device memory (weights, activations, the
+//! the CUDA backend (`cuda`) implements the same trait with cuBLAS and our kernels, so the
+//! forward pass, engine and server do not change. Backends own device memory (weights, activations, the
 //! paged KV cache); they know nothing of requests or scheduling.
 
 pub mod cpu;

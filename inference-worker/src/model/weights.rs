@@ -40,6 +40,36 @@ pub struct TensorView<'a> {
     pub bytes: &'a [u8],
 }
 
+/// Parts of one weight (e.g. q, k and v) fused into a single row-major f32 matrix: 1-D parts
+/// (norm gains, biases) concatenate into one row vector; N-D parts stack rows and must agree on
+/// every dimension after the first. Each backend converts the result to its own storage.
+pub fn fuse_f32(parts: &[TensorView<'_>]) -> Result<(Vec<f32>, usize, usize), ModelError> {
+    let row_vector = parts.iter().all(|p| p.shape.len() == 1);
+    let cols: usize = if row_vector {
+        parts.iter().map(|p| p.shape[0]).sum()
+    } else {
+        parts[0].shape[1..].iter().product()
+    };
+    let mut data = Vec::new();
+    for part in parts {
+        if !row_vector
+            && (part.shape.len() < 2 || part.shape[1..].iter().product::<usize>() != cols)
+        {
+            return Err(ModelError::Tensor {
+                file: part.file.display().to_string(),
+                tensor: part.name.to_owned(),
+                reason: format!(
+                    "shape {:?} cannot be fused with {:?}",
+                    part.shape, parts[0].shape
+                ),
+            });
+        }
+        data.extend(part.to_f32());
+    }
+    let rows = data.len() / cols.max(1);
+    Ok((data, rows, cols))
+}
+
 impl TensorView<'_> {
     /// The tensor converted to f32 (little-endian storage, as safetensors specifies).
     pub fn to_f32(&self) -> Vec<f32> {
