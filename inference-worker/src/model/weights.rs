@@ -236,3 +236,38 @@ impl WeightFiles {
         self.tensors.values().map(|e| e.end - e.start).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view<'a>(name: &'a str, shape: &'a [usize], bytes: &'a [u8]) -> TensorView<'a> {
+        TensorView {
+            name,
+            file: Path::new("model.safetensors"),
+            dtype: WeightDtype::F32,
+            shape,
+            bytes,
+        }
+    }
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn parts_stack_rows_or_concatenate_and_mismatched_columns_are_named() {
+        let (a, b) = (f32_bytes(&[1.0, 2.0, 3.0, 4.0]), f32_bytes(&[5.0, 6.0]));
+        let (data, rows, cols) =
+            fuse_f32(&[view("q", &[2, 2], &a), view("k", &[1, 2], &b)]).unwrap();
+        assert_eq!(
+            (data, rows, cols),
+            (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2)
+        );
+        let (data, rows, cols) = fuse_f32(&[view("g", &[4], &a), view("b", &[2], &b)]).unwrap();
+        assert_eq!((data.len(), rows, cols), (6, 1, 6));
+        let e = fuse_f32(&[view("q", &[1, 4], &a), view("k", &[1, 2], &b)]).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains('k') && e.contains("cannot be fused"), "{e}");
+    }
+}
