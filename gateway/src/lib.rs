@@ -4,7 +4,8 @@
 //! `auth` (bearer keys to tenants), `inspect` (parse and check the body, estimate tokens),
 //! `limit` (per-tenant request and token rate limits), `queue` (a fair, bounded admission queue
 //! per pool), `dispatch` (least-outstanding executor choice with prefix affinity and ejection)
-//! and `proxy` (relaying the executor's response). `config` is the TOML file; `metrics` the
+//! and `proxy` (relaying the executor's response, read by `upstream`, the HTTP/1.1 client to
+//! executors). `config` is the TOML file; `metrics` the
 //! Prometheus registry; `error` the one mapping to OpenAI error bodies; `controller` follows
 //! the pool controller (live endpoint sets in, demand reports out). No GPU code here.
 
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod queue;
 pub mod server;
+pub mod upstream;
 
 use std::path::PathBuf;
 

@@ -1,5 +1,4 @@
-//! Sending a request to an executor and relaying its answer chunk by chunk. Hop-by-hop headers
-//! are dropped both ways. SSE streams are parsed event by event only to find the `usage` the
+//! Relaying an executor's answer (from `upstream`) chunk by chunk. SSE streams are parsed event by event only to find the `usage` the
 //! gateway asked for (and to remove it when the client did not), JSON bodies are passed
 //! through while a bounded copy is kept to read `usage`. An executor that dies mid-stream ends
 //! the client's stream with an OpenAI error event. When the relay ends, the endpoint slot is
@@ -9,13 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use llmctl_protocol::ErrorResponse;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -24,49 +19,10 @@ use crate::auth::TenantState;
 use crate::body::{self, Body};
 use crate::metrics::Metrics;
 use crate::queue::Permit;
+use crate::upstream::UpstreamBody;
 
 /// Largest JSON response copy kept to read `usage` from.
 const USAGE_COPY_LIMIT: usize = 4 << 20;
-
-/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .filter_map(|s| HeaderName::from_bytes(s.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    // One pass over the few headers present finds the hop-by-hop ones (usually none or
-    // `connection`), instead of a hashed removal for each of the eight names.
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| HOP_BY_HOP.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(name);
-    }
-}
 
 /// Header names the gateway reads or writes, built at compile time.
 pub mod names {
@@ -77,62 +33,6 @@ pub mod names {
     pub const POOL: HeaderName = HeaderName::from_static("x-llmctl-pool");
     pub const EXECUTOR: HeaderName = HeaderName::from_static("x-llmctl-executor");
     pub const QUEUE_MS: HeaderName = HeaderName::from_static("x-llmctl-queue-ms");
-}
-
-/// Why an attempt failed before anything reached the client (so it may be retried).
-#[derive(Debug)]
-pub enum AttemptError {
-    Connect(String),
-    Status(Response<Incoming>),
-}
-
-#[derive(Clone)]
-pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Upstream {
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        Self { client }
-    }
-
-    /// Sends one attempt; a 5xx is an error so the caller can retry elsewhere.
-    pub async fn send(
-        &self,
-        address: &str,
-        path: &str,
-        headers: &HeaderMap,
-        body: Bytes,
-    ) -> Result<Response<Incoming>, AttemptError> {
-        let mut req = http::Request::builder()
-            .method(http::Method::POST)
-            .uri(format!("http://{address}{path}"))
-            .body(Full::new(body))
-            .map_err(|e| AttemptError::Connect(e.to_string()))?;
-        // `headers` are the gateway's own choice (no hop-by-hop, host, length or credentials).
-        *req.headers_mut() = headers.clone();
-        let response = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| AttemptError::Connect(e.to_string()))?;
-        if response.status().is_server_error() {
-            return Err(AttemptError::Status(response));
-        }
-        Ok(response)
-    }
 }
 
 /// What the relay needs to settle the request when it ends.
@@ -219,7 +119,7 @@ fn usage_tokens(json: &[u8]) -> Option<u32> {
 }
 
 /// Relays `upstream` to the client; settles when the relay ends (or the client leaves).
-pub fn relay(upstream: Response<Incoming>, settle: Settle) -> Response<Body> {
+pub fn relay(upstream: Response<UpstreamBody>, settle: Settle) -> Response<Body> {
     let (parts, incoming) = upstream.into_parts();
     let sse = parts
         .headers
@@ -227,7 +127,6 @@ pub fn relay(upstream: Response<Incoming>, settle: Settle) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
     if sse {
         headers.remove(header::CONTENT_LENGTH);
     }
@@ -256,7 +155,7 @@ pub fn relay(upstream: Response<Incoming>, settle: Settle) -> Response<Body> {
 /// A JSON response passed through frame by frame, keeping a bounded copy to read `usage` from;
 /// settles when the body ends, fails, or is dropped unfinished (client gone).
 struct JsonRelay {
-    incoming: Incoming,
+    incoming: UpstreamBody,
     /// The frames so far (shared, not copied), while they fit the limit.
     copy: Vec<Bytes>,
     copied: usize,
@@ -335,7 +234,7 @@ impl Drop for JsonRelay {
 }
 
 async fn relay_sse(
-    mut incoming: Incoming,
+    mut incoming: UpstreamBody,
     tx: mpsc::Sender<Bytes>,
     settle: Settle,
     status: StatusCode,
@@ -488,20 +387,5 @@ mod tests {
         assert_eq!(usage_tokens(br#"{"choices":[],"usage":null}"#), None);
         assert_eq!(usage_tokens(br#"{"choices":[]}"#), None);
         assert_eq!(usage_tokens(b"not json"), None);
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("x-request-id", HeaderValue::from_static("abc"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-request-id"));
     }
 }

@@ -26,8 +26,9 @@ use crate::error::GatewayError;
 use crate::inspect::{self, Api};
 use crate::limit;
 use crate::metrics::{Metrics, PoolHandles};
-use crate::proxy::{self, AttemptError, InflightGuard, Settle, Upstream, names};
+use crate::proxy::{self, InflightGuard, Settle, names};
 use crate::queue::{self, QueueError, QueueHandle, Ticket};
+use crate::upstream::{AttemptError, Upstream};
 
 /// A request may lower its priority with this header (never raise it).
 pub const PRIORITY_HEADER: http::HeaderName = http::HeaderName::from_static("x-llmctl-priority");
@@ -102,7 +103,7 @@ impl Gateway {
             tenants: Tenants::new(&config),
             config: std::sync::RwLock::new(Arc::new(config)),
             pools,
-            upstream: Upstream::new(),
+            upstream: Upstream::spawn(),
             metrics,
             draining: AtomicBool::new(false),
             inflight: Arc::new(AtomicUsize::new(0)),
@@ -331,7 +332,7 @@ impl Gateway {
                     &grant.endpoint.address,
                     path,
                     &forward_headers,
-                    inspected.upstream_body.clone(),
+                    &inspected.upstream_body,
                 )
                 .await
             {
@@ -393,7 +394,8 @@ impl Gateway {
                                 let mut resp = Response::new(body::full(bytes));
                                 *resp.status_mut() = parts.status;
                                 *resp.headers_mut() = parts.headers;
-                                proxy::strip_hop_by_hop(resp.headers_mut());
+                                // Framed anew from what was read.
+                                resp.headers_mut().remove(http::header::CONTENT_LENGTH);
                                 resp
                             }
                             AttemptError::Connect(e) => {
