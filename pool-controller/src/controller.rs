@@ -165,7 +165,12 @@ impl Controller {
         let pools: BTreeMap<String, Vec<Endpoint>> = self
             .read()
             .iter()
-            .map(|(name, p)| (name.clone(), p.status.borrow().endpoints.clone()))
+            .filter_map(|(name, p)| {
+                let status = p.status.borrow();
+                status
+                    .adopted
+                    .then(|| (name.clone(), status.endpoints.clone()))
+            })
             .collect();
         self.snapshot.send_if_modified(|snap| {
             if pools == snap.pools {

@@ -71,6 +71,10 @@ pub struct ExecutorInfo {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PoolStatus {
     pub name: String,
+    /// The executors that already existed were taken over. Until then the endpoint set is not
+    /// known, and the controller leaves the pool out of what it publishes (so gateways keep the
+    /// set they had, e.g. across a leader hand-over or a pool's reconciler restart).
+    pub adopted: bool,
     pub endpoints: Vec<Endpoint>,
     pub starting: u32,
     pub ready: u32,
@@ -157,6 +161,7 @@ impl<P: Provider> Reconciler<P> {
         for adopted in self.provider.adopt().await {
             self.adopt(adopted);
         }
+        self.status.send_modify(|s| s.adopted = true);
         self.publish();
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -255,13 +260,26 @@ impl<P: Provider> Reconciler<P> {
             ExecutorEvent::Ready { id, endpoint } => {
                 let now = self.now();
                 if let Some(r) = self.executors.get_mut(&id) {
-                    let took = r.launched.elapsed();
                     r.phase = Phase::Ready;
                     r.endpoint = Some(endpoint);
-                    r.ready_after = Some(took);
                     r.idle_since = Some(now);
-                    self.consecutive_failures = 0;
-                    self.metrics.cold_start(&pool, r.class, took.as_secs_f64());
+                    // Ready again after a spell of not ready is not a cold start.
+                    if r.ready_after.is_none() {
+                        let took = r.launched.elapsed();
+                        r.ready_after = Some(took);
+                        self.consecutive_failures = 0;
+                        self.metrics.cold_start(&pool, r.class, took.as_secs_f64());
+                    }
+                }
+            }
+            ExecutorEvent::Unready { id, reason } => {
+                if let Some(r) = self.executors.get_mut(&id)
+                    && r.phase == Phase::Ready
+                {
+                    tracing::warn!(%pool, executor = %id, %reason, "executor no longer ready; out of the endpoint set");
+                    // Counted as coming capacity, like a starting one, until ready again.
+                    r.phase = Phase::Starting;
+                    r.idle_since = None;
                 }
             }
             ExecutorEvent::Terminated { id, reason } => {

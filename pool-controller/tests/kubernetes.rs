@@ -17,7 +17,7 @@ use fake_api::{
 use kube::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use llmctl_pool_controller::controller::Controller;
-use llmctl_pool_controller::kubernetes::leader::{Elector, LeaderConfig};
+use llmctl_pool_controller::kubernetes::leader::{Attempt, Elector, LeaderConfig};
 use llmctl_pool_controller::kubernetes::pools::Pools;
 use llmctl_pool_controller::reconciler::PoolStatus;
 use llmctl_protocol::control::{DemandReport, PoolDemand};
@@ -360,10 +360,16 @@ async fn an_unschedulable_pod_is_coming_capacity_but_a_scheduled_one_that_never_
     // Placed, but the image never starts: deleted after the startup timeout and replaced.
     make_scheduled(&fake, "gpu-warm-1");
     let scheduled_at = Instant::now();
-    fake.expect(mark, SECS(60), "the late pod deleted", |r| {
-        deletes_pod(r, "gpu-warm-1")
-    })
-    .await;
+    let delete = fake
+        .expect(mark, SECS(60), "the late pod deleted", |r| {
+            deletes_pod(r, "gpu-warm-1")
+        })
+        .await;
+    assert_eq!(
+        delete.body["gracePeriodSeconds"], 20,
+        "a late pod gets the drain grace (it may hold a GPU): {:?}",
+        delete.body
+    );
     assert!(
         scheduled_at.elapsed() >= SECS(30),
         "{:?}",
@@ -382,6 +388,25 @@ async fn a_new_leader_adopts_running_pods_and_a_spec_change_keeps_them() {
     fake.create_object(PODS, existing_pod("chat-warm-4", "chat", "warm"));
     make_ready(&fake, "chat-warm-4", "10.0.0.4");
     let controller = start(client);
+    // Every endpoint set the controller publishes to gateways, from the start.
+    let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn({
+        let mut snapshots = controller.endpoints();
+        let published = published.clone();
+        async move {
+            loop {
+                let chat = snapshots
+                    .borrow_and_update()
+                    .pools
+                    .get("chat")
+                    .map(|set| set.iter().map(|e| e.address.clone()).collect::<Vec<_>>());
+                published.lock().unwrap().push(chat);
+                if snapshots.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
 
     let endpoints = wait_for("the adopted endpoint", SECS(10), || {
         let s = pool_status(&controller, "chat")?;
@@ -431,6 +456,73 @@ async fn a_new_leader_adopts_running_pods_and_a_spec_change_keeps_them() {
         r.path == format!("{POOLS}/chat/status") && r.body["status"]["observedGeneration"] == 2
     })
     .await;
+    // Gateways apply each published set as the pool's whole set: neither the first leader's
+    // start nor the restart after the spec edit may publish the pool without its running pod.
+    let published = published.lock().unwrap().clone();
+    assert!(
+        published
+            .iter()
+            .flatten()
+            .all(|set| set.contains(&"10.0.0.4:8000".to_owned())),
+        "{published:?}"
+    );
+    assert!(published.iter().flatten().count() > 0, "{published:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_that_stops_being_ready_leaves_the_endpoint_set_until_ready_again() {
+    let (fake, client) = FakeApi::start();
+    fake.create_object(POOLS, pool("chat", json!({"minWarm": 1, "maxReplicas": 2})));
+    let controller = start(client);
+    let created = fake
+        .expect(0, SECS(10), "a warm pod", |r| creates_pod(r, "warm"))
+        .await;
+    let pod = created.body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    make_ready(&fake, &pod, "10.0.0.7");
+    wait_for("the endpoint", SECS(10), || {
+        let s = pool_status(&controller, "chat")?;
+        (s.endpoint_addresses() == ["10.0.0.7:8000"]).then_some(())
+    })
+    .await;
+
+    // The readiness probe fails: out of the set, counted as starting, not deleted.
+    make_scheduled(&fake, &pod);
+    let s = wait_for("the endpoint gone", SECS(10), || {
+        pool_status(&controller, "chat").filter(|s| s.endpoints.is_empty())
+    })
+    .await;
+    assert_eq!((s.ready, s.starting), (0, 1));
+    let mark = fake.mark();
+    tokio::time::sleep(SECS(10)).await;
+    assert!(
+        !fake
+            .requests()
+            .iter()
+            .skip(mark)
+            .any(|r| r.method == "DELETE" || creates_pod(r, "warm")),
+        "an unready pod is neither deleted nor replaced within its startup timeout"
+    );
+
+    make_ready(&fake, &pod, "10.0.0.7");
+    let s = wait_for("the endpoint back", SECS(10), || {
+        pool_status(&controller, "chat").filter(|s| !s.endpoints.is_empty())
+    })
+    .await;
+    assert_eq!((s.ready, s.starting, s.failures), (1, 0, 0));
+
+    // Unready for longer than the startup timeout (30 s): deleted and replaced.
+    make_scheduled(&fake, &pod);
+    let delete = fake
+        .expect(mark, SECS(60), "the stuck pod deleted", |r| {
+            deletes_pod(r, &pod)
+        })
+        .await;
+    assert_eq!(delete.body["gracePeriodSeconds"], 20);
+    fake.expect(mark, SECS(30), "a replacement", |r| creates_pod(r, "warm"))
+        .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -496,12 +588,14 @@ async fn leadership_is_exclusive_released_on_shutdown_and_taken_over_when_the_le
 
     let mut a = elector("a");
     let mut b = elector("b");
-    assert!(
+    assert_eq!(
         a.try_acquire_or_renew().await.unwrap(),
+        Attempt::Held,
         "a free lease is taken"
     );
-    assert!(
-        !b.try_acquire_or_renew().await.unwrap(),
+    assert_eq!(
+        b.try_acquire_or_renew().await.unwrap(),
+        Attempt::HeldBy("a".into()),
         "a held lease is not"
     );
     let lead_a = a.keep();
@@ -547,9 +641,27 @@ async fn leadership_is_exclusive_released_on_shutdown_and_taken_over_when_the_le
     let reason = tokio::time::timeout(SECS(5), lead_c.lost())
         .await
         .expect("c notices");
-    assert!(reason.contains("another replica"), "{reason}");
-    assert!(
+    assert!(reason.contains("replica d holds the lease"), "{reason}");
+    assert_eq!(
         d.try_acquire_or_renew().await.unwrap(),
+        Attempt::Held,
         "the new holder renews"
     );
+
+    // A leader whose API calls hang stops leading by its renew deadline, before the lease
+    // it last wrote runs out and another replica may take over.
+    let mut lead_d = d.keep();
+    tokio::time::sleep(SECS(7)).await;
+    let stalled_at = Instant::now();
+    fake.set_stalled(true);
+    let reason = tokio::time::timeout(SECS(30), lead_d.lost())
+        .await
+        .expect("d gives up while the API hangs");
+    assert!(reason.contains("could not renew"), "{reason}");
+    assert!(
+        stalled_at.elapsed() <= SECS(10),
+        "stopped leading {:?} after the last renewal could start",
+        stalled_at.elapsed()
+    );
+    fake.set_stalled(false);
 }

@@ -1,7 +1,8 @@
 //! Leader election on a coordination `Lease`, so several controller replicas can run and exactly
 //! one of them drives the pools. A candidate takes the lease when it is free, released, or not
 //! renewed for its duration; the holder renews it every `retry_period` and gives up leading when
-//! it could not renew for `renew_deadline` (or sees another holder), after which the process
+//! it could not renew for `renew_deadline` (each attempt cut off at that deadline) or sees another
+//! holder, after which the process
 //! exits and restarts as a candidate. Expiry is judged by this replica's own clock from when it
 //! last saw the lease record change (as client-go does), so clock skew between nodes does not
 //! matter. Writes use the lease's `resourceVersion`, so two candidates never both win.
@@ -44,6 +45,17 @@ impl LeaderConfig {
     }
 }
 
+/// What one attempt to take or renew the lease found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// This replica holds the lease.
+    Held,
+    /// Another replica holds it and its term has not run out.
+    HeldBy(String),
+    /// The lease changed between reading and writing it (409): try again.
+    Raced,
+}
+
 /// One candidate.
 pub struct Elector {
     api: Api<Lease>,
@@ -65,19 +77,19 @@ impl Elector {
     pub async fn acquire(&mut self) {
         loop {
             match self.try_acquire_or_renew().await {
-                Ok(true) => {
+                Ok(Attempt::Held) => {
                     tracing::info!(lease = %self.config.lease, identity = %self.config.identity, "elected leader");
                     return;
                 }
-                Ok(false) => {}
+                Ok(Attempt::HeldBy(_) | Attempt::Raced) => {}
                 Err(e) => tracing::warn!(lease = %self.config.lease, "leader election: {e}"),
             }
             tokio::time::sleep(self.config.retry_period).await;
         }
     }
 
-    /// One attempt: `Ok(true)` when this replica holds the lease afterwards.
-    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+    /// One attempt to take the lease, or to renew it when this replica holds it.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, kube::Error> {
         let c = &self.config;
         let now = MicroTime(Timestamp::now());
         let duration_secs = c.lease_duration.as_secs().max(1) as i32;
@@ -96,7 +108,7 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
-            return conflict_is_false(self.api.create(&PostParams::default(), &lease).await);
+            return written(self.api.create(&PostParams::default(), &lease).await);
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
@@ -119,7 +131,7 @@ impl Elector {
                 .map(|(_, at)| *at)
                 .expect("observed above");
             if seen.elapsed() < held_for {
-                return Ok(false);
+                return Ok(Attempt::HeldBy(holder));
             }
             tracing::info!(lease = %c.lease, previous = %holder, "lease expired; taking it over");
         }
@@ -139,36 +151,46 @@ impl Elector {
                 ..LeaseSpec::default()
             }),
         };
-        conflict_is_false(
+        written(
             self.api
                 .replace(&c.lease, &PostParams::default(), &updated)
                 .await,
         )
     }
 
-    /// Keeps renewing in the background; [`Leadership::lost`] resolves when leading ends.
+    /// Keeps renewing in the background; [`Leadership::lost`] resolves when leading ends: at
+    /// once when another replica is seen holding the lease, else when no renewal succeeded for
+    /// `renew_deadline`. Each attempt is cut off at what is left of that deadline, so a stalled
+    /// API call cannot keep this replica leading past the lease (client-go does the same).
     pub fn keep(mut self) -> Leadership {
         let (lost_tx, lost) = oneshot::channel();
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            let deadline = self.config.renew_deadline;
             let mut renewed = Instant::now();
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.retry_period) => {}
                     _ = &mut stopped => return self,
                 }
-                match self.try_acquire_or_renew().await {
-                    Ok(true) => renewed = Instant::now(),
-                    Ok(false) => {
-                        let _ = lost_tx.send("another replica holds the lease".to_owned());
+                let left = deadline.saturating_sub(renewed.elapsed());
+                let lease = self.config.lease.clone();
+                match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                    Ok(Ok(Attempt::Held)) => renewed = Instant::now(),
+                    Ok(Ok(Attempt::HeldBy(other))) => {
+                        let _ = lost_tx.send(format!("replica {other} holds the lease"));
                         return self;
                     }
-                    Err(e) => tracing::warn!(lease = %self.config.lease, "renewing the lease: {e}"),
+                    Ok(Ok(Attempt::Raced)) => {
+                        tracing::warn!(%lease, "the lease changed while renewing it; retrying")
+                    }
+                    Ok(Err(e)) => tracing::warn!(%lease, "renewing the lease: {e}"),
+                    Err(_) => tracing::warn!(%lease, "renewing the lease timed out"),
                 }
-                if renewed.elapsed() > self.config.renew_deadline {
+                if renewed.elapsed() >= deadline {
                     let _ = lost_tx.send(format!(
                         "could not renew the lease for {}s",
-                        self.config.renew_deadline.as_secs()
+                        deadline.as_secs()
                     ));
                     return self;
                 }
@@ -194,7 +216,7 @@ impl Elector {
             metadata: lease.metadata,
             spec: Some(spec),
         };
-        conflict_is_false(
+        written(
             self.api
                 .replace(&self.config.lease, &PostParams::default(), &released)
                 .await,
@@ -203,11 +225,11 @@ impl Elector {
     }
 }
 
-/// A write that lost a race (409) means someone else holds the lease.
-fn conflict_is_false(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+/// A write that went through holds the lease; one that lost a race (409) did not.
+fn written(result: Result<Lease, kube::Error>) -> Result<Attempt, kube::Error> {
     match result {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Ok(_) => Ok(Attempt::Held),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::Raced),
         Err(e) => Err(e),
     }
 }

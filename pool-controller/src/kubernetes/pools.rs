@@ -4,7 +4,8 @@
 //! `metadata.generation`) restarts (its reconciler adopts the running pods, so no executor is
 //! lost), a deleted pool stops (its pods go with it through their owner references). A spec
 //! that does not validate leaves the previous reconciler running and is reported on the
-//! resource (`Ready=False, reason InvalidSpec`) and as a Warning event.
+//! resource (`Accepted=False, reason InvalidSpec`, kept there by the running pool's status
+//! reporter) and as a Warning event.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
 use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::controller::Controller;
@@ -49,6 +51,8 @@ struct RunningPool {
     uid: Option<String>,
     generation: Option<i64>,
     status: JoinHandle<()>,
+    /// Why the pool's newest spec was refused, for its status reporter.
+    rejected: watch::Sender<Option<String>>,
 }
 
 impl Pools {
@@ -228,12 +232,14 @@ impl Pools {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let (provider, events) = KubernetesProvider::new(pods, provider);
         let status_rx = self.controller.add_pool(config, provider, events);
+        let (rejected, rejected_rx) = watch::channel(None);
         let status = tokio::spawn(status::report(
             self.api(),
             self.recorder.clone(),
             pool.object_ref(&()),
             pool.metadata.generation,
             status_rx,
+            rejected_rx,
         ));
         self.running.insert(
             name,
@@ -241,6 +247,7 @@ impl Pools {
                 uid: pool.metadata.uid.clone(),
                 generation: pool.metadata.generation,
                 status,
+                rejected,
             },
         );
     }
@@ -260,7 +267,9 @@ impl Pools {
         }
     }
 
-    /// Once per generation: a Warning event and `Ready=False, reason InvalidSpec` on the pool.
+    /// Once per generation: a Warning event and `Accepted=False, reason InvalidSpec` on the
+    /// pool (from its running reconciler's status reporter when there is one, which keeps it
+    /// there; else written here with `Ready=False` too, as nothing runs).
     async fn report_invalid(&mut self, pool: &InferencePool, e: SpecError) {
         let name = pool.name_any();
         if self.reported_invalid.get(&name) == Some(&pool.metadata.generation) {
@@ -270,18 +279,25 @@ impl Pools {
             .insert(name.clone(), pool.metadata.generation);
         let message = e.to_string();
         tracing::warn!(pool = %name, "invalid InferencePool: {message}");
-        let mut status: InferencePoolStatus = pool.status.clone().unwrap_or_default();
-        let previous = status.clone();
-        status.conditions = vec![status::condition(
-            Some(&previous),
-            "Ready",
-            "False",
-            "InvalidSpec",
-            message.clone(),
-            pool.metadata.generation,
-        )];
-        if let Err(e) = status::apply(&self.api(), &name, &status).await {
-            tracing::warn!(pool = %name, "writing the pool status: {e}");
+        if let Some(running) = self.running.get(&name) {
+            running.rejected.send_replace(Some(message.clone()));
+        } else {
+            let previous: InferencePoolStatus = pool.status.clone().unwrap_or_default();
+            let mut status = previous.clone();
+            status.conditions = vec![
+                status::condition(
+                    Some(&previous),
+                    "Ready",
+                    "False",
+                    "InvalidSpec",
+                    message.clone(),
+                    pool.metadata.generation,
+                ),
+                status::accepted(Some(&previous), Some(&message), pool.metadata.generation),
+            ];
+            if let Err(e) = status::apply(&self.api(), &name, &status).await {
+                tracing::warn!(pool = %name, "writing the pool status: {e}");
+            }
         }
         let event = Event {
             type_: EventType::Warning,

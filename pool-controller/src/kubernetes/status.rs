@@ -15,20 +15,24 @@ use crate::crd::{InferencePool, InferencePoolStatus};
 use crate::provider::kubernetes::FIELD_MANAGER;
 use crate::reconciler::PoolStatus;
 
-/// Follows the reconciler's status until the pool stops.
+/// Follows the reconciler's status until the pool stops. `rejected` holds why the pool's newest
+/// spec was refused (this reconciler goes on with the previous one), `None` while it is the
+/// newest.
 pub async fn report(
     api: Api<InferencePool>,
     recorder: Recorder,
     pool: ObjectReference,
     generation: Option<i64>,
     mut status: watch::Receiver<PoolStatus>,
+    mut rejected: watch::Receiver<Option<String>>,
 ) {
     let name = pool.name.clone().unwrap_or_default();
     let mut written: Option<InferencePoolStatus> = None;
     let mut seen: Option<PoolStatus> = None;
     loop {
         let now = status.borrow_and_update().clone();
-        let next = pool_status(&now, generation, written.as_ref());
+        let problem = rejected.borrow_and_update().clone();
+        let next = pool_status(&now, generation, problem.as_deref(), written.as_ref());
         if written.as_ref() != Some(&next) {
             match apply(&api, &name, &next).await {
                 Ok(()) => written = Some(next),
@@ -42,8 +46,9 @@ pub async fn report(
             }
         }
         seen = Some(now);
-        if status.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            changed = rejected.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -68,11 +73,14 @@ pub async fn apply(
     .map(|_| ())
 }
 
-/// The resource's status from the reconciler's; the `Ready` condition keeps its transition time
+/// The resource's status from the reconciler's: counts, targets, and two conditions, `Ready`
+/// (any executor serving) and `Accepted` (the newest spec is the one running; `False, reason
+/// InvalidSpec` with `rejected`'s message when it was refused). Each keeps its transition time
 /// while its status does not change.
 pub fn pool_status(
     s: &PoolStatus,
     generation: Option<i64>,
+    rejected: Option<&str>,
     previous: Option<&InferencePoolStatus>,
 ) -> InferencePoolStatus {
     let count = |class: &str| {
@@ -106,9 +114,36 @@ pub fn pool_status(
         desired,
         last_reason: s.last_reason.map(str::to_owned),
         observed_generation: generation,
-        conditions: vec![condition(
-            previous, "Ready", ready, reason, message, generation,
-        )],
+        conditions: vec![
+            condition(previous, "Ready", ready, reason, message, generation),
+            accepted(previous, rejected, generation),
+        ],
+    }
+}
+
+/// The `Accepted` condition: `True` unless the newest spec was refused (`rejected` says why).
+pub fn accepted(
+    previous: Option<&InferencePoolStatus>,
+    rejected: Option<&str>,
+    generation: Option<i64>,
+) -> Condition {
+    match rejected {
+        None => condition(
+            previous,
+            "Accepted",
+            "True",
+            "SpecValid",
+            "the spec is running".to_owned(),
+            generation,
+        ),
+        Some(why) => condition(
+            previous,
+            "Accepted",
+            "False",
+            "InvalidSpec",
+            why.to_owned(),
+            generation,
+        ),
     }
 }
 
@@ -206,19 +241,46 @@ mod tests {
             ],
             ..PoolStatus::default()
         };
-        let first = pool_status(&s, Some(3), None);
+        let first = pool_status(&s, Some(3), None, None);
         assert_eq!((first.warm, first.ephemeral, first.desired), (1, 1, 3));
         assert_eq!(first.conditions[0].status, "True");
         let mut old = first.clone();
         old.conditions[0].last_transition_time = Time(Timestamp::UNIX_EPOCH);
-        let again = pool_status(&s, Some(3), Some(&old));
+        let again = pool_status(&s, Some(3), None, Some(&old));
         assert_eq!(again, old, "an unchanged pool writes nothing new");
-        let down = PoolStatus { ready: 0, ..s };
-        let changed = pool_status(&down, Some(3), Some(&old));
+        let down = PoolStatus {
+            ready: 0,
+            ..s.clone()
+        };
+        let changed = pool_status(&down, Some(3), None, Some(&old));
         assert_eq!(changed.conditions[0].reason, "NoReadyExecutors");
         assert_ne!(
             changed.conditions[0].last_transition_time,
             old.conditions[0].last_transition_time
+        );
+        assert_eq!(
+            changed.conditions[1], old.conditions[1],
+            "Accepted holds while the spec does"
+        );
+
+        // A refused newer spec: the running pool still reports, and says why it was refused.
+        let refused = pool_status(
+            &s,
+            Some(3),
+            Some("spec.model: must not be empty"),
+            Some(&old),
+        );
+        assert_eq!(refused.conditions[0], old.conditions[0]);
+        assert_eq!(
+            (
+                refused.conditions[1].status.as_str(),
+                refused.conditions[1].reason.as_str()
+            ),
+            ("False", "InvalidSpec")
+        );
+        assert_eq!(
+            refused.conditions[1].message,
+            "spec.model: must not be empty"
         );
     }
 

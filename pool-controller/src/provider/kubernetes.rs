@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -365,7 +365,8 @@ impl PodWatch {
         let stream = watcher(
             self.pods.clone(),
             watcher::Config::default().labels(&selector),
-        );
+        )
+        .default_backoff();
         let mut stream = std::pin::pin!(stream);
         let mut sweep = tokio::time::interval(self.config.sweep);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -380,9 +381,8 @@ impl PodWatch {
                     Some(Ok(watcher::Event::Apply(pod))) => self.on_pod(&pod),
                     Some(Ok(watcher::Event::Delete(pod))) => self.on_gone(&pod),
                     Some(Err(e)) => {
-                        // The watcher backs off and retries by itself; the last known state holds.
+                        // The stream backs off before it retries; the last known state holds.
                         tracing::warn!(pool = %self.config.pool, "pod watch: {e}");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     None => return,
                 },
@@ -460,6 +460,17 @@ impl PodWatch {
             terminal_at: None,
         });
         match state {
+            PodState::Starting { .. } | PodState::Unschedulable if t.ready && !t.terminated => {
+                // Its readiness probe fails now. It is not deleted for it (the kubelet restarts
+                // a container that fails its liveness probe); it gets the startup timeout again.
+                t.ready = false;
+                t.scheduled_at = Some(Instant::now());
+                tracing::warn!(pool = %self.config.pool, executor = %id, "executor pod no longer ready");
+                let _ = self.events.send(ExecutorEvent::Unready {
+                    id,
+                    reason: "pod no longer ready".to_owned(),
+                });
+            }
             PodState::Ready { endpoint } if !t.ready && !t.terminated => {
                 t.ready = true;
                 t.scheduled_at = None;
@@ -535,7 +546,9 @@ impl PodWatch {
                 c.startup_timeout.as_secs()
             );
             tracing::warn!(pool = %c.pool, executor = %id, "{reason}; deleting the pod");
-            if let Err(e) = delete_pod(&self.pods, &id, Duration::ZERO).await {
+            // With the drain grace: a scheduled container may hold a GPU until it has exited,
+            // and a forced delete would let the pod's replacement race it for the device.
+            if let Err(e) = delete_pod(&self.pods, &id, c.drain_grace).await {
                 tracing::warn!(pool = %c.pool, executor = %id, "deleting a late pod: {e}");
             }
             let _ = self.events.send(ExecutorEvent::Terminated { id, reason });

@@ -22,8 +22,12 @@ pub enum ExecutorEvent {
         /// The process id, for providers that run processes.
         pid: Option<u32>,
     },
-    /// Serving at `endpoint` (`host:port`).
+    /// Serving at `endpoint` (`host:port`); also sent when an executor that stopped being
+    /// ready is ready again.
     Ready { id: String, endpoint: String },
+    /// Was ready, is not any more (a failing readiness probe): out of the endpoint set until
+    /// `Ready` again.
+    Unready { id: String, reason: String },
     /// Gone: exited, killed, deleted, or never became ready.
     Terminated { id: String, reason: String },
 }

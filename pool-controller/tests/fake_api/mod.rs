@@ -67,6 +67,8 @@ struct State {
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
     logged: watch::Sender<usize>,
+    /// While true, requests get no answer (an API server that hangs).
+    stalled: watch::Sender<bool>,
 }
 
 impl FakeApi {
@@ -77,6 +79,7 @@ impl FakeApi {
         let fake = Self {
             state: Arc::default(),
             logged: watch::channel(0).0,
+            stalled: watch::channel(false).0,
         };
         let server = fake.clone();
         tokio::spawn(async move {
@@ -92,7 +95,13 @@ impl FakeApi {
         self.state.lock().expect("fake API state lock")
     }
 
+    /// Makes the server hang (every request waits, unanswered) or resume.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+
     async fn handle(&self, request: Request<kube::client::Body>) -> Response<FakeBody> {
+        let _ = self.stalled.subscribe().wait_for(|s| !*s).await;
         let (parts, body) = request.into_parts();
         let bytes = body
             .collect()
