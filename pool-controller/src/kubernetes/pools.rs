@@ -1,11 +1,12 @@
 //! Keeps one reconciler (with a Kubernetes provider and a status reporter) per `InferencePool`
-//! in the namespace. The pools are followed with kube's runtime `reflector`; after every change
-//! the whole set is synced: a new pool starts, a pool whose spec changed (a new
+//! in the namespace, driven by kube's runtime `Controller` (`reconcile` and `error_policy`, as
+//! in kube-rs's reference controller): a new pool starts, a pool whose spec changed (a new
 //! `metadata.generation`) restarts (its reconciler adopts the running pods, so no executor is
-//! lost), a deleted pool stops (its pods go with it through their owner references). A spec
-//! that does not validate leaves the previous reconciler running and is reported on the
-//! resource (`Accepted=False, reason InvalidSpec`, kept there by the running pool's status
-//! reporter) and as a Warning event.
+//! lost). The runtime calls `reconcile` only for pools that exist, so a deleted pool's
+//! reconciler is stopped by a sweep against the controller's store (its pods go with it
+//! through their owner references). A spec that does not validate leaves the previous
+//! reconciler running and is reported on the resource (`Accepted=False, reason InvalidSpec`,
+//! kept there by the running pool's status reporter) and as a Warning event.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,12 +14,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use crate::controller::Controller;
@@ -34,6 +35,17 @@ const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// Pool names become label values and pod name prefixes (`<pool>-warm-<n>`).
 const MAX_POOL_NAME: usize = 50;
+/// How often running reconcilers are checked against the pools that still exist.
+const SWEEP: Duration = Duration::from_secs(1);
+/// A failed reconcile is tried again after this long.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Why reconciling a pool failed (it is tried again after `RETRY`).
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("writing the status of InferencePool {pool}: {source}")]
+    Status { pool: String, source: kube::Error },
+}
 
 pub struct Pools {
     client: Client,
@@ -42,6 +54,12 @@ pub struct Pools {
     recorder: Recorder,
     /// Time between the reconcilers' decisions.
     tick: Duration,
+    /// One pool's reconcile at a time (starting and stopping reconcilers awaits).
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
     running: HashMap<String, RunningPool>,
     /// The generation whose invalid spec was already reported, per pool.
     reported_invalid: HashMap<String, Option<i64>>,
@@ -69,8 +87,7 @@ impl Pools {
             controller,
             recorder,
             tick,
-            running: HashMap::new(),
-            reported_invalid: HashMap::new(),
+            state: Mutex::default(),
         }
     }
 
@@ -78,68 +95,82 @@ impl Pools {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Follows the namespace's pools until the watch ends (it retries with backoff by itself).
-    pub async fn run(mut self) {
-        let (reader, writer) = reflector::store();
-        let stream = reflector::reflector(writer, watcher(self.api(), watcher::Config::default()))
-            .default_backoff();
-        let mut stream = std::pin::pin!(stream);
-        let mut resync = tokio::time::interval(Duration::from_secs(10));
-        // Deletions are only known from a complete list: nothing is synced before the first.
-        let mut listed = false;
+    /// Runs the controller until its watch ends (it backs off and retries by itself).
+    pub async fn run(self) {
+        let pools = Arc::new(self);
+        let controller = kube::runtime::Controller::new(pools.api(), watcher::Config::default());
+        let store = controller.store();
+        let sweeper = tokio::spawn(pools.clone().sweep(store));
+        controller
+            .run(reconcile, error_policy, pools)
+            .for_each(|outcome| async move {
+                if let Err(e) = outcome {
+                    tracing::debug!("InferencePool controller: {e}");
+                }
+            })
+            .await;
+        sweeper.abort();
+    }
+
+    /// Stops the reconcilers of pools that no longer exist (or are being deleted).
+    async fn sweep(self: Arc<Self>, store: Store<InferencePool>) {
+        // Before the first complete list an empty store means nothing. Asked afresh each
+        // period: a wait begun before the list completed did not wake in our tests (kube-runtime
+        // 5, paused clock), one begun after returns at once.
         loop {
-            tokio::select! {
-                event = stream.next() => match event {
-                    Some(Ok(watcher::Event::InitDone)) => listed = true,
-                    Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {}
-                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
-                    Some(Err(e)) => {
-                        tracing::warn!("InferencePool watch: {e}");
-                        continue;
-                    }
-                    None => return,
-                },
-                _ = resync.tick() => {}
+            match tokio::time::timeout(SWEEP, store.wait_until_ready()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return,
+                Err(_) => {}
             }
-            if listed {
-                self.sync(&reader).await;
+        }
+        let mut tick = tokio::time::interval(SWEEP);
+        loop {
+            tick.tick().await;
+            let live: Vec<String> = store
+                .state()
+                .iter()
+                .filter(|p| p.meta().deletion_timestamp.is_none())
+                .map(|p| p.name_any())
+                .collect();
+            let mut state = self.state.lock().await;
+            let gone: Vec<String> = state
+                .running
+                .keys()
+                .filter(|name| !live.contains(name))
+                .cloned()
+                .collect();
+            for name in gone {
+                tracing::info!(pool = %name, "InferencePool deleted; stopping its reconciler");
+                self.stop(&mut state, &name).await;
             }
+            state.reported_invalid.retain(|name, _| live.contains(name));
         }
     }
 
-    /// Brings the running reconcilers in line with the pools in `store`.
-    pub async fn sync(&mut self, store: &Store<InferencePool>) {
-        let pools = store.state();
-        for pool in &pools {
-            let name = pool.name_any();
-            if pool.meta().deletion_timestamp.is_some() {
-                self.stop(&name).await;
-                continue;
-            }
-            let current = self.running.get(&name);
-            if current.is_some_and(|r| {
-                r.generation == pool.metadata.generation && r.uid == pool.metadata.uid
-            }) {
-                continue;
-            }
-            match self.configs(pool) {
-                Ok((pool_config, provider_config)) => {
-                    self.reported_invalid.remove(&name);
-                    self.stop(&name).await;
-                    self.start(pool, pool_config, provider_config);
-                }
-                Err(e) => self.report_invalid(pool, e).await,
-            }
+    /// Brings this pool's reconciler in line with its spec.
+    async fn reconcile(&self, pool: &InferencePool) -> Result<(), PoolError> {
+        let name = pool.name_any();
+        let mut state = self.state.lock().await;
+        if pool.meta().deletion_timestamp.is_some() {
+            self.stop(&mut state, &name).await;
+            return Ok(());
         }
-        let gone: Vec<String> = self
+        if state
             .running
-            .keys()
-            .filter(|name| !pools.iter().any(|p| p.name_any() == **name))
-            .cloned()
-            .collect();
-        for name in gone {
-            tracing::info!(pool = %name, "InferencePool deleted; stopping its reconciler");
-            self.stop(&name).await;
+            .get(&name)
+            .is_some_and(|r| r.generation == pool.metadata.generation && r.uid == pool.metadata.uid)
+        {
+            return Ok(());
+        }
+        match self.configs(pool) {
+            Ok((pool_config, provider_config)) => {
+                state.reported_invalid.remove(&name);
+                self.stop(&mut state, &name).await;
+                self.start(&mut state, pool, pool_config, provider_config);
+                Ok(())
+            }
+            Err(e) => self.report_invalid(&mut state, pool, e).await,
         }
     }
 
@@ -226,7 +257,13 @@ impl Pools {
         ))
     }
 
-    fn start(&mut self, pool: &InferencePool, config: PoolConfig, provider: KubernetesConfig) {
+    fn start(
+        &self,
+        state: &mut State,
+        pool: &InferencePool,
+        config: PoolConfig,
+        provider: KubernetesConfig,
+    ) {
         let name = config.name.clone();
         tracing::info!(pool = %name, generation = ?pool.metadata.generation, "starting the pool's reconciler");
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
@@ -241,7 +278,7 @@ impl Pools {
             status_rx,
             rejected_rx,
         ));
-        self.running.insert(
+        state.running.insert(
             name,
             RunningPool {
                 uid: pool.metadata.uid.clone(),
@@ -252,34 +289,29 @@ impl Pools {
         );
     }
 
-    async fn stop(&mut self, name: &str) {
-        if let Some(running) = self.running.remove(name) {
+    async fn stop(&self, state: &mut State, name: &str) {
+        if let Some(running) = state.running.remove(name) {
             running.status.abort();
             self.controller.remove_pool(name).await;
-        }
-    }
-
-    /// Stops every reconciler (the pods stay for the next leader).
-    pub async fn stop_all(&mut self) {
-        let names: Vec<String> = self.running.keys().cloned().collect();
-        for name in names {
-            self.stop(&name).await;
         }
     }
 
     /// Once per generation: a Warning event and `Accepted=False, reason InvalidSpec` on the
     /// pool (from its running reconciler's status reporter when there is one, which keeps it
     /// there; else written here with `Ready=False` too, as nothing runs).
-    async fn report_invalid(&mut self, pool: &InferencePool, e: SpecError) {
+    async fn report_invalid(
+        &self,
+        state: &mut State,
+        pool: &InferencePool,
+        e: SpecError,
+    ) -> Result<(), PoolError> {
         let name = pool.name_any();
-        if self.reported_invalid.get(&name) == Some(&pool.metadata.generation) {
-            return;
+        if state.reported_invalid.get(&name) == Some(&pool.metadata.generation) {
+            return Ok(());
         }
-        self.reported_invalid
-            .insert(name.clone(), pool.metadata.generation);
         let message = e.to_string();
         tracing::warn!(pool = %name, "invalid InferencePool: {message}");
-        if let Some(running) = self.running.get(&name) {
+        if let Some(running) = state.running.get(&name) {
             running.rejected.send_replace(Some(message.clone()));
         } else {
             let previous: InferencePoolStatus = pool.status.clone().unwrap_or_default();
@@ -295,10 +327,16 @@ impl Pools {
                 ),
                 status::accepted(Some(&previous), Some(&message), pool.metadata.generation),
             ];
-            if let Err(e) = status::apply(&self.api(), &name, &status).await {
-                tracing::warn!(pool = %name, "writing the pool status: {e}");
-            }
+            status::apply(&self.api(), &name, &status)
+                .await
+                .map_err(|source| PoolError::Status {
+                    pool: name.clone(),
+                    source,
+                })?;
         }
+        state
+            .reported_invalid
+            .insert(name.clone(), pool.metadata.generation);
         let event = Event {
             type_: EventType::Warning,
             reason: "InvalidSpec".to_owned(),
@@ -309,5 +347,17 @@ impl Pools {
         if let Err(e) = self.recorder.publish(&event, &pool.object_ref(&())).await {
             tracing::warn!(pool = %name, "publishing an event: {e}");
         }
+        Ok(())
     }
+}
+
+/// The runtime's reconcile: every change to a pool (and retries after errors) lands here.
+async fn reconcile(pool: Arc<InferencePool>, pools: Arc<Pools>) -> Result<Action, PoolError> {
+    pools.reconcile(&pool).await?;
+    Ok(Action::await_change())
+}
+
+fn error_policy(pool: Arc<InferencePool>, error: &PoolError, _: Arc<Pools>) -> Action {
+    tracing::warn!(pool = %pool.name_any(), "{error}; retrying in {}s", RETRY.as_secs());
+    Action::requeue(RETRY)
 }
