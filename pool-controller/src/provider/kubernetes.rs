@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Container, ContainerPort, HTTPGetAction, Pod, PodSpec, Probe};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, HTTPGetAction, Pod, PodSpec, Probe,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
@@ -197,9 +199,26 @@ pub fn executor_pod(config: &KubernetesConfig, id: &str, class: Class) -> Pod {
             args.extend(t.args.iter().cloned());
             (args, "/health")
         }
-        // Any OpenAI-compatible image takes its own command line, as written in the template.
+        // Any OpenAI-compatible image takes its own command line, as written in the template
+        // (which can name the pool's model, served name and port as `$(LLMCTL_MODEL)`,
+        // `$(LLMCTL_SERVED_MODEL_NAME)` and `$(LLMCTL_PORT)`: the kubelet expands them).
         Runtime::OpenAiCompatible => (t.args.clone(), "/v1/models"),
     };
+    // Ours first, so the template's own variables may refer to them.
+    let mut env: Vec<EnvVar> = [
+        ("LLMCTL_MODEL", spec.model.clone()),
+        ("LLMCTL_SERVED_MODEL_NAME", served.clone()),
+        ("LLMCTL_PORT", port.to_string()),
+        ("LLMCTL_POOL", config.pool.clone()),
+    ]
+    .into_iter()
+    .map(|(name, value)| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..EnvVar::default()
+    })
+    .collect();
+    env.extend(t.env.iter().cloned());
     let labels = BTreeMap::from([
         (POOL_LABEL.to_owned(), config.pool.clone()),
         (CLASS_LABEL.to_owned(), class_name(class).to_owned()),
@@ -224,7 +243,7 @@ pub fn executor_pod(config: &KubernetesConfig, id: &str, class: Class) -> Pod {
                 name: CONTAINER.to_owned(),
                 image: Some(t.image.clone()),
                 args: Some(args),
-                env: (!t.env.is_empty()).then(|| t.env.clone()),
+                env: Some(env),
                 resources: t.resources.clone(),
                 ports: Some(vec![ContainerPort {
                     name: Some("http".to_owned()),
@@ -247,6 +266,8 @@ pub fn executor_pod(config: &KubernetesConfig, id: &str, class: Class) -> Pod {
             // A crashed executor is replaced by the reconciler (with backoff and a new name),
             // so the failure stays visible instead of hiding in a restart count.
             restart_policy: Some("Never".to_owned()),
+            // Executors never talk to the Kubernetes API: no credentials in their pods.
+            automount_service_account_token: Some(false),
             termination_grace_period_seconds: Some(config.drain_grace.as_secs() as i64),
             node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
             tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
@@ -461,8 +482,8 @@ impl PodWatch {
         });
         match state {
             PodState::Starting { .. } | PodState::Unschedulable if t.ready && !t.terminated => {
-                // Its readiness probe fails now. It is not deleted for it (the kubelet restarts
-                // a container that fails its liveness probe); it gets the startup timeout again.
+                // Its readiness probe fails now (overloaded, or sick). Not deleted for that at
+                // once; if it stays unready for the startup timeout it is replaced.
                 t.ready = false;
                 t.scheduled_at = Some(Instant::now());
                 tracing::warn!(pool = %self.config.pool, executor = %id, "executor pod no longer ready");
@@ -651,7 +672,24 @@ mod tests {
         let spec = pod.spec.unwrap();
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
         assert_eq!(spec.termination_grace_period_seconds, Some(20));
+        assert_eq!(spec.automount_service_account_token, Some(false));
         let c = &spec.containers[0];
+        let env: Vec<(&str, &str)> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(
+            env[..4],
+            [
+                ("LLMCTL_MODEL", "/models/llama"),
+                ("LLMCTL_SERVED_MODEL_NAME", "llama"),
+                ("LLMCTL_PORT", "9000"),
+                ("LLMCTL_POOL", "chat"),
+            ],
+            "the pool's fields come first, for the template's args and env to refer to"
+        );
         let args = c.args.as_ref().unwrap().join(" ");
         assert!(
             args.starts_with(
