@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration, Volume, VolumeMount};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -133,12 +133,47 @@ pub struct InferencePoolStatus {
     pub draining: u32,
     /// Warm plus ephemeral executors the autoscaler wants.
     pub desired: u32,
+    /// Executors by class and phase.
+    #[serde(default)]
+    pub classes: ClassCounts,
+    /// The autoscaler's latest decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<Decision>,
+    /// The latest decision's reason (also in `lastDecision`; a printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// Live executors of each class by phase.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassCounts {
+    pub warm: PhaseCounts,
+    pub ephemeral: PhaseCounts,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseCounts {
+    pub starting: u32,
+    pub ready: u32,
+    pub draining: u32,
+}
+
+/// One autoscaler decision: the targets it set, why, and since when they hold.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Decision {
+    pub desired_warm: u32,
+    pub desired_ephemeral: u32,
+    /// `scale_from_zero`, `panic`, `stable`, `warm_floor`, `max_replicas`, `idle_reap`, `hold`.
+    pub reason: String,
+    /// When these targets were first reported (RFC 3339).
+    pub time: Time,
 }
 
 impl InferencePoolSpec {

@@ -11,7 +11,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use tokio::sync::watch;
 
-use crate::crd::{InferencePool, InferencePoolStatus};
+use crate::crd::{ClassCounts, Decision, InferencePool, InferencePoolStatus, PhaseCounts};
 use crate::provider::kubernetes::FIELD_MANAGER;
 use crate::reconciler::PoolStatus;
 
@@ -83,12 +83,38 @@ pub fn pool_status(
     rejected: Option<&str>,
     previous: Option<&InferencePoolStatus>,
 ) -> InferencePoolStatus {
-    let count = |class: &str| {
-        s.executors
-            .iter()
-            .filter(|e| e.class == class && matches!(e.phase, "starting" | "ready"))
-            .count() as u32
+    let phases = |class: &str| {
+        let mut c = PhaseCounts::default();
+        for e in s.executors.iter().filter(|e| e.class == class) {
+            match e.phase {
+                "starting" => c.starting += 1,
+                "ready" => c.ready += 1,
+                "draining" => c.draining += 1,
+                _ => {}
+            }
+        }
+        c
     };
+    let classes = ClassCounts {
+        warm: phases("warm"),
+        ephemeral: phases("ephemeral"),
+    };
+    let last_decision = s.last_reason.map(|reason| {
+        let same = |d: &&Decision| {
+            (d.desired_warm, d.desired_ephemeral, d.reason.as_str())
+                == (s.desired_warm, s.desired_ephemeral, reason)
+        };
+        Decision {
+            desired_warm: s.desired_warm,
+            desired_ephemeral: s.desired_ephemeral,
+            reason: reason.to_owned(),
+            // Since when these targets hold: carried over while they do.
+            time: previous
+                .and_then(|p| p.last_decision.as_ref())
+                .filter(same)
+                .map_or_else(|| Time(Timestamp::now()), |d| d.time.clone()),
+        }
+    });
     let desired = s.desired_warm + s.desired_ephemeral;
     let (ready, reason, message) = if s.ready > 0 {
         (
@@ -106,12 +132,14 @@ pub fn pool_status(
         )
     };
     InferencePoolStatus {
-        warm: count("warm"),
-        ephemeral: count("ephemeral"),
+        warm: classes.warm.starting + classes.warm.ready,
+        ephemeral: classes.ephemeral.starting + classes.ephemeral.ready,
         ready: s.ready,
         starting: s.starting,
         draining: s.draining,
         desired,
+        classes,
+        last_decision,
         last_reason: s.last_reason.map(str::to_owned),
         observed_generation: generation,
         conditions: vec![
@@ -243,9 +271,22 @@ mod tests {
         };
         let first = pool_status(&s, Some(3), None, None);
         assert_eq!((first.warm, first.ephemeral, first.desired), (1, 1, 3));
+        let ready_starting_draining = |c: &PhaseCounts| (c.ready, c.starting, c.draining);
+        assert_eq!(ready_starting_draining(&first.classes.warm), (1, 0, 0));
+        assert_eq!(ready_starting_draining(&first.classes.ephemeral), (0, 1, 1));
+        let decision = first.last_decision.clone().unwrap();
+        assert_eq!(
+            (
+                decision.desired_warm,
+                decision.desired_ephemeral,
+                decision.reason.as_str()
+            ),
+            (1, 2, "stable")
+        );
         assert_eq!(first.conditions[0].status, "True");
         let mut old = first.clone();
         old.conditions[0].last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        old.last_decision.as_mut().unwrap().time = Time(Timestamp::UNIX_EPOCH);
         let again = pool_status(&s, Some(3), None, Some(&old));
         assert_eq!(again, old, "an unchanged pool writes nothing new");
         let down = PoolStatus {
@@ -261,6 +302,22 @@ mod tests {
         assert_eq!(
             changed.conditions[1], old.conditions[1],
             "Accepted holds while the spec does"
+        );
+        let rescaled = PoolStatus {
+            desired_ephemeral: 3,
+            last_reason: Some("panic"),
+            ..s.clone()
+        };
+        let next = pool_status(&rescaled, Some(3), None, Some(&old));
+        let decision = next.last_decision.unwrap();
+        assert_eq!(
+            (decision.desired_ephemeral, decision.reason.as_str()),
+            (3, "panic")
+        );
+        assert_ne!(
+            decision.time,
+            old.last_decision.as_ref().unwrap().time,
+            "a new decision, a new time"
         );
 
         // A refused newer spec: the running pool still reports, and says why it was refused.
