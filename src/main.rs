@@ -59,7 +59,9 @@ enum ModelCommand {
         /// Folder to write (created if needed).
         #[arg(long)]
         out: PathBuf,
-        /// `tiny` for fast tests, `small` (about 30 M parameters) for CPU benchmarks.
+        /// `tiny` for fast tests, `small` (about 30 M parameters) for CPU benchmarks,
+        /// `llama-3.2-1b` and `llama-3.1-8b` (the real models' shapes, 2.5 and 16 GB in bf16)
+        /// for GPU benchmarks.
         #[arg(long, default_value = "tiny")]
         preset: Preset,
         #[arg(long, default_value_t = 0)]

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use half::{bf16, f16};
-use safetensors::Dtype;
 use serde_json::json;
 
 use super::ModelError;
@@ -21,6 +20,10 @@ pub enum Preset {
     Tiny,
     /// About 30 M parameters: large enough for meaningful CPU throughput numbers.
     Small,
+    /// Shaped like Llama-3.2-1B (1.24 B parameters, tied embeddings): for GPU benchmarks.
+    Llama32_1b,
+    /// Shaped like Llama-3.1-8B (8.03 B parameters): for GPU benchmarks.
+    Llama31_8b,
 }
 
 impl std::str::FromStr for Preset {
@@ -29,7 +32,11 @@ impl std::str::FromStr for Preset {
         match s {
             "tiny" => Ok(Self::Tiny),
             "small" => Ok(Self::Small),
-            other => Err(format!("unknown preset `{other}` (tiny, small)")),
+            "llama-3.2-1b" => Ok(Self::Llama32_1b),
+            "llama-3.1-8b" => Ok(Self::Llama31_8b),
+            other => Err(format!(
+                "unknown preset `{other}` (tiny, small, llama-3.2-1b, llama-3.1-8b)"
+            )),
         }
     }
 }
@@ -60,8 +67,16 @@ struct Shape {
     heads: usize,
     kv_heads: usize,
     intermediate: usize,
+    /// Vocabulary the tokenizer is trained to (a small corpus cannot give more).
     vocab_target: usize,
+    /// The embedding's rows when larger than the tokenizer's vocabulary (shape-faithful
+    /// presets: rows past the tokenizer's are never produced but cost the same bytes).
+    embedding_rows: Option<usize>,
+    tie_embeddings: bool,
     max_positions: usize,
+    /// Llama-3 RoPE scaling factor and the context the scaling starts from.
+    rope_factor: f64,
+    original_max_positions: usize,
 }
 
 impl Preset {
@@ -74,7 +89,11 @@ impl Preset {
                 kv_heads: 2,
                 intermediate: 192,
                 vocab_target: 512,
+                embedding_rows: None,
+                tie_embeddings: false,
                 max_positions: 2048,
+                rope_factor: 8.0,
+                original_max_positions: 512,
             },
             Preset::Small => Shape {
                 hidden: 512,
@@ -83,10 +102,91 @@ impl Preset {
                 kv_heads: 4,
                 intermediate: 1408,
                 vocab_target: 4096,
+                embedding_rows: None,
+                tie_embeddings: false,
                 max_positions: 4096,
+                rope_factor: 8.0,
+                original_max_positions: 1024,
+            },
+            // The shapes of these models' published config.json files.
+            Preset::Llama32_1b => Shape {
+                hidden: 2048,
+                layers: 16,
+                heads: 32,
+                kv_heads: 8,
+                intermediate: 8192,
+                vocab_target: 4096,
+                embedding_rows: Some(128_256),
+                tie_embeddings: true,
+                max_positions: 131_072,
+                rope_factor: 32.0,
+                original_max_positions: 8192,
+            },
+            Preset::Llama31_8b => Shape {
+                hidden: 4096,
+                layers: 32,
+                heads: 32,
+                kv_heads: 8,
+                intermediate: 14_336,
+                vocab_target: 4096,
+                embedding_rows: Some(128_256),
+                tie_embeddings: false,
+                max_positions: 131_072,
+                rope_factor: 8.0,
+                original_max_positions: 8192,
             },
         }
     }
+
+    /// Parameters of the model this preset writes when its tokenizer has `tokenizer_vocab`
+    /// tokens (shape-faithful presets have a fixed embedding size whatever the tokenizer).
+    pub fn parameter_count(self, tokenizer_vocab: usize) -> usize {
+        let shape = self.shape();
+        tensors(&shape, shape.vocab(tokenizer_vocab))
+            .values()
+            .map(|(dims, _)| dims.iter().product::<usize>())
+            .sum()
+    }
+}
+
+impl Shape {
+    fn vocab(&self, tokenizer_vocab: usize) -> usize {
+        self.embedding_rows
+            .map_or(tokenizer_vocab, |rows| rows.max(tokenizer_vocab))
+    }
+}
+
+/// Every weight tensor of the model: name, dimensions and initialisation.
+fn tensors(shape: &Shape, vocab: usize) -> BTreeMap<String, (Vec<usize>, Init)> {
+    let head_dim = shape.hidden / shape.heads;
+    let (h, i, v) = (shape.hidden, shape.intermediate, vocab);
+    let (q, kv) = (shape.heads * head_dim, shape.kv_heads * head_dim);
+    let mut tensors: BTreeMap<String, (Vec<usize>, Init)> = BTreeMap::new();
+    tensors.insert(
+        "model.embed_tokens.weight".into(),
+        (vec![v, h], Init::Normal(1.0)),
+    );
+    tensors.insert("model.norm.weight".into(), (vec![h], Init::Norm));
+    if !shape.tie_embeddings {
+        tensors.insert("lm_head.weight".into(), (vec![v, h], Init::Fan(h)));
+    }
+    for l in 0..shape.layers {
+        let p = format!("model.layers.{l}");
+        for (name, dims, init) in [
+            ("input_layernorm.weight", vec![h], Init::Norm),
+            ("post_attention_layernorm.weight", vec![h], Init::Norm),
+            ("self_attn.q_proj.weight", vec![q, h], Init::Fan(h)),
+            ("self_attn.k_proj.weight", vec![kv, h], Init::Fan(h)),
+            ("self_attn.v_proj.weight", vec![kv, h], Init::Fan(h)),
+            ("self_attn.o_proj.weight", vec![h, q], Init::Fan(q)),
+            ("mlp.gate_proj.weight", vec![i, h], Init::Fan(h)),
+            ("mlp.up_proj.weight", vec![i, h], Init::Fan(h)),
+            ("mlp.down_proj.weight", vec![h, i], Init::Fan(i)),
+        ] {
+            tensors.insert(format!("{p}.{name}"), (dims, init));
+        }
+    }
+    tensors
 }
 
 /// Options of `llmctl model init`.
@@ -121,7 +221,7 @@ pub fn write_model(out: &Path, opts: &InitOptions) -> Result<(), ModelError> {
             path: tok_path.display().to_string(),
             reason: e.to_string(),
         })?;
-    let vocab = tokenizer.get_vocab_size(true);
+    let vocab = shape.vocab(tokenizer.get_vocab_size(true));
     let id = |t: &str| {
         tokenizer
             .token_to_id(t)
@@ -154,12 +254,12 @@ pub fn write_model(out: &Path, opts: &InitOptions) -> Result<(), ModelError> {
         "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0,
         "rope_scaling": {
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": shape.max_positions / 4
+            "rope_type": "llama3", "factor": shape.rope_factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": shape.original_max_positions
         },
         "attention_bias": false,
         "mlp_bias": false,
-        "tie_word_embeddings": false,
+        "tie_word_embeddings": shape.tie_embeddings,
         "bos_token_id": bos,
         "eos_token_id": eos,
         "torch_dtype": dtype_name,
@@ -182,42 +282,55 @@ pub fn write_model(out: &Path, opts: &InitOptions) -> Result<(), ModelError> {
         }),
     )?;
 
-    let (h, i, v) = (shape.hidden, shape.intermediate, vocab);
-    let (q, kv) = (shape.heads * head_dim, shape.kv_heads * head_dim);
-    let mut tensors: BTreeMap<String, (Vec<usize>, Init)> = BTreeMap::new();
-    tensors.insert(
-        "model.embed_tokens.weight".into(),
-        (vec![v, h], Init::Normal(1.0)),
-    );
-    tensors.insert("model.norm.weight".into(), (vec![h], Init::Norm));
-    tensors.insert("lm_head.weight".into(), (vec![v, h], Init::Fan(h)));
-    for l in 0..shape.layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape, init) in [
-            ("input_layernorm.weight", vec![h], Init::Norm),
-            ("post_attention_layernorm.weight", vec![h], Init::Norm),
-            ("self_attn.q_proj.weight", vec![q, h], Init::Fan(h)),
-            ("self_attn.k_proj.weight", vec![kv, h], Init::Fan(h)),
-            ("self_attn.v_proj.weight", vec![kv, h], Init::Fan(h)),
-            ("self_attn.o_proj.weight", vec![h, q], Init::Fan(q)),
-            ("mlp.gate_proj.weight", vec![i, h], Init::Fan(h)),
-            ("mlp.up_proj.weight", vec![i, h], Init::Fan(h)),
-            ("mlp.down_proj.weight", vec![h, i], Init::Fan(i)),
-        ] {
-            tensors.insert(format!("{p}.{name}"), (shape, init));
-        }
-    }
-    let (st_dtype, elem) = match opts.dtype {
-        InitDtype::F32 => (Dtype::F32, 4),
-        InitDtype::F16 => (Dtype::F16, 2),
-        InitDtype::Bf16 => (Dtype::BF16, 2),
+    write_safetensors(&out.join("model.safetensors"), tensors(&shape, vocab), opts)
+}
+
+/// Writes the weights as one safetensors file, each tensor generated as it is written (the
+/// 8 B preset is 16 GB: it never has to fit in memory). Tensors in name order, each from its
+/// own seeded stream, so the bytes depend only on the seed.
+fn write_safetensors(
+    path: &Path,
+    tensors: BTreeMap<String, (Vec<usize>, Init)>,
+    opts: &InitOptions,
+) -> Result<(), ModelError> {
+    use std::io::Write;
+    let (dtype, elem) = match opts.dtype {
+        InitDtype::F32 => ("F32", 4),
+        InitDtype::F16 => ("F16", 2),
+        InitDtype::Bf16 => ("BF16", 2),
     };
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(name, (shape, init))| {
-            let n: usize = shape.iter().product();
-            let mut rng = Rng::new(opts.seed ^ fnv1a(name.as_bytes()));
-            let mut bytes = Vec::with_capacity(n * elem);
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, (dims, _)) in &tensors {
+        let bytes = dims.iter().product::<usize>() * elem;
+        header.insert(
+            name.clone(),
+            json!({"dtype": dtype, "shape": dims, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::to_vec(&header).expect("JSON values always serialize");
+    // The data starts 8-byte aligned.
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let io = |source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(&header).map_err(io)?;
+    const CHUNK: usize = 1 << 16;
+    let mut bytes = Vec::with_capacity(CHUNK * elem);
+    for (name, (dims, init)) in &tensors {
+        let mut rng = Rng::new(opts.seed ^ fnv1a(name.as_bytes()));
+        let mut left: usize = dims.iter().product();
+        while left > 0 {
+            let n = left.min(CHUNK);
+            bytes.clear();
             for _ in 0..n {
                 let x = init.sample(&mut rng) as f32;
                 match opts.dtype {
@@ -226,32 +339,11 @@ pub fn write_model(out: &Path, opts: &InitOptions) -> Result<(), ModelError> {
                     InitDtype::Bf16 => bytes.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
                 }
             }
-            (name, shape, bytes)
-        })
-        .collect();
-    let views = encoded
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| ModelError::Tensor {
-                    file: "model.safetensors".into(),
-                    tensor: name.clone(),
-                    reason: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_owned(),
-        "pt".to_owned(),
-    )]));
-    let st_path = out.join("model.safetensors");
-    safetensors::serialize_to_file(views, metadata, &st_path).map_err(|e| ModelError::Tensor {
-        file: st_path.display().to_string(),
-        tensor: "(file)".into(),
-        reason: e.to_string(),
-    })?;
-    Ok(())
+            file.write_all(&bytes).map_err(io)?;
+            left -= n;
+        }
+    }
+    file.flush().map_err(io)
 }
 
 #[derive(Clone, Copy)]
@@ -286,4 +378,51 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> 
         path: path.display().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_faithful_presets_have_the_published_parameter_counts() {
+        // Whatever the tokenizer's size: their embeddings have 128,256 rows.
+        assert_eq!(Preset::Llama32_1b.parameter_count(4096), 1_235_814_400);
+        assert_eq!(Preset::Llama31_8b.parameter_count(4096), 8_030_261_248);
+        assert!(Preset::Tiny.parameter_count(512) < 200_000);
+    }
+
+    #[test]
+    fn weights_stream_into_a_valid_safetensors_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            preset: Preset::Tiny,
+            seed: 5,
+            dtype: InitDtype::F16,
+        };
+        write_model(dir.path(), &opts).unwrap();
+        let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        let vocab = config["vocab_size"].as_u64().unwrap() as usize;
+        let expected = tensors(&Preset::Tiny.shape(), vocab);
+        assert_eq!(file.len(), expected.len());
+        for (name, (dims, _)) in &expected {
+            let t = file.tensor(name).unwrap();
+            assert_eq!(
+                (t.dtype(), t.shape()),
+                (safetensors::Dtype::F16, &dims[..]),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            Preset::Tiny.parameter_count(vocab),
+            expected
+                .values()
+                .map(|(d, _)| d.iter().product::<usize>())
+                .sum::<usize>()
+        );
+    }
 }
