@@ -126,7 +126,7 @@ fn main() -> Result<()> {
                     dtype,
                 },
             )?;
-            println!("wrote {preset:?} model to {}", out.display());
+            println!("wrote the {} model to {}", preset.name(), out.display());
             Ok(())
         }
         Command::Up(args) => up::run(args),

@@ -7,6 +7,9 @@
 #                           # (git-ignored; carry it)
 #   perf/gpu/run.sh run     # on the GPU machine: GPU tests, then the benchmark with PyTorch's
 #                           # SDPA side by side; logs and the table go to $OUT (or perf/gpu/out)
+#   perf/gpu/run.sh decode  # on the GPU machine: decode step vs roofline for the Llama-3.2-1B
+#                           # and Llama-3.1-8B shaped presets (written to $MODELS, default
+#                           # /tmp/llmctl-models: 2.5 and 16 GB, minutes to write the first time)
 #
 # With the device tool: run `perf/gpu/run.sh build` here, then run `bash perf/gpu/run.sh run`
 # there with carry = ["perf/gpu/bin"]. NVRTC 13 and cuBLAS 13 are found in PyTorch's nvidia-*
@@ -30,16 +33,15 @@ for line in sys.stdin:
 
 build() {
     mkdir -p "$BIN"
-    cargo build --release -p llmctl-perf --bin kernel_bench
-    cp target/release/kernel_bench "$BIN/"
+    cargo build --release -p llmctl-perf --bin kernel_bench --bin decode_bench
+    cp target/release/kernel_bench target/release/decode_bench "$BIN/"
     test_binary llmctl-kernels gpu kernels-gpu-tests
     test_binary llmctl-inference-worker cuda worker-cuda-tests
     ls -la "$BIN"
 }
 
-run() {
-    local out="${OUT:-perf/gpu/out}"
-    mkdir -p "$out"
+# NVRTC and cuBLAS from PyTorch's wheels unless the system has them; kernel cache under $1.
+cuda_env() {
     if ! ls /usr/lib/x86_64-linux-gnu/libnvrtc.so.13 >/dev/null 2>&1; then
         local nv
         nv=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
@@ -47,7 +49,28 @@ run() {
             export LD_LIBRARY_PATH="$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
         fi
     fi
-    export LLMCTL_KERNEL_CACHE="$out/kernel-cache"
+    export LLMCTL_KERNEL_CACHE="$1/kernel-cache"
+}
+
+decode() {
+    local out="${OUT:-perf/gpu/out}" models="${MODELS:-/tmp/llmctl-models}"
+    mkdir -p "$out"
+    cuda_env "$out"
+    local status=0
+    for preset in llama-3.2-1b llama-3.1-8b; do
+        "$BIN/decode_bench" --device cuda --preset "$preset" --models "$models" \
+            --batches 1,64 --context 512 --steps 32 --out "$out/decode-$preset.md" \
+            2>>"$out/decode.log" || status=1
+        cat "$out/decode-$preset.md" 2>/dev/null || true
+    done
+    tail -5 "$out/decode.log" || true
+    return $status
+}
+
+run() {
+    local out="${OUT:-perf/gpu/out}"
+    mkdir -p "$out"
+    cuda_env "$out"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
     local status=0
     "$BIN/kernels-gpu-tests" --ignored --test-threads=1 2>&1 | tee "$out/tests.log" || status=1
@@ -62,5 +85,6 @@ run() {
 case "${1:-}" in
     build) build ;;
     run) run ;;
-    *) echo "usage: $0 build|run" >&2; exit 2 ;;
+    decode) decode ;;
+    *) echo "usage: $0 build|run|decode" >&2; exit 2 ;;
 esac

@@ -3,6 +3,8 @@
 //! autoscaler trace simulator. This library holds what they share: where results go and how the
 //! machine is described in them.
 
+pub mod cuda;
+
 use std::path::{Path, PathBuf};
 
 /// The workspace root (results live under `perf/results/` there).
@@ -47,9 +49,17 @@ pub fn preset_model(
     preset: llmctl_inference_worker::model::init::Preset,
     seed: u64,
 ) -> anyhow::Result<PathBuf> {
+    preset_model_in(&workspace_root().join("target/perf-models"), preset, seed)
+}
+
+/// The `preset` model with `seed`, written under `root` the first time.
+pub fn preset_model_in(
+    root: &Path,
+    preset: llmctl_inference_worker::model::init::Preset,
+    seed: u64,
+) -> anyhow::Result<PathBuf> {
     use llmctl_inference_worker::model::init;
-    let name = format!("{}-seed{seed}", format!("{preset:?}").to_ascii_lowercase());
-    let dir = workspace_root().join("target/perf-models").join(name);
+    let dir = root.join(format!("{}-seed{seed}", preset.name()));
     if !dir.join("model.safetensors").exists() {
         let opts = init::InitOptions {
             preset,

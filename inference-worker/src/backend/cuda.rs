@@ -371,4 +371,8 @@ where
             .map(T::to_f32)
             .collect()
     }
+
+    fn synchronize(&self) {
+        self.stream.synchronize().or_die("waiting for the stream");
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod profiled;
 
 pub use llmctl_kernels::kv_layout::KvLayout;
 
@@ -162,4 +163,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Copies an activation to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Activations) -> Vec<f32>;
+
+    /// Waits until every operation issued so far has finished (a device runs them
+    /// asynchronously; on the CPU they are done when they return).
+    fn synchronize(&self) {}
 }

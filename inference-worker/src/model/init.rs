@@ -26,18 +26,35 @@ pub enum Preset {
     Llama31_8b,
 }
 
+impl Preset {
+    pub const ALL: [Preset; 4] = [
+        Preset::Tiny,
+        Preset::Small,
+        Preset::Llama32_1b,
+        Preset::Llama31_8b,
+    ];
+
+    /// The name `--preset` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+            Preset::Llama32_1b => "llama-3.2-1b",
+            Preset::Llama31_8b => "llama-3.1-8b",
+        }
+    }
+}
+
 impl std::str::FromStr for Preset {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tiny" => Ok(Self::Tiny),
-            "small" => Ok(Self::Small),
-            "llama-3.2-1b" => Ok(Self::Llama32_1b),
-            "llama-3.1-8b" => Ok(Self::Llama31_8b),
-            other => Err(format!(
-                "unknown preset `{other}` (tiny, small, llama-3.2-1b, llama-3.1-8b)"
-            )),
-        }
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown preset `{s}` ({})", names.join(", "))
+            })
     }
 }
 

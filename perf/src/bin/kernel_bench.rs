@@ -16,10 +16,11 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cudarc::driver::{CudaSlice, sys::CUevent_flags};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use llmctl_kernels::cuda::{Kernels, PagedCache, Split};
 use llmctl_kernels::reference::TestRng;
+use llmctl_perf::cuda::{copy_bandwidth, time_ms};
 
 #[derive(Parser)]
 struct Args {
@@ -41,37 +42,6 @@ const BLOCK: usize = 16;
 fn random(k: &Kernels, rng: &mut TestRng, n: usize) -> Result<CudaSlice<bf16>> {
     let host: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.uniform())).collect();
     Ok(k.stream().clone_htod(&host)?)
-}
-
-/// Median milliseconds of `f` over `repeats` runs (after two warm-ups), timed with events.
-fn time_ms(k: &Kernels, repeats: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
-    for i in 0..2 {
-        f(i)?;
-    }
-    let mut times = Vec::with_capacity(repeats);
-    for i in 0..repeats {
-        let start = k
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        f(i)?;
-        let end = k
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        end.synchronize()?;
-        times.push(start.elapsed_ms(&end)? as f64);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
-
-fn copy_bandwidth(k: &Kernels, repeats: usize) -> Result<f64> {
-    let n = 1usize << 30; // 2 GiB of bf16
-    let src = k.stream().alloc_zeros::<bf16>(n)?;
-    let mut dst = k.stream().alloc_zeros::<bf16>(n)?;
-    let ms = time_ms(k, repeats, |_| {
-        Ok(k.stream().memcpy_dtod(&src, &mut dst)?)
-    })?;
-    Ok(2.0 * (n * 2) as f64 / (ms * 1e-3) / 1e9)
 }
 
 struct Layer {

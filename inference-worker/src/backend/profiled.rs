@@ -1,0 +1,162 @@
+//! A backend that times another backend's operations by kind — GEMMs, attention (with the KV
+//! cache write), everything else — for the decode benchmark's breakdown. It waits for the
+//! device before and after each operation so each time is that operation's own; the waits
+//! remove the overlap a plain run has, so totals come from a plain run and only the shares
+//! from this one.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::{Backend, KvLayout, QkvShape, RopeRows, SeqSlice};
+use crate::model::ModelError;
+use crate::model::weights::TensorView;
+
+/// Time spent in each kind of operation since the last [`Profiled::take`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OpTimes {
+    /// `linear`: the projections and the output head.
+    pub gemm: Duration,
+    /// `attention` and `write_kv`.
+    pub attention: Duration,
+    /// Embedding, norms, rotary, SiLU-mul, row gathers, copies to the host.
+    pub other: Duration,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Gemm,
+    Attention,
+    Other,
+}
+
+pub struct Profiled<B> {
+    inner: B,
+    times: Mutex<OpTimes>,
+}
+
+impl<B: Backend> Profiled<B> {
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            times: Mutex::default(),
+        }
+    }
+
+    /// The times so far, reset to zero.
+    pub fn take(&self) -> OpTimes {
+        std::mem::take(&mut *self.times.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn timed<R>(&self, kind: Kind, op: impl FnOnce() -> R) -> R {
+        self.inner.synchronize();
+        let start = Instant::now();
+        let out = op();
+        self.inner.synchronize();
+        let took = start.elapsed();
+        let mut times = self.times.lock().unwrap_or_else(|p| p.into_inner());
+        match kind {
+            Kind::Gemm => times.gemm += took,
+            Kind::Attention => times.attention += took,
+            Kind::Other => times.other += took,
+        }
+        out
+    }
+}
+
+impl<B: Backend> Backend for Profiled<B> {
+    type Activations = B::Activations;
+    type Weight = B::Weight;
+    type KvCache = B::KvCache;
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn load_weight(&self, parts: &[TensorView<'_>]) -> Result<Self::Weight, ModelError> {
+        self.inner.load_weight(parts)
+    }
+
+    fn alloc_kv_cache(&self, num_layers: usize, layout: KvLayout) -> Self::KvCache {
+        self.inner.alloc_kv_cache(num_layers, layout)
+    }
+
+    fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Self::Activations {
+        self.timed(Kind::Other, || self.inner.embed(table, tokens))
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Self::Activations,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Self::Activations {
+        self.timed(Kind::Other, || self.inner.rms_norm(x, weight, eps))
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Activations,
+        delta: &Self::Activations,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Self::Activations {
+        self.timed(Kind::Other, || {
+            self.inner.add_rms_norm(residual, delta, weight, eps)
+        })
+    }
+
+    fn linear(
+        &self,
+        x: &Self::Activations,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Self::Activations {
+        self.timed(Kind::Gemm, || self.inner.linear(x, weight, bias))
+    }
+
+    fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, rope: &RopeRows) {
+        self.timed(Kind::Other, || self.inner.rotary(qkv, shape, rope))
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        qkv: &Self::Activations,
+        shape: QkvShape,
+        slot_mapping: &[i64],
+    ) {
+        self.timed(Kind::Attention, || {
+            self.inner.write_kv(cache, layer, qkv, shape, slot_mapping)
+        })
+    }
+
+    fn attention(
+        &self,
+        qkv: &Self::Activations,
+        cache: &Self::KvCache,
+        layer: usize,
+        shape: QkvShape,
+        seqs: &[SeqSlice],
+    ) -> Self::Activations {
+        self.timed(Kind::Attention, || {
+            self.inner.attention(qkv, cache, layer, shape, seqs)
+        })
+    }
+
+    fn silu_mul(&self, gate_up: &Self::Activations) -> Self::Activations {
+        self.timed(Kind::Other, || self.inner.silu_mul(gate_up))
+    }
+
+    fn gather_rows(&self, x: &Self::Activations, rows: &[usize]) -> Self::Activations {
+        self.timed(Kind::Other, || self.inner.gather_rows(x, rows))
+    }
+
+    fn to_host(&self, x: &Self::Activations) -> Vec<f32> {
+        self.timed(Kind::Other, || self.inner.to_host(x))
+    }
+
+    fn synchronize(&self) {
+        self.inner.synchronize()
+    }
+}
