@@ -699,3 +699,34 @@ fn batch_respects_max_num_seqs_and_the_token_budget() {
     // 7 prompts of 30 tokens with a 40-token budget: prefills were chunked across steps.
     assert!(e.stats().steps >= (7 * 30) / 40);
 }
+
+#[test]
+fn greedy_steps_take_the_backends_argmax_and_match_the_sampler() {
+    // Without logprobs every row's token comes from the backend's argmax (ids, not logits,
+    // leave the backend); asking for logprobs sends the logits through the sampler. Both must
+    // pick the same tokens, `min_tokens` (which forbids end tokens for a while) included.
+    let run = |logprobs: Option<usize>| {
+        let mut e = engine(blocks(64));
+        for (id, prompt) in [vec![5u32, 9, 17, 33], vec![2, 4], vec![7, 7, 7, 1, 3, 8]]
+            .into_iter()
+            .enumerate()
+        {
+            let params = SamplingParams {
+                max_tokens: 12,
+                min_tokens: if id == 1 { 6 } else { 0 },
+                logprobs,
+                ..SamplingParams::greedy()
+            };
+            e.add_request(id as u64, prompt, params).unwrap();
+        }
+        drain(&mut e)
+    };
+    let argmax = run(None);
+    let sampled = run(Some(0));
+    assert_eq!(argmax.len(), 3);
+    for (key, c) in &argmax {
+        assert!(c.logprobs.is_empty());
+        assert_eq!(c.tokens, sampled[key].tokens, "{key:?}");
+        assert_eq!(c.finish, sampled[key].finish, "{key:?}");
+    }
+}

@@ -301,6 +301,10 @@ impl Backend for CpuBackend {
         out
     }
 
+    fn argmax_rows(&self, x: &Matrix) -> Vec<u32> {
+        x.data.chunks(x.cols.max(1)).map(super::argmax).collect()
+    }
+
     fn to_host(&self, x: &Matrix) -> Vec<f32> {
         x.data.clone()
     }

@@ -363,6 +363,22 @@ where
         self.embed(x, &ids)
     }
 
+    fn argmax_rows(&self, x: &GpuMatrix<T>) -> Vec<u32> {
+        let mut ids = self
+            .stream
+            .alloc_zeros::<i32>(x.rows)
+            .or_die("allocating argmax ids");
+        self.kernels
+            .argmax(&x.data, x.cols, &mut ids)
+            .or_die("argmax");
+        self.stream
+            .clone_dtoh(&ids)
+            .or_die("copying argmax ids to the host")
+            .into_iter()
+            .map(|i| i as u32)
+            .collect()
+    }
+
     fn to_host(&self, x: &GpuMatrix<T>) -> Vec<f32> {
         self.stream
             .clone_dtoh(&x.data)

@@ -164,7 +164,21 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies an activation to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Activations) -> Vec<f32>;
 
+    /// Each row's largest value's column (the lowest among equals), computed where `x` lives.
+    fn argmax_rows(&self, x: &Self::Activations) -> Vec<u32>;
+
     /// Waits until every operation issued so far has finished (a device runs them
     /// asynchronously; on the CPU they are done when they return).
     fn synchronize(&self) {}
+}
+
+/// Index of the largest value (the lowest index among equals).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
 }

@@ -18,7 +18,7 @@ pub struct OpTimes {
     pub gemm: Duration,
     /// `attention` and `write_kv`.
     pub attention: Duration,
-    /// Embedding, norms, rotary, SiLU-mul, row gathers, copies to the host.
+    /// Embedding, norms, rotary, SiLU-mul, row gathers, argmax, copies to the host.
     pub other: Duration,
 }
 
@@ -154,6 +154,10 @@ impl<B: Backend> Backend for Profiled<B> {
 
     fn to_host(&self, x: &Self::Activations) -> Vec<f32> {
         self.timed(Kind::Other, || self.inner.to_host(x))
+    }
+
+    fn argmax_rows(&self, x: &Self::Activations) -> Vec<u32> {
+        self.timed(Kind::Other, || self.inner.argmax_rows(x))
     }
 
     fn synchronize(&self) {

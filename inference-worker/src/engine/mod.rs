@@ -23,7 +23,7 @@ use crate::model::{Llama, LoadedModel};
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
 use block_manager::{BlockManager, CacheCounters};
-use sampler::SampleContext;
+use sampler::{SampleContext, Sampled};
 use scheduler::{Scheduler, SchedulerConfig};
 use sequence::{OutputText, Sequence};
 
@@ -342,7 +342,17 @@ impl<B: Backend> Engine<B> {
             }
         }
 
-        let logits = self.model.forward(&mut self.cache, &batch);
+        // When the argmax decides every row, the backend finds it where the logits are.
+        let greedy = !to_sample.is_empty()
+            && to_sample.iter().all(|sid| {
+                let seq = &self.seqs[sid];
+                seq.params.argmax_decides(seq.tokens.len() - seq.prompt_len)
+            });
+        let picked = if greedy {
+            Picked::Tokens(self.model.forward_argmax(&mut self.cache, &batch))
+        } else {
+            Picked::Logits(self.model.forward(&mut self.cache, &batch))
+        };
         self.stats.steps += 1;
 
         let bs = self.layout.block_size;
@@ -360,23 +370,36 @@ impl<B: Backend> Engine<B> {
         let vocab = self.model.config.vocab_size;
         let mut outputs = Vec::with_capacity(to_sample.len());
         for (row, sid) in to_sample.into_iter().enumerate() {
-            let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
-            outputs.push(self.advance(sid, &mut row_logits));
+            let sampled = match &picked {
+                Picked::Tokens(tokens) => Sampled {
+                    token: tokens[row],
+                    logprobs: None,
+                },
+                Picked::Logits(logits) => {
+                    let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+                    self.sample(sid, &mut row_logits)
+                }
+            };
+            outputs.push(self.advance(sid, sampled));
         }
         outputs
     }
 
-    /// Samples the next token of `sid`, applies stop rules, and retires it when finished.
-    fn advance(&mut self, sid: SeqId, logits: &mut [f32]) -> SeqOutput {
-        let tokenizer = self.tokenizer.clone();
-        let eos = &self.model.config.eos_token_ids;
-        let seq = self.seqs.get_mut(&sid).expect("sampled sequences exist");
-        let params = seq.params.clone();
-        let mut end_tokens: Vec<u32> = params.stop_token_ids.clone();
+    /// Tokens that end `params`' sequences: its stop ids, and EOS unless ignored.
+    fn end_tokens(&self, params: &SamplingParams) -> Vec<u32> {
+        let mut end_tokens = params.stop_token_ids.clone();
         if !params.ignore_eos {
-            end_tokens.extend(eos);
+            end_tokens.extend(&self.model.config.eos_token_ids);
         }
-        let sampled = sampler::sample(
+        end_tokens
+    }
+
+    /// Samples the next token of `sid` from its logits row.
+    fn sample(&mut self, sid: SeqId, logits: &mut [f32]) -> Sampled {
+        let params = self.seqs[&sid].params.clone();
+        let end_tokens = self.end_tokens(&params);
+        let seq = self.seqs.get_mut(&sid).expect("sampled sequences exist");
+        sampler::sample(
             logits,
             &SampleContext {
                 params: &params,
@@ -385,7 +408,15 @@ impl<B: Backend> Engine<B> {
                 end_tokens: &end_tokens,
             },
             &mut seq.rng,
-        );
+        )
+    }
+
+    /// Appends the sampled token to `sid`, applies stop rules, and retires it when finished.
+    fn advance(&mut self, sid: SeqId, sampled: Sampled) -> SeqOutput {
+        let tokenizer = self.tokenizer.clone();
+        let params = self.seqs[&sid].params.clone();
+        let end_tokens = self.end_tokens(&params);
+        let seq = self.seqs.get_mut(&sid).expect("sampled sequences exist");
         let token = sampled.token;
         seq.push_token(token, self.layout.block_size);
         self.stats.generation_tokens += 1;
@@ -436,4 +467,10 @@ fn fresh_seed(seq: SeqId) -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     Rng::new(nanos ^ seq.rotate_left(32) ^ std::process::id() as u64).next_u64()
+}
+
+/// What a step's forward pass gave: logits rows for the sampler, or the tokens themselves.
+enum Picked {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
 }

@@ -134,6 +134,20 @@ impl<B: Backend> Llama<B> {
     /// Runs one step: writes the new tokens' K/V into `cache` and returns the logits of
     /// `batch.logits_rows`, row-major `[logits_rows.len(), vocab_size]`.
     pub fn forward(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Vec<f32> {
+        self.logits(cache, batch)
+            .map_or_else(Vec::new, |l| self.backend.to_host(&l))
+    }
+
+    /// Like [`Self::forward`], but returns each logits row's argmax (greedy decoding), found
+    /// where the logits are: one id per row crosses to the host instead of a vocabulary's
+    /// worth of floats.
+    pub fn forward_argmax(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Vec<u32> {
+        self.logits(cache, batch)
+            .map_or_else(Vec::new, |l| self.backend.argmax_rows(&l))
+    }
+
+    /// The logits of `batch.logits_rows` where the backend holds them (`None` without rows).
+    fn logits(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Option<B::Activations> {
         let b = &self.backend;
         let eps = self.config.rms_norm_eps;
         let shape = self.qkv_shape();
@@ -154,10 +168,9 @@ impl<B: Backend> Llama<B> {
             hidden = b.add_rms_norm(&mut residual, &down, next_norm, eps);
         }
         if batch.logits_rows.is_empty() {
-            return Vec::new();
+            return None;
         }
         let rows = b.gather_rows(&hidden, &batch.logits_rows);
-        let logits = b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None);
-        b.to_host(&logits)
+        Some(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None))
     }
 }
