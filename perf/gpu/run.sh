@@ -10,6 +10,8 @@
 #   perf/gpu/run.sh decode  # on the GPU machine: decode step vs roofline for the Llama-3.2-1B
 #                           # and Llama-3.1-8B shaped presets (written to $MODELS, default
 #                           # /tmp/llmctl-models: 2.5 and 16 GB, minutes to write the first time)
+#   perf/gpu/run.sh serve   # on the GPU machine: serving throughput at 64 concurrent streams
+#                           # for the same presets (the worker runs on cuda:0)
 #
 # With the device tool: run `perf/gpu/run.sh build` here, then run `bash perf/gpu/run.sh run`
 # there with carry = ["perf/gpu/bin"]. NVRTC 13 and cuBLAS 13 are found in PyTorch's nvidia-*
@@ -33,8 +35,8 @@ for line in sys.stdin:
 
 build() {
     mkdir -p "$BIN"
-    cargo build --release -p llmctl-perf --bin kernel_bench --bin decode_bench
-    cp target/release/kernel_bench target/release/decode_bench "$BIN/"
+    cargo build --release -p llmctl-perf --bin kernel_bench --bin decode_bench --bin serve_bench
+    cp target/release/kernel_bench target/release/decode_bench target/release/serve_bench "$BIN/"
     test_binary llmctl-kernels gpu kernels-gpu-tests
     test_binary llmctl-inference-worker cuda worker-cuda-tests
     ls -la "$BIN"
@@ -67,6 +69,21 @@ decode() {
     return $status
 }
 
+serve() {
+    local out="${OUT:-perf/gpu/out}" models="${MODELS:-/tmp/llmctl-models}"
+    mkdir -p "$out"
+    cuda_env "$out"
+    local status=0
+    for preset in llama-3.2-1b llama-3.1-8b; do
+        "$BIN/serve_bench" --device cuda --preset "$preset" --models "$models" \
+            --concurrency 64 --num-requests 256 --prompt-len 128:512 --output-len 128:256 \
+            --out "$out/serve-$preset.md" 2>>"$out/serve.log" || status=1
+        cat "$out/serve-$preset.md" 2>/dev/null || true
+    done
+    tail -5 "$out/serve.log" || true
+    return $status
+}
+
 run() {
     local out="${OUT:-perf/gpu/out}"
     mkdir -p "$out"
@@ -86,5 +103,6 @@ case "${1:-}" in
     build) build ;;
     run) run ;;
     decode) decode ;;
-    *) echo "usage: $0 build|run|decode" >&2; exit 2 ;;
+    serve) serve ;;
+    *) echo "usage: $0 build|run|decode|serve" >&2; exit 2 ;;
 esac

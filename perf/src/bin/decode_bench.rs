@@ -22,6 +22,7 @@ use llmctl_inference_worker::backend::cuda::CudaBackend;
 use llmctl_inference_worker::backend::profiled::{OpTimes, Profiled};
 use llmctl_inference_worker::engine::{Engine, EngineConfig, SamplingParams};
 use llmctl_inference_worker::model::{self, init::Preset};
+use llmctl_inference_worker::server::Device;
 use rayon::prelude::*;
 use serde_json::Value;
 
@@ -29,7 +30,7 @@ use serde_json::Value;
 struct Args {
     /// `cpu` or `cuda:N` (bf16 weights and KV cache on the GPU, f32 on the CPU).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: Device,
     /// Model preset, written under target/perf-models the first time.
     #[arg(long, default_value = "small")]
     preset: Preset,
@@ -224,15 +225,10 @@ fn main() -> Result<()> {
             None => llmctl_perf::preset_model(args.preset, 1)?,
         },
     };
-    let cuda = match args.device.as_str() {
-        "cpu" => None,
-        "cuda" => Some(0),
-        other => Some(
-            other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .with_context(|| format!("--device {other}: cpu, cuda or cuda:N"))?,
-        ),
+    let cuda = match args.device {
+        Device::Cpu => None,
+        Device::Cuda(ordinal) => Some(ordinal),
+        Device::Auto => bail!("--device auto: say cpu or cuda:N"),
     };
     // Bytes per element of weights and KV cache as each backend holds them.
     let (elem, copy_gbs, device) = match cuda {

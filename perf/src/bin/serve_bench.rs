@@ -5,8 +5,8 @@
 //!
 //! `cargo run --release -p llmctl-perf --bin serve_bench -- [--record]`
 //!
-//! With no `--url`, it writes the `small` preset (seed 1) under `target/perf-models/`, starts a
-//! worker on port 0 (this same binary re-run as `--as-worker`, i.e. the real server in its own
+//! With no `--url`, it writes the `--preset` model (default `small`, seed 1) under
+//! `target/perf-models/` (or `--models`), starts a worker (`--device`, default cpu) on port 0 (this same binary re-run as `--as-worker`, i.e. the real server in its own
 //! process), and benchmarks it at each `--concurrency` level, then at `--rate` if given.
 
 use std::io::{BufRead, BufReader};
@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use http_body_util::BodyExt;
-use llmctl_inference_worker::model::init;
+use llmctl_inference_worker::model::init::Preset;
 use llmctl_inference_worker::rng::Rng;
-use llmctl_inference_worker::server::{self, WorkerArgs};
+use llmctl_inference_worker::server::{self, Device, WorkerArgs};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
@@ -46,9 +46,24 @@ struct Args {
     output_len: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Write the table to perf/results/<date>-serve-cpu.md.
+    /// Where the started worker runs: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Model preset of the started worker, written under target/perf-models the first time.
+    #[arg(long, default_value = "small")]
+    preset: Preset,
+    /// Where presets are written (default: target/perf-models in the workspace).
+    #[arg(long)]
+    models: Option<PathBuf>,
+    /// KV cache of a CPU worker, MiB (a GPU worker sizes its cache from free memory).
+    #[arg(long, default_value_t = 1024)]
+    kv_cache_mib: usize,
+    /// Write the table to perf/results/<date>-serve-<cpu|gpu>.md.
     #[arg(long)]
     record: bool,
+    /// Write the table to this file as well.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Internal: run as the worker process.
     #[arg(long, hide = true)]
     as_worker: bool,
@@ -92,11 +107,11 @@ fn main() -> Result<()> {
             served_model_name: None,
             drain_grace_secs: 5,
             max_body_bytes: 8 << 20,
-            kv_cache_mib: 1024,
+            kv_cache_mib: args.kv_cache_mib,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             max_model_len: None,
-            device: server::Device::Cpu,
+            device: args.device,
             gpu_memory_utilization: 0.9,
         });
     }
@@ -116,7 +131,7 @@ async fn bench(args: Args) -> Result<()> {
             .trim_end_matches('/')
             .to_owned(),
         None => {
-            let (child, addr) = start_worker()?;
+            let (child, addr) = start_worker(&args)?;
             worker = Some(child);
             addr
         }
@@ -124,7 +139,7 @@ async fn bench(args: Args) -> Result<()> {
     let model_name = if args.url.is_some() {
         args.model_name.clone()
     } else {
-        "small-seed1".to_owned()
+        format!("{}-seed1", args.preset.name())
     };
     wait_ready(&addr).await?;
 
@@ -181,10 +196,14 @@ async fn bench(args: Args) -> Result<()> {
         table.push('\n');
     }
     println!("{table}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &table)?;
+    }
     if args.record {
         let (date, machine) = (llmctl_perf::today(), llmctl_perf::machine());
+        let (device, preset) = (args.device, args.preset.name());
         let text = format!(
-            "# Serving benchmark, CPU, {date}\n\n- machine: {machine}; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --record`\n- server: `llmctl-worker` (CPU backend), `small` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`\n\n{table}\n",
+            "# Serving benchmark, {device}, {date}\n\n- machine: {machine}; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --device {device} --preset {preset} --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --record`\n- server: `llmctl-worker` ({device}), `{preset}` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`\n\n{table}\n",
             args.num_requests,
             args.concurrency
                 .iter()
@@ -195,7 +214,12 @@ async fn bench(args: Args) -> Result<()> {
             args.output_len,
             args.rate.map_or(String::new(), |r| format!(" --rate {r}")),
         );
-        let path = llmctl_perf::record("serve-cpu", &text)?;
+        let kind = if matches!(args.device, Device::Cpu) {
+            "cpu"
+        } else {
+            "gpu"
+        };
+        let path = llmctl_perf::record(&format!("serve-{kind}"), &text)?;
         eprintln!("recorded {}", path.display());
     }
     if let Some(mut child) = worker {
@@ -205,10 +229,16 @@ async fn bench(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn start_worker() -> Result<(Child, String)> {
-    let dir = llmctl_perf::preset_model(init::Preset::Small, 1)?;
+fn start_worker(args: &Args) -> Result<(Child, String)> {
+    let dir = match &args.models {
+        Some(root) => llmctl_perf::preset_model_in(root, args.preset, 1)?,
+        None => llmctl_perf::preset_model(args.preset, 1)?,
+    };
+    let device = args.device.to_string();
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["--as-worker", "--model"])
+        .args(["--as-worker", "--device", &device, "--kv-cache-mib"])
+        .arg(args.kv_cache_mib.to_string())
+        .arg("--model")
         .arg(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
