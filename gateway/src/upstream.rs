@@ -39,6 +39,9 @@ const MAX_IDLE_PER_ENDPOINT: usize = 256;
 /// after a while too, and a reaped executor's connections must not linger).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A reused connection that fails this soon after the request, unanswered, was closed by the
+/// executor before the request arrived (a close racing the reuse shows up at once).
+const STALE_WINDOW: Duration = Duration::from_millis(250);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 << 10;
 
@@ -162,14 +165,17 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, AttemptError> {
         let request = encode_request(address, path, headers, body);
         // A kept-alive connection may have been closed by the executor since its last use
-        // without the reactor having seen it yet: when such a connection yields not one byte of
-        // a response, the request was never taken up and is sent again on a fresh connection.
+        // without the reactor having seen it yet. When such a connection fails at once, with
+        // not one byte of a response, the request was never taken up and is sent again on a
+        // fresh connection. A failure later than that may follow real work (a generation the
+        // executor died in): it is not resent here, the caller decides.
         let mut exchanged = None;
         if let Some(conn) = self.idle.take(address) {
+            let sent = Instant::now();
             match exchange(conn, &request).await {
                 Ok(r) => exchanged = Some(r),
-                Err(Failure::Unanswered(_)) => {}
-                Err(Failure::Broken(e)) => return Err(AttemptError::Connect(e)),
+                Err(Failure::Unanswered(_)) if sent.elapsed() < STALE_WINDOW => {}
+                Err(f) => return Err(AttemptError::Connect(f.message())),
             }
         }
         let (conn, head) = match exchanged {
@@ -397,6 +403,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, String> {
         headers.remove(header::CONTENT_LENGTH);
         Framing::Chunked(Chunked::Size)
     } else if other_coding {
+        // Read to the end of the connection; a length next to a transfer coding is ignored
+        // and not forwarded (RFC 9112 §6.3).
+        headers.remove(header::CONTENT_LENGTH);
         close = true;
         Framing::UntilClose
     } else if let Some(n) = length {
@@ -752,8 +761,9 @@ mod tests {
         // No length: the body runs to the end of the connection, which is then not reusable.
         let h = head("HTTP/1.1 200 OK\r\n\r\n");
         assert!(matches!(h.framing, Framing::UntilClose) && !h.reusable);
-        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n");
         assert!(matches!(h.framing, Framing::UntilClose) && !h.reusable);
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
 
         // HTTP/1.0 closes unless asked to keep alive; `close` always closes.
         assert!(!head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n").reusable);

@@ -118,6 +118,8 @@ pub struct Reconciler<P> {
     to_replace: u32,
     hold_launches_until: Option<Instant>,
     last_targets: Option<(u32, u32)>,
+    /// The executors that existed before were taken over (see `PoolStatus::adopted`).
+    adopted: bool,
     status: watch::Sender<PoolStatus>,
 }
 
@@ -146,6 +148,7 @@ impl<P: Provider> Reconciler<P> {
             to_replace: 0,
             hold_launches_until: None,
             last_targets: None,
+            adopted: false,
             status,
         };
         (r, rx)
@@ -158,10 +161,35 @@ impl<P: Provider> Reconciler<P> {
         mut events: mpsc::UnboundedReceiver<ExecutorEvent>,
         mut demand: mpsc::Receiver<PoolDemand>,
     ) {
-        for adopted in self.provider.adopt().await {
-            self.adopt(adopted);
+        // Adoption waits for the provider's first complete listing; a pool removed meanwhile
+        // (its demand channel closed) stops without it. Reports that come meanwhile count after.
+        let mut early: Option<PoolDemand> = None;
+        let adopted = {
+            let adopt = self.provider.adopt();
+            tokio::pin!(adopt);
+            loop {
+                tokio::select! {
+                    adopted = &mut adopt => break Some(adopted),
+                    report = demand.recv() => match report {
+                        Some(report) => early = Some(report),
+                        None => break None,
+                    },
+                }
+            }
+        };
+        let Some(adopted) = adopted else {
+            self.provider
+                .shutdown(self.config.drain_grace, events)
+                .await;
+            return;
+        };
+        for a in adopted {
+            self.adopt(a);
         }
-        self.status.send_modify(|s| s.adopted = true);
+        self.adopted = true;
+        if let Some(report) = early {
+            self.on_demand(report);
+        }
         self.publish();
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -494,8 +522,17 @@ impl<P: Provider> Reconciler<P> {
             total.draining += c.draining;
         }
         let (queued, in_flight) = (self.demand.queued, self.demand.in_flight);
+        let adopted = self.adopted;
         self.status.send_if_modified(|s| {
-            let before = (s.endpoints.clone(), s.starting, s.ready, s.draining);
+            let before = (
+                s.adopted,
+                s.endpoints.clone(),
+                s.starting,
+                s.ready,
+                s.draining,
+            );
+            // With the endpoints in one change: never adopted with an empty set in between.
+            s.adopted = adopted;
             s.endpoints = endpoints;
             s.starting = total.starting;
             s.ready = total.ready;
@@ -504,7 +541,14 @@ impl<P: Provider> Reconciler<P> {
             s.in_flight = in_flight;
             s.executors = executors;
             // Watchers wake for changes to the endpoint set and counts, not for ages.
-            before != (s.endpoints.clone(), s.starting, s.ready, s.draining)
+            before
+                != (
+                    s.adopted,
+                    s.endpoints.clone(),
+                    s.starting,
+                    s.ready,
+                    s.draining,
+                )
         });
     }
 }

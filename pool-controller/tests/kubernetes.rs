@@ -470,6 +470,34 @@ async fn a_new_leader_adopts_running_pods_and_a_spec_change_keeps_them() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pool_whose_pods_cannot_be_listed_is_not_published_and_still_stops() {
+    let (fake, client) = FakeApi::start();
+    // Pods cannot be listed (an API server that hangs on them, or missing RBAC): the pool's
+    // reconciler waits for its adoption, and gateways are told nothing about it meanwhile.
+    fake.stall(Some(PODS));
+    fake.create_object(POOLS, pool("chat", json!({"minWarm": 1, "maxReplicas": 2})));
+    let controller = start(client);
+    wait_for("the pool's reconciler", SECS(10), || {
+        pool_status(&controller, "chat")
+    })
+    .await;
+    tokio::time::sleep(SECS(5)).await;
+    assert!(
+        !controller.endpoints().borrow().pools.contains_key("chat"),
+        "an unadopted pool is not published"
+    );
+    assert!(!pool_status(&controller, "chat").unwrap().adopted);
+
+    // Deleting it stops its reconciler although adoption never finished.
+    fake.delete(POOLS, "chat");
+    wait_for("the deleted pool stopped", SECS(10), || {
+        pool_status(&controller, "chat").is_none().then_some(())
+    })
+    .await;
+    fake.stall(None);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_pod_that_stops_being_ready_leaves_the_endpoint_set_until_ready_again() {
     let (fake, client) = FakeApi::start();
     fake.create_object(POOLS, pool("chat", json!({"minWarm": 1, "maxReplicas": 2})));
@@ -653,7 +681,7 @@ async fn leadership_is_exclusive_released_on_shutdown_and_taken_over_when_the_le
     let mut lead_d = d.keep();
     tokio::time::sleep(SECS(7)).await;
     let stalled_at = Instant::now();
-    fake.set_stalled(true);
+    fake.stall(Some("/"));
     let reason = tokio::time::timeout(SECS(30), lead_d.lost())
         .await
         .expect("d gives up while the API hangs");
@@ -663,5 +691,5 @@ async fn leadership_is_exclusive_released_on_shutdown_and_taken_over_when_the_le
         "stopped leading {:?} after the last renewal could start",
         stalled_at.elapsed()
     );
-    fake.set_stalled(false);
+    fake.stall(None);
 }

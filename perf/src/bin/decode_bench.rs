@@ -88,11 +88,8 @@ fn step_bytes(dir: &Path, batch: usize, context: f64, elem: f64) -> Result<StepB
         if path.extension().is_none_or(|e| e != "safetensors") {
             continue;
         }
-        let bytes = std::fs::read(&path)?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .with_context(|| path.display().to_string())?;
-        for (name, info) in meta.tensors() {
-            let n = info.shape.iter().product::<usize>() as f64;
+        for (name, shape) in safetensors_shapes(&path)? {
+            let n = shape.iter().product::<usize>() as f64;
             params += n;
             if name == "model.embed_tokens.weight" {
                 embedding = n;
@@ -110,6 +107,32 @@ fn step_bytes(dir: &Path, batch: usize, context: f64, elem: f64) -> Result<StepB
     })
 }
 
+/// Each tensor's name and shape, from a safetensors file's header alone (not its gigabytes
+/// of data).
+fn safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        bail!("{}: a {n}-byte header is not plausible", path.display());
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&header).with_context(|| format!("{}: header", path.display()))?;
+    header
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, info)| {
+            let shape = serde_json::from_value(info["shape"].clone())
+                .with_context(|| format!("{}: shape of {name}", path.display()))?;
+            Ok((name, shape))
+        })
+        .collect()
+}
+
 /// One batch size: the plain step time, and the profiled run's per-step breakdown.
 struct Measured {
     step: f64,
@@ -117,12 +140,14 @@ struct Measured {
     profiled_step: f64,
 }
 
-/// Adds `batch` sequences of `context` prompt tokens and prefills them (in chunks if need be)
-/// until every one has its first token.
+/// Adds `batch` sequences of `context` prompt tokens and steps until all of them decode
+/// together.
 fn fill<B: Backend>(engine: &mut Engine<B>, batch: usize, args: &Args) -> Result<()> {
     let vocab = engine.tokenizer().vocab_size() as u64;
+    // Room for the decode steps some sequences take while others still prefill, the warm-up
+    // and the timed steps: nobody finishes before timing ends.
     let params = SamplingParams {
-        max_tokens: args.steps + 2,
+        max_tokens: args.steps + batch * args.context / 1024 + 16,
         ignore_eos: true,
         ..SamplingParams::greedy()
     };
@@ -132,9 +157,16 @@ fn fill<B: Backend>(engine: &mut Engine<B>, batch: usize, args: &Args) -> Result
             .collect();
         engine.add_request(id, prompt, params.clone())?;
     }
-    let mut first = 0;
-    while first < batch {
-        first += engine.step().iter().filter(|o| o.token.is_some()).count();
+    // Prefill is chunked: done when a step gives every sequence a token; two more to warm up.
+    let mut guard = 0;
+    while engine.step().len() < batch {
+        guard += 1;
+        if guard > 100_000 {
+            bail!("the batch of {batch} never got to decoding together");
+        }
+    }
+    for _ in 0..2 {
+        engine.step();
     }
     Ok(())
 }

@@ -240,8 +240,10 @@ fn start_worker(args: &Args) -> Result<(Child, String)> {
         .arg(args.kv_cache_mib.to_string())
         .arg("--model")
         .arg(&dir)
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // Warnings and errors (why a worker failed to load) show with the benchmark's own.
+        .stderr(Stdio::inherit())
         .spawn()?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("worker stdout")?).read_line(&mut line)?;
@@ -254,7 +256,8 @@ fn start_worker(args: &Args) -> Result<(Child, String)> {
 }
 
 async fn wait_ready(addr: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Loading a Llama-3.1-8B-shaped model on a fresh GPU machine takes minutes.
+    let deadline = Instant::now() + Duration::from_secs(900);
     loop {
         if let Ok(r) = llmctl_perf::http_request(addr, "GET", "/health", Vec::new()).await
             && r.status() == 200

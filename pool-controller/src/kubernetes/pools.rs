@@ -100,7 +100,8 @@ impl Pools {
         let pools = Arc::new(self);
         let controller = kube::runtime::Controller::new(pools.api(), watcher::Config::default());
         let store = controller.store();
-        let sweeper = tokio::spawn(pools.clone().sweep(store));
+        // Stopped with this future, also when it is dropped (leadership lost, shutdown).
+        let _sweeper = AbortOnDrop(tokio::spawn(pools.clone().sweep(store)));
         controller
             .run(reconcile, error_policy, pools)
             .for_each(|outcome| async move {
@@ -109,7 +110,6 @@ impl Pools {
                 }
             })
             .await;
-        sweeper.abort();
     }
 
     /// Stops the reconcilers of pools that no longer exist (or are being deleted).
@@ -127,13 +127,14 @@ impl Pools {
         let mut tick = tokio::time::interval(SWEEP);
         loop {
             tick.tick().await;
+            // Read under the lock: a pool created and started meanwhile is in the store.
+            let mut state = self.state.lock().await;
             let live: Vec<String> = store
                 .state()
                 .iter()
                 .filter(|p| p.meta().deletion_timestamp.is_none())
                 .map(|p| p.name_any())
                 .collect();
-            let mut state = self.state.lock().await;
             let gone: Vec<String> = state
                 .running
                 .keys()
@@ -360,4 +361,12 @@ async fn reconcile(pool: Arc<InferencePool>, pools: Arc<Pools>) -> Result<Action
 fn error_policy(pool: Arc<InferencePool>, error: &PoolError, _: Arc<Pools>) -> Action {
     tracing::warn!(pool = %pool.name_any(), "{error}; retrying in {}s", RETRY.as_secs());
     Action::requeue(RETRY)
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -67,8 +67,9 @@ struct State {
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
     logged: watch::Sender<usize>,
-    /// While true, requests get no answer (an API server that hangs).
-    stalled: watch::Sender<bool>,
+    /// Requests whose path starts with this get no answer while it is set (an API server
+    /// that hangs, for everything with `/`).
+    stalled: watch::Sender<Option<String>>,
 }
 
 impl FakeApi {
@@ -79,7 +80,7 @@ impl FakeApi {
         let fake = Self {
             state: Arc::default(),
             logged: watch::channel(0).0,
-            stalled: watch::channel(false).0,
+            stalled: watch::channel(None).0,
         };
         let server = fake.clone();
         tokio::spawn(async move {
@@ -95,13 +96,18 @@ impl FakeApi {
         self.state.lock().expect("fake API state lock")
     }
 
-    /// Makes the server hang (every request waits, unanswered) or resume.
-    pub fn set_stalled(&self, stalled: bool) {
-        self.stalled.send_replace(stalled);
+    /// Makes requests under `prefix` hang, unanswered, until called with `None`.
+    pub fn stall(&self, prefix: Option<&str>) {
+        self.stalled.send_replace(prefix.map(str::to_owned));
     }
 
     async fn handle(&self, request: Request<kube::client::Body>) -> Response<FakeBody> {
-        let _ = self.stalled.subscribe().wait_for(|s| !*s).await;
+        let path = request.uri().path().to_owned();
+        let _ = self
+            .stalled
+            .subscribe()
+            .wait_for(|s| s.as_deref().is_none_or(|p| !path.starts_with(p)))
+            .await;
         let (parts, body) = request.into_parts();
         let bytes = body
             .collect()
