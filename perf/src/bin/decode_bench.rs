@@ -144,10 +144,8 @@ struct Measured {
 /// together.
 fn fill<B: Backend>(engine: &mut Engine<B>, batch: usize, args: &Args) -> Result<()> {
     let vocab = engine.tokenizer().vocab_size() as u64;
-    // Room for the decode steps some sequences take while others still prefill, the warm-up
-    // and the timed steps: nobody finishes before timing ends.
     let params = SamplingParams {
-        max_tokens: args.steps + batch * args.context / 1024 + 16,
+        max_tokens: max_tokens(batch, args),
         ignore_eos: true,
         ..SamplingParams::greedy()
     };
@@ -186,9 +184,16 @@ fn time_steps<B: Backend>(engine: &mut Engine<B>, batch: usize, steps: usize) ->
     Ok(start.elapsed().as_secs_f64() / steps as f64)
 }
 
+/// Room for the decode steps some sequences take while others still prefill (chunks of
+/// 8192 tokens), the warm-up and the timed steps: nobody finishes before timing ends.
+fn max_tokens(batch: usize, args: &Args) -> usize {
+    args.steps + (batch * args.context).div_ceil(8192) + 4
+}
+
 fn engine_config(batch: usize, args: &Args) -> EngineConfig {
     EngineConfig {
-        num_blocks: Some(batch * (args.context + args.steps + 4).div_ceil(16) + 8),
+        // Every sequence at its longest: no preemption while measuring.
+        num_blocks: Some(batch * (args.context + max_tokens(batch, args)).div_ceil(16) + 8),
         max_num_seqs: batch,
         max_num_batched_tokens: 8192.max(args.context),
         enable_prefix_caching: false,
