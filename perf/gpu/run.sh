@@ -54,34 +54,29 @@ cuda_env() {
     export LLMCTL_KERNEL_CACHE="$1/kernel-cache"
 }
 
-decode() {
-    local out="${OUT:-perf/gpu/out}" models="${MODELS:-/tmp/llmctl-models}"
+# Runs `$2...` once per Llama-shaped preset (adding --preset, --models and --out), logging to
+# $OUT/$1.log and printing each table.
+per_preset() {
+    local name=$1; shift
+    local out="${OUT:-perf/gpu/out}" models="${MODELS:-/tmp/llmctl-models}" status=0
     mkdir -p "$out"
     cuda_env "$out"
-    local status=0
     for preset in llama-3.2-1b llama-3.1-8b; do
-        "$BIN/decode_bench" --device cuda --preset "$preset" --models "$models" \
-            --batches 1,64 --context 512 --steps 32 --out "$out/decode-$preset.md" \
-            2>>"$out/decode.log" || status=1
-        cat "$out/decode-$preset.md" 2>/dev/null || true
+        "$@" --preset "$preset" --models "$models" --out "$out/$name-$preset.md" \
+            2>>"$out/$name.log" || status=1
+        cat "$out/$name-$preset.md" 2>/dev/null || true
     done
-    tail -5 "$out/decode.log" || true
+    tail -5 "$out/$name.log" || true
     return $status
 }
 
+decode() {
+    per_preset decode "$BIN/decode_bench" --device cuda --batches 1,64 --context 512 --steps 32
+}
+
 serve() {
-    local out="${OUT:-perf/gpu/out}" models="${MODELS:-/tmp/llmctl-models}"
-    mkdir -p "$out"
-    cuda_env "$out"
-    local status=0
-    for preset in llama-3.2-1b llama-3.1-8b; do
-        "$BIN/serve_bench" --device cuda --preset "$preset" --models "$models" \
-            --concurrency 64 --num-requests 256 --prompt-len 128:512 --output-len 128:256 \
-            --out "$out/serve-$preset.md" 2>>"$out/serve.log" || status=1
-        cat "$out/serve-$preset.md" 2>/dev/null || true
-    done
-    tail -5 "$out/serve.log" || true
-    return $status
+    per_preset serve "$BIN/serve_bench" --device cuda --concurrency 64 --num-requests 256 \
+        --prompt-len 128:512 --output-len 128:256
 }
 
 run() {
