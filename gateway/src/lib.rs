@@ -5,9 +5,9 @@
 //! `limit` (per-tenant request and token rate limits), `queue` (a fair, bounded admission queue
 //! per pool), `dispatch` (least-outstanding executor choice with prefix affinity and ejection)
 //! and `proxy` (relaying the executor's response, read by `upstream`, the HTTP/1.1 client to
-//! executors). `config` is the TOML file; `metrics` the
-//! Prometheus registry; `error` the one mapping to OpenAI error bodies; `controller` follows
-//! the pool controller (live endpoint sets in, demand reports out). No GPU code here.
+//! executors). `config` is the TOML file; `metrics` the Prometheus registry; `error` the one
+//! mapping to OpenAI error bodies; `controller` follows the pool controller (live endpoint sets
+//! in, demand reports out). No GPU code here.
 
 pub mod auth;
 pub mod body;

@@ -1,8 +1,9 @@
-//! Relaying an executor's answer (from `upstream`) chunk by chunk. SSE streams are parsed event by event only to find the `usage` the
-//! gateway asked for (and to remove it when the client did not), JSON bodies are passed
-//! through while a bounded copy is kept to read `usage`. An executor that dies mid-stream ends
-//! the client's stream with an OpenAI error event. When the relay ends, the endpoint slot is
-//! freed, the tenant's token charge is trued up and the request is counted.
+//! Relaying an executor's answer (from `upstream`) chunk by chunk. SSE streams are parsed
+//! event by event only to find the `usage` the gateway asked for (and to remove it when the
+//! client did not), JSON bodies are passed through while a bounded copy is kept to read
+//! `usage`. An executor that dies mid-stream ends the client's stream with an OpenAI error
+//! event. When the relay ends, the endpoint slot is freed, the tenant's token charge is trued
+//! up and the request is counted.
 
 use std::sync::Arc;
 use std::time::Instant;

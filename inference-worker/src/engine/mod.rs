@@ -370,6 +370,8 @@ impl<B: Backend> Engine<B> {
         let vocab = self.model.config.vocab_size;
         let mut outputs = Vec::with_capacity(to_sample.len());
         for (row, sid) in to_sample.into_iter().enumerate() {
+            let params = self.seqs[&sid].params.clone();
+            let end_tokens = self.end_tokens(&params);
             let sampled = match &picked {
                 Picked::Tokens(tokens) => Sampled {
                     token: tokens[row],
@@ -377,10 +379,10 @@ impl<B: Backend> Engine<B> {
                 },
                 Picked::Logits(logits) => {
                     let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
-                    self.sample(sid, &mut row_logits)
+                    self.sample(sid, &mut row_logits, &params, &end_tokens)
                 }
             };
-            outputs.push(self.advance(sid, sampled));
+            outputs.push(self.advance(sid, sampled, &params, &end_tokens));
         }
         outputs
     }
@@ -394,28 +396,36 @@ impl<B: Backend> Engine<B> {
         end_tokens
     }
 
-    /// Samples the next token of `sid` from its logits row.
-    fn sample(&mut self, sid: SeqId, logits: &mut [f32]) -> Sampled {
-        let params = self.seqs[&sid].params.clone();
-        let end_tokens = self.end_tokens(&params);
+    /// Samples the next token of `sid` (its `params` and `end_tokens`) from its logits row.
+    fn sample(
+        &mut self,
+        sid: SeqId,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        end_tokens: &[u32],
+    ) -> Sampled {
         let seq = self.seqs.get_mut(&sid).expect("sampled sequences exist");
         sampler::sample(
             logits,
             &SampleContext {
-                params: &params,
+                params,
                 prompt: &seq.tokens[..seq.prompt_len],
                 output: &seq.tokens[seq.prompt_len..],
-                end_tokens: &end_tokens,
+                end_tokens,
             },
             &mut seq.rng,
         )
     }
 
     /// Appends the sampled token to `sid`, applies stop rules, and retires it when finished.
-    fn advance(&mut self, sid: SeqId, sampled: Sampled) -> SeqOutput {
+    fn advance(
+        &mut self,
+        sid: SeqId,
+        sampled: Sampled,
+        params: &SamplingParams,
+        end_tokens: &[u32],
+    ) -> SeqOutput {
         let tokenizer = self.tokenizer.clone();
-        let params = self.seqs[&sid].params.clone();
-        let end_tokens = self.end_tokens(&params);
         let seq = self.seqs.get_mut(&sid).expect("sampled sequences exist");
         let token = sampled.token;
         seq.push_token(token, self.layout.block_size);
