@@ -1,6 +1,7 @@
 // Shared by every kernel source (prepended by the loader; NVRTC sees no files). Our own 16-bit
 // float types with the few conversions the kernels need, so no CUDA toolkit header is needed
-// under NVRTC; warp and block reductions; type-suffixed instantiation helpers.
+// under NVRTC; warp and block reductions; type-suffixed instantiation helpers. Inline PTX has
+// a C++ twin for the CPU emulator (kernels/emulator), which defines LLMCTL_EMULATOR.
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -13,9 +14,13 @@ __device__ __forceinline__ float to_float(bf16 x) {
     return __uint_as_float(((unsigned int)x.bits) << 16);
 }
 __device__ __forceinline__ float to_float(f16 x) {
+#ifdef LLMCTL_EMULATOR
+    return emu::half_to_float(x.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#endif
 }
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
@@ -34,7 +39,11 @@ template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
 }
 template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
     f16 r;
+#ifdef LLMCTL_EMULATOR
+    r.bits = emu::float_to_half(x);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+#endif
     return r;
 }
 

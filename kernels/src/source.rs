@@ -29,6 +29,13 @@ pub const ATTENTION: Program = Program {
 
 pub const ALL: [Program; 4] = [CACHE, ELEMENTWISE, SAMPLING, ATTENTION];
 
+/// Kernels that are wrong on purpose, for the CPU emulator's own tests (`crate::emulator`);
+/// never loaded by [`crate::cuda::Kernels`].
+pub const EMULATOR_SELFTEST: Program = Program {
+    name: "emulator_selftest",
+    body: include_str!("../emulator/selftest.cu"),
+};
+
 /// Storage types every kernel is instantiated for (the suffix of its entry point).
 pub const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
 /// Head sizes the attention kernels are instantiated for (16 and 32 for small test models).
@@ -62,6 +69,19 @@ impl Program {
                 "sampling" => {
                     names.push(format!("argmax_{dtype}"));
                     names.push(format!("top_k_{dtype}"));
+                }
+                "emulator_selftest" => {
+                    if dtype == DTYPES[0] {
+                        for k in [
+                            "reverse",
+                            "reverse_racy",
+                            "divergent_barrier",
+                            "warp_sum",
+                            "write_past_end",
+                        ] {
+                            names.push(format!("selftest_{k}"));
+                        }
+                    }
                 }
                 _ => {
                     for d in HEAD_DIMS {

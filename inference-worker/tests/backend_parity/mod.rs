@@ -1,0 +1,238 @@
+//! The CUDA backend against the CPU backend on the Hugging Face fixtures: the same prompts
+//! through the same paged forward (a scrambled block table, chunked over two steps so both the
+//! prefill and the decode attention kernels run), logits compared at every position, and greedy
+//! continuations through the engine compared with transformers' own. Written once, run on a GPU
+//! by `cuda.rs` and on the CPU emulator of the CUDA driver and cuBLAS by `cuda_emulated.rs`
+//! (`parity_tests!` makes the same tests for each).
+//!
+//! Tolerances. In f32 the two backends differ only in summation order (cuBLAS blocking, the
+//! kernels' reductions): every logit within 1e-3 + 1e-3·|cpu| (measured on the emulator: worst
+//! 1.4e-5, relative L2 per position 2.4e-6), so f32 is where mistakes are caught. In 16-bit every
+//! weight and activation is rounded (bf16: 8 significant bits, 2^-9 = 0.2% per rounding; f16: 11
+//! bits, 8x finer), a layer rounds a dozen times and these random models amplify it, so single
+//! logits move by up to 0.25 in bf16 where they are near 1: the bound is on each position's
+//! logit vector, ||gpu - cpu|| / ||cpu||: bf16 0.08 (measured on the emulator, which rounds
+//! exactly where the kernels do: 1.3e-2 to 4.8e-2), f16 0.012 (measured 1.5e-3 to 6.0e-3,
+//! near the 8x ratio rounding predicts). A wrong rotary pair, a missing bias or a softmax slip
+//! moves the logits by their own size, an order of magnitude past either bound.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use cudarc::cublas::{CudaBlas, Gemm};
+use llmctl_inference_worker::backend::cpu::CpuBackend;
+use llmctl_inference_worker::backend::cuda::{CudaBackend, GpuDtype};
+use llmctl_inference_worker::backend::{Backend, KvLayout, SeqSlice, StepBatch};
+use llmctl_inference_worker::engine::{Engine, EngineConfig, SamplingParams};
+use llmctl_inference_worker::model::{self, LoadedModel};
+
+/// The fixtures beside this crate; a binary carried to another machine finds them relative to
+/// the repository root it runs in.
+fn fixture(name: &str) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = if built.exists() {
+        built.to_path_buf()
+    } else {
+        PathBuf::from("inference-worker")
+    };
+    root.join("tests/fixtures/hf").join(name)
+}
+
+fn prompts(dir: &Path) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    r["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let ids = |k: &str| {
+                c[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect()
+            };
+            (ids("input_ids"), ids("greedy_ids"))
+        })
+        .collect()
+}
+
+/// Logits at every position of `ids`: the prompt minus its last token in one step, then the
+/// last token as a decode step, through a non-contiguous block table.
+fn logits<B: Backend>(loaded: &LoadedModel<B>, ids: &[u32]) -> Vec<f32> {
+    let m = &loaded.model;
+    let n = ids.len();
+    let block_size = 16;
+    let blocks = n.div_ceil(block_size);
+    let layout = KvLayout {
+        num_blocks: 2 * blocks + 1,
+        block_size,
+        num_kv_heads: m.config.num_kv_heads,
+        head_dim: m.config.head_dim,
+    };
+    let mut cache = m.backend.alloc_kv_cache(m.config.num_layers, layout);
+    let table: Vec<u32> = (0..blocks as u32)
+        .map(|b| 2 * (blocks as u32 - b))
+        .collect();
+    let mut out = Vec::new();
+    for (from, to) in [(0, n - 1), (n - 1, n)] {
+        if from == to {
+            continue;
+        }
+        let batch = StepBatch {
+            tokens: ids[from..to].to_vec(),
+            positions: (from as u32..to as u32).collect(),
+            slot_mapping: (from..to).map(|p| layout.slot(&table, p) as i64).collect(),
+            seqs: vec![SeqSlice {
+                query_start: 0,
+                query_len: to - from,
+                context_len: to,
+                block_table: table.clone(),
+            }],
+            logits_rows: (0..to - from).collect(),
+        };
+        out.extend(m.forward(&mut cache, &batch));
+    }
+    out
+}
+
+fn greedy<B: Backend>(loaded: LoadedModel<B>, cases: &[(Vec<u32>, Vec<u32>)]) -> Vec<Vec<u32>> {
+    let mut engine = Engine::new(
+        loaded,
+        EngineConfig {
+            num_blocks: Some(64),
+            ..Default::default()
+        },
+    );
+    for (i, (input, want)) in cases.iter().enumerate() {
+        let params = SamplingParams {
+            max_tokens: want.len(),
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        engine.add_request(i as u64, input.clone(), params).unwrap();
+    }
+    let mut got = vec![Vec::new(); cases.len()];
+    while engine.has_unfinished() {
+        for out in engine.step() {
+            got[out.request as usize].extend(out.token);
+        }
+    }
+    got
+}
+
+/// How close the CUDA backend's logits must be to the CPU backend's (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub enum Tolerance {
+    /// Every logit: |gpu - cpu| <= atol + rtol·|cpu|.
+    Each { atol: f32, rtol: f32 },
+    /// Each position's logit vector: ||gpu - cpu|| / ||cpu|| <= this.
+    RelativeL2(f64),
+}
+
+pub fn check<T: GpuDtype>(name: &str, tol: Tolerance)
+where
+    CudaBlas: Gemm<T>,
+{
+    let dir = fixture(name);
+    let cases = prompts(&dir);
+    let cpu = model::load(&dir, CpuBackend::new()).unwrap();
+    let gpu = model::load(&dir, CudaBackend::<T>::new(0).unwrap()).unwrap();
+    for (ids, _) in &cases {
+        let (want, got) = (logits(&cpu, ids), logits(&gpu, ids));
+        assert_eq!(want.len(), got.len());
+        let vocab = gpu.model.config.vocab_size;
+        let (mut worst, mut worst_rel) = (0.0f32, 0.0f64);
+        for (pos, (w, g)) in want.chunks(vocab).zip(got.chunks(vocab)).enumerate() {
+            let mut diff = 0.0f64;
+            let mut norm = 0.0f64;
+            for (i, (&w, &g)) in w.iter().zip(g).enumerate() {
+                if let Tolerance::Each { atol, rtol } = tol {
+                    assert!(
+                        (g - w).abs() <= atol + rtol * w.abs(),
+                        "{name} {}: position {pos} logit {i}: gpu {g} vs cpu {w}",
+                        T::SUFFIX
+                    );
+                }
+                assert!(
+                    g.is_finite(),
+                    "{name} {}: position {pos} logit {i} is {g}",
+                    T::SUFFIX
+                );
+                worst = worst.max((g - w).abs());
+                diff += ((g - w) as f64).powi(2);
+                norm += (w as f64).powi(2);
+            }
+            let rel = diff.sqrt() / norm.sqrt();
+            if let Tolerance::RelativeL2(bound) = tol {
+                assert!(
+                    rel <= bound,
+                    "{name} {}: position {pos}: relative L2 error {rel:.3e} over {bound}",
+                    T::SUFFIX
+                );
+            }
+            worst_rel = worst_rel.max(rel);
+        }
+        eprintln!(
+            "{name} {}: {} logits, worst |gpu - cpu| {worst:.2e}, worst relative L2 per position {worst_rel:.2e}",
+            T::SUFFIX,
+            got.len()
+        );
+    }
+    // Greedy continuations are compared where no rounding can flip a near-tie of these random
+    // models: in f32.
+    if T::SUFFIX == "f32" {
+        let got = greedy(gpu, &cases);
+        for ((_, want), got) in cases.iter().zip(got) {
+            assert_eq!(&got, want, "{name}: greedy continuation");
+        }
+    }
+}
+
+/// The parity tests, each `#[ignore = $why]`, after `$setup` (which picks the device).
+#[macro_export]
+macro_rules! parity_tests {
+    ($why:literal, $setup:expr) => {
+        #[test]
+        #[ignore = $why]
+        fn cuda_f32_matches_the_cpu_backend_and_transformers() {
+            $setup;
+            for name in ["llama-gqa", "qwen2-bias-tied", "llama3-rope-scaling"] {
+                backend_parity::check::<f32>(
+                    name,
+                    backend_parity::Tolerance::Each {
+                        atol: 1e-3,
+                        rtol: 1e-3,
+                    },
+                );
+            }
+        }
+
+        #[test]
+        #[ignore = $why]
+        fn cuda_bf16_matches_the_cpu_backend_within_rounding() {
+            $setup;
+            for name in ["llama-gqa", "qwen2-bias-tied", "llama3-rope-scaling"] {
+                backend_parity::check::<half::bf16>(
+                    name,
+                    backend_parity::Tolerance::RelativeL2(0.08),
+                );
+            }
+        }
+
+        #[test]
+        #[ignore = $why]
+        fn cuda_f16_matches_the_cpu_backend_within_rounding() {
+            $setup;
+            for name in ["llama-gqa", "qwen2-bias-tied", "llama3-rope-scaling"] {
+                backend_parity::check::<half::f16>(
+                    name,
+                    backend_parity::Tolerance::RelativeL2(0.012),
+                );
+            }
+        }
+    };
+}

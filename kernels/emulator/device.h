@@ -1,0 +1,157 @@
+// The CUDA device built-ins our kernels use, on the CPU. The emulator compiles every kernel
+// program (common.cuh + one .cu file, as NVRTC sees it) as C++ after this header, so the same
+// source runs on a GPU and, through the CUDA driver double (driver.cpp), on a machine without
+// one. A test double, not a GPU: it checks what a kernel computes, never how fast.
+//
+// Execution model (runtime.cpp): one block at a time; each thread of the block is a fiber that
+// runs until it reaches a barrier (__syncthreads, a warp shuffle, __syncwarp) or exits. Running
+// every thread as far as it can go before the next one starts is the most hostile schedule for
+// a missing barrier (a thread reads shared memory no other thread has written yet), so such
+// races show up as wrong results instead of hiding. A barrier that not every thread of its
+// scope reaches (a divergent __syncthreads, a shuffle inside a lane-dependent branch, threads
+// that returned before a barrier the others reach: undefined behaviour in CUDA) fails
+// the launch with a message, where a GPU would hang or return garbage.
+//
+// `__shared__` variables are function statics: shared by the block's threads, and, since
+// blocks run one after another, private to the running block. Unlike a GPU they keep their
+// values between blocks, so a kernel reading shared memory it never wrote is not caught.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cstddef>
+#include <utility>
+
+#define LLMCTL_EMULATOR 1
+
+namespace emu {
+
+struct uint3 {
+    unsigned x, y, z;
+};
+
+// One thread of the running block.
+struct Lane {
+    void* sp;           // saved stack pointer while switched out
+    uint3 tid;          // threadIdx
+    unsigned linear;    // threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)
+    int state;          // runtime.cpp's State
+    unsigned shuffles;  // warp exchanges done (picks the exchange buffer)
+};
+
+extern Lane* current;
+extern uint3 block_idx, block_dim, grid_dim;
+
+void sync_block();
+void sync_warp();
+// The running lane's warp's exchange buffer for its next shuffle (32 slots).
+unsigned long long* exchange_slots();
+
+// Every lane of the warp publishes `v`; each gets the value of lane `src(lane)`.
+template <typename T, typename Src>
+inline T exchange(T v, Src src) {
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffle of a wide type");
+    unsigned long long* slots = exchange_slots();
+    const unsigned lane = current->linear & 31;
+    memcpy(&slots[lane], &v, sizeof(T));
+    sync_warp();
+    T r;
+    memcpy(&r, &slots[src(lane) & 31], sizeof(T));
+    return r;
+}
+
+using Entry = void (*)(void**);
+bool register_kernel(const char* name, Entry entry);
+
+template <typename... A, std::size_t... I>
+inline void call(void (*f)(A...), void** params, std::index_sequence<I...>) {
+    f(*static_cast<A*>(params[I])...);
+}
+
+template <typename... A>
+constexpr std::size_t arity(void (*)(A...)) {
+    return sizeof...(A);
+}
+
+// cuLaunchKernel's parameter array (one pointer to each argument) unpacked into a call.
+template <auto F>
+void trampoline(void** params) {
+    call(F, params, std::make_index_sequence<arity(F)>{});
+}
+
+float half_to_float(unsigned short bits);
+unsigned short float_to_half(float x);
+
+}  // namespace emu
+
+// Registers an `extern "C"` kernel under its name (generated after each program's source).
+#define EMU_KERNEL(name) \
+    static const bool emu_registered_##name = emu::register_kernel(#name, &emu::trampoline<&name>);
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+#define threadIdx (emu::current->tid)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+
+inline void __syncthreads() { emu::sync_block(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask, int = 32) {
+    return emu::exchange(v, [mask](unsigned lane) { return lane ^ (unsigned)mask; });
+}
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src, int = 32) {
+    return emu::exchange(v, [src](unsigned) { return (unsigned)src; });
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
+    return emu::exchange(v, [delta](unsigned lane) { return lane + delta < 32 ? lane + delta : lane; });
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int = 32) {
+    return emu::exchange(v, [delta](unsigned lane) { return lane >= delta ? lane - delta : lane; });
+}
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+inline float __int_as_float(int i) {
+    float f;
+    memcpy(&f, &i, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    memcpy(&i, &f, 4);
+    return i;
+}
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }

@@ -1,0 +1,277 @@
+// Runs a kernel's grid on the CPU: blocks one after another, each block's threads as fibers
+// switched at barriers (see device.h for the model and what it catches). Used by the driver
+// double (driver.cpp); knows nothing of the driver API.
+#include "runtime.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#if !defined(__x86_64__)
+#error "the CUDA emulator's fiber switch is written for x86-64"
+#endif
+
+// Saves the callee-saved registers and stack pointer of the running fiber in *save and resumes
+// the one whose stack pointer is `load`.
+extern "C" void emu_switch(void** save, void* load);
+asm(R"(
+    .text
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+namespace emu {
+
+Lane* current;
+uint3 block_idx, block_dim, grid_dim;
+
+namespace {
+
+enum State { READY, AT_BLOCK_BARRIER, AT_WARP_BARRIER, EXITED };
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+constexpr unsigned MAX_THREADS = 1024;
+
+struct Block {
+    std::vector<Lane> lanes;
+    std::vector<char*> stacks;  // one per lane, a guard page below each
+    unsigned threads = 0, live = 0, at_block_barrier = 0;
+    std::vector<unsigned> warp_threads, warp_live, at_warp_barrier;
+    std::string divergence;  // why the block's barriers cannot complete, once they cannot
+    std::vector<unsigned long long> exchange;  // [warp][parity][32]
+    void* scheduler_sp = nullptr;
+    Entry entry = nullptr;
+    void** params = nullptr;
+    bool deadlocked = false;
+};
+
+Block block;
+const char* running_kernel = "";
+struct sigaction previous_segv, previous_bus;
+
+std::map<std::string, Entry>& registry() {
+    static std::map<std::string, Entry> kernels;
+    return kernels;
+}
+
+void release(State waiting, int warp) {
+    for (Lane& l : block.lanes) {
+        if (l.state == waiting && (warp < 0 || (int)(l.linear >> 5) == warp)) l.state = READY;
+    }
+    if (waiting == AT_BLOCK_BARRIER) {
+        block.at_block_barrier = 0;
+    } else {
+        block.at_warp_barrier[warp] = 0;
+    }
+}
+
+void to_scheduler() { emu_switch(&current->sp, block.scheduler_sp); }
+
+extern "C" [[noreturn]] void emu_fiber_start() {
+    block.entry(block.params);
+    Lane* me = current;
+    const unsigned warp = me->linear >> 5;
+    me->state = EXITED;
+    --block.live;
+    --block.warp_live[warp];
+    // Others wait at a barrier this thread never reached: undefined on a GPU (it may hang, or
+    // count the exited thread as arrived), an error here.
+    if (block.at_block_barrier > 0 || block.at_warp_barrier[warp] > 0)
+        block.divergence = "a thread exited while others of its block or warp wait at a barrier";
+    to_scheduler();
+    __builtin_unreachable();
+}
+
+char* new_stack() {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    void* p = mmap(nullptr, STACK_BYTES + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    mprotect(p, page, PROT_NONE);  // overflow faults instead of running into the next stack
+    return static_cast<char*>(p) + page;
+}
+
+void on_fault(int sig, siginfo_t* info, void*) {
+    char msg[512];
+    const int n = snprintf(msg, sizeof msg,
+                           "llmctl CUDA emulator: invalid memory access at %p in kernel %s, block (%u, %u, %u), "
+                           "thread (%u, %u, %u)\n",
+                           info->si_addr, running_kernel, block_idx.x, block_idx.y, block_idx.z,
+                           current ? current->tid.x : 0, current ? current->tid.y : 0,
+                           current ? current->tid.z : 0);
+    if (n > 0) (void)!write(2, msg, (size_t)n);
+    // Fall back to the default action: the faulting access runs again and ends the process.
+    signal(sig, SIG_DFL);
+}
+
+// Runs every thread of the current block to completion; false (with `block.divergence`) if a
+// barrier is not reached by every thread of its scope.
+bool run_block(unsigned threads) {
+    const unsigned warps = (threads + 31) / 32;
+    block.threads = block.live = threads;
+    block.at_block_barrier = 0;
+    block.warp_threads.assign(warps, 0);
+    block.warp_live.assign(warps, 0);
+    block.at_warp_barrier.assign(warps, 0);
+    block.divergence.clear();
+    for (unsigned i = 0; i < threads; ++i) {
+        Lane& l = block.lanes[i];
+        l.linear = i;
+        l.tid = {i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
+        l.state = READY;
+        l.shuffles = 0;
+        ++block.warp_live[i >> 5];
+        ++block.warp_threads[i >> 5];
+        // Initial frame: six zeroed callee-saved registers, then emu_fiber_start as the return
+        // address, placed so that it is entered with the stack aligned as a call would leave it.
+        void** top = reinterpret_cast<void**>(block.stacks[i] + STACK_BYTES - 16);
+        top[0] = reinterpret_cast<void*>(&emu_fiber_start);
+        for (int r = 1; r <= 6; ++r) top[-r] = nullptr;
+        l.sp = top - 6;
+    }
+    while (block.live > 0) {
+        bool ran = false;
+        for (unsigned i = 0; i < threads; ++i) {
+            if (block.lanes[i].state != READY) continue;
+            current = &block.lanes[i];
+            emu_switch(&block.scheduler_sp, current->sp);
+            ran = true;
+            if (!block.divergence.empty()) return false;
+        }
+        if (!ran) {
+            block.divergence = "every live thread waits at a barrier that cannot complete";
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace
+
+void sync_block() {
+    Lane* me = current;
+    me->state = AT_BLOCK_BARRIER;
+    if (block.live < block.threads)
+        block.divergence = "__syncthreads after some threads of the block exited";
+    else if (++block.at_block_barrier == block.live) {
+        release(AT_BLOCK_BARRIER, -1);
+        return;
+    }
+    to_scheduler();
+}
+
+void sync_warp() {
+    Lane* me = current;
+    const unsigned warp = me->linear >> 5;
+    me->state = AT_WARP_BARRIER;
+    if (block.warp_live[warp] < block.warp_threads[warp])
+        block.divergence = "a warp collective after some lanes of the warp exited";
+    else if (++block.at_warp_barrier[warp] == block.warp_live[warp]) {
+        release(AT_WARP_BARRIER, (int)warp);
+        return;
+    }
+    to_scheduler();
+}
+
+unsigned long long* exchange_slots() {
+    Lane* me = current;
+    const unsigned parity = me->shuffles++ & 1;
+    return &block.exchange[((me->linear >> 5) * 2 + parity) * 32];
+}
+
+bool register_kernel(const char* name, Entry entry) {
+    registry()[name] = entry;
+    return true;
+}
+
+Entry find_kernel(const char* name) {
+    auto it = registry().find(name);
+    return it == registry().end() ? nullptr : it->second;
+}
+
+// Two exchange buffers per warp: shuffle k writes buffer k % 2, and no lane can reach shuffle
+// k + 2 (the same buffer) before every lane has passed shuffle k + 1's barrier, that is, has
+// read shuffle k's values.
+std::string launch(const char* name, Entry entry, uint3 grid, uint3 threads, void** params) {
+    const unsigned n = threads.x * threads.y * threads.z;
+    if (n == 0 || n > MAX_THREADS) return "block of " + std::to_string(n) + " threads";
+    while (block.stacks.size() < n) {
+        char* s = new_stack();
+        if (!s) return "out of memory for thread stacks";
+        block.stacks.push_back(s);
+    }
+    block.lanes.resize(MAX_THREADS);
+    block.exchange.assign((size_t)(MAX_THREADS / 32) * 2 * 32, 0);
+    block.entry = entry;
+    block.params = params;
+    block_dim = threads;
+    grid_dim = grid;
+    running_kernel = name;
+
+    struct sigaction fault = {};
+    fault.sa_sigaction = on_fault;
+    fault.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &fault, &previous_segv);
+    sigaction(SIGBUS, &fault, &previous_bus);
+    std::string error;
+    for (unsigned z = 0; z < grid.z && error.empty(); ++z)
+        for (unsigned y = 0; y < grid.y && error.empty(); ++y)
+            for (unsigned x = 0; x < grid.x && error.empty(); ++x) {
+                block_idx = {x, y, z};
+                if (!run_block(n)) {
+                    unsigned at_block = 0, at_warp = 0, exited = 0;
+                    for (unsigned i = 0; i < n; ++i) {
+                        at_block += block.lanes[i].state == AT_BLOCK_BARRIER;
+                        at_warp += block.lanes[i].state == AT_WARP_BARRIER;
+                        exited += block.lanes[i].state == EXITED;
+                    }
+                    error = "barrier divergence in block (" + std::to_string(x) + ", " + std::to_string(y) +
+                            ", " + std::to_string(z) + "): " + block.divergence + " (of " + std::to_string(n) +
+                            " threads, " + std::to_string(at_block) + " wait at __syncthreads, " +
+                            std::to_string(at_warp) + " at a warp collective, " + std::to_string(exited) +
+                            " exited)";
+                }
+            }
+    sigaction(SIGSEGV, &previous_segv, nullptr);
+    sigaction(SIGBUS, &previous_bus, nullptr);
+    current = nullptr;
+    running_kernel = "";
+    return error;
+}
+
+float half_to_float(unsigned short bits) {
+    _Float16 h;
+    memcpy(&h, &bits, 2);
+    return (float)h;
+}
+
+unsigned short float_to_half(float x) {
+    const _Float16 h = (_Float16)x;  // round to nearest even, as cvt.rn.f16.f32
+    unsigned short bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+}
+
+}  // namespace emu

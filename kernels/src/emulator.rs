@@ -1,0 +1,191 @@
+//! A CPU double of the CUDA driver, for checking the kernels (and code that launches them) on a
+//! machine with no GPU. [`install`] builds `kernels/emulator/` with the system's C++ compiler
+//! into a `libcuda.so` whose kernels are our `.cu` programs compiled as C++ (and a `libcublas.so`
+//! with the GEMMs), then loads them so that cudarc's own lookups of those names find them instead
+//! of NVIDIA's. Everything above them is unchanged: NVRTC still compiles the real PTX (a kernel
+//! must be in it to be found), and [`crate::cuda::Kernels`] and cuBLAS users run as on a GPU.
+//!
+//! What it checks: what each kernel computes, out-of-bounds accesses (each allocation ends
+//! against an unmapped page), reads of unwritten device memory (allocations start as NaN),
+//! missing barriers (each thread runs as far as it can before the next starts) and divergent
+//! barriers (the launch fails). What it does not: speed, memory coalescing, anything only the
+//! hardware does. Results from it are emulator results, never GPU results. The model is
+//! described in `kernels/emulator/device.h`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+
+use crate::source::{self, Program};
+
+const FILES: [(&str, &str); 5] = [
+    ("device.h", include_str!("../emulator/device.h")),
+    ("runtime.h", include_str!("../emulator/runtime.h")),
+    ("runtime.cpp", include_str!("../emulator/runtime.cpp")),
+    ("driver.cpp", include_str!("../emulator/driver.cpp")),
+    ("cublas.cpp", include_str!("../emulator/cublas.cpp")),
+];
+
+/// The libraries built, by soname: the driver (with every kernel program) and cuBLAS.
+const DRIVER: &str = "libcuda.so";
+const CUBLAS: &str = "libcublas.so";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error("building the CUDA emulator in {dir}: {reason}")]
+    Build { dir: String, reason: String },
+    #[error("loading the CUDA emulator {path}: {reason}")]
+    Load { path: String, reason: String },
+}
+
+/// Builds the emulator under `work_dir` (once per source version; later calls reuse it) and
+/// loads it in place of the CUDA driver and cuBLAS for the rest of the process. Must run before
+/// anything loads the real ones. Returns the folder holding the libraries.
+pub fn install(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
+    static INSTALLED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        let dir = build(work_dir).map_err(|e| e.to_string())?;
+        for lib in [DRIVER, CUBLAS] {
+            load(&dir.join(lib)).map_err(|e| e.to_string())?;
+        }
+        Ok(dir)
+    });
+    installed.clone().map_err(|reason| EmulatorError::Load {
+        path: work_dir.display().to_string(),
+        reason,
+    })
+}
+
+/// The C++ translation unit for one kernel program: the device prelude, the program exactly as
+/// NVRTC compiles it, and a registration of each entry point.
+fn translation_unit(program: &Program) -> String {
+    let mut tu = format!("#include \"device.h\"\n{}\n", program.source());
+    for entry in program.entry_points() {
+        tu.push_str(&format!("EMU_KERNEL({entry})\n"));
+    }
+    tu
+}
+
+fn compiler() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| "g++".into())
+}
+
+/// Compiles the emulator into `work_dir/llmctl-cuda-emulator-<hash>/` (`libcuda.so`,
+/// `libcublas.so`), keyed by a hash of every source and the compiler, so edited kernels are
+/// never run stale. Returns that folder.
+pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
+    let mut units: Vec<(String, String)> = FILES
+        .iter()
+        .filter(|(name, _)| name.ends_with(".cpp"))
+        .map(|(name, text)| (name.to_string(), text.to_string()))
+        .collect();
+    for program in source::ALL.iter().chain([&source::EMULATOR_SELFTEST]) {
+        units.push((
+            format!("program_{}.cpp", program.name),
+            translation_unit(program),
+        ));
+    }
+    let mut hash = Sha256::new();
+    hash.update(compiler());
+    for (name, text) in FILES.iter().copied().chain(
+        units
+            .iter()
+            .map(|(name, text)| (name.as_str(), text.as_str())),
+    ) {
+        hash.update(name);
+        hash.update([0]);
+        hash.update(text);
+        hash.update([0]);
+    }
+    let dir = work_dir.join(format!(
+        "llmctl-cuda-emulator-{}",
+        &hex::encode(hash.finalize())[..16]
+    ));
+    // The driver is linked last: its presence means the build finished.
+    if dir.join(DRIVER).exists() {
+        return Ok(dir);
+    }
+    let fail = |reason: String| EmulatorError::Build {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+    for (name, text) in FILES.iter().filter(|(name, _)| name.ends_with(".h")) {
+        std::fs::write(dir.join(name), text).map_err(|e| fail(e.to_string()))?;
+    }
+    // One compiler per translation unit, all at once; then one link.
+    let mut jobs = Vec::new();
+    for (name, text) in &units {
+        std::fs::write(dir.join(name), text).map_err(|e| fail(e.to_string()))?;
+        let object = format!("{name}.o");
+        let child = Command::new(compiler())
+            .current_dir(&dir)
+            .args(["-std=c++20", "-O2", "-fPIC", "-Wno-unknown-pragmas", "-c"])
+            .arg(name)
+            .arg("-o")
+            .arg(&object)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("cannot run {}: {e}", compiler())))?;
+        jobs.push((name.clone(), object, child));
+    }
+    let mut objects = Vec::new();
+    let mut errors = String::new();
+    for (name, object, child) in jobs {
+        let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+        if !out.status.success() {
+            errors.push_str(&format!(
+                "{name}:\n{}\n",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        objects.push(object);
+    }
+    if !errors.is_empty() {
+        return Err(fail(errors));
+    }
+    let cublas: Vec<String> = vec!["cublas.cpp.o".into()];
+    let driver: Vec<String> = objects
+        .into_iter()
+        .filter(|o| !cublas.contains(o))
+        .collect();
+    for (soname, objects) in [(CUBLAS, cublas), (DRIVER, driver)] {
+        // Linked under a temporary name and renamed, so a concurrent build never loads half a
+        // file.
+        let partial = format!("{soname}.{}", std::process::id());
+        let out = Command::new(compiler())
+            .current_dir(&dir)
+            .arg("-shared")
+            .arg(format!("-Wl,-soname,{soname}"))
+            .arg("-o")
+            .arg(&partial)
+            .args(&objects)
+            .output()
+            .map_err(|e| fail(format!("cannot run {}: {e}", compiler())))?;
+        if !out.status.success() {
+            return Err(fail(String::from_utf8_lossy(&out.stderr).into_owned()));
+        }
+        std::fs::rename(dir.join(&partial), dir.join(soname)).map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(dir)
+}
+
+/// Loads a library globally under its soname (`libcuda.so`, `libcublas.so`): the dynamic loader
+/// then answers cudarc's later `dlopen` of that name with it. Kept loaded for the life of the
+/// process.
+fn load(lib: &Path) -> Result<(), EmulatorError> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    // SAFETY: the library is one just built from kernels/emulator: its initialisers only
+    // register kernels.
+    let handle = unsafe { Library::open(Some(lib), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| {
+        EmulatorError::Load {
+            path: lib.display().to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    std::mem::forget(handle);
+    Ok(())
+}

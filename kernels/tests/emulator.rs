@@ -1,0 +1,183 @@
+//! The CPU emulator of the CUDA driver catches what it claims to: kernels that are wrong on
+//! purpose (`kernels/emulator/selftest.cu`) give wrong results, fail their launch or fault, and
+//! their correct twins pass. Without these, a pass of the kernel tests on the emulator
+//! (`emulated.rs`) would say less than it seems. Needs NVRTC 13 and a C++ compiler; ignored by
+//! default, run by `.ci/run` with `cargo test -p llmctl-kernels --test emulator -- --ignored`.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
+use llmctl_kernels::reference::TestRng;
+use llmctl_kernels::{compile, emulator, source};
+
+const FAULT_CHILD: &str = "LLMCTL_EMULATOR_FAULT_CHILD";
+
+struct Device {
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+}
+
+fn device() -> Device {
+    emulator::install(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap_or_else(|e| panic!("{e}"));
+    let ctx = CudaContext::new(0).expect("the emulated device");
+    assert!(ctx.name().unwrap().contains("emulator"));
+    let ptx = compile::ptx(
+        &source::EMULATOR_SELFTEST,
+        compile::arch_name(9, 0).unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    Device {
+        stream: ctx.default_stream(),
+        module: ctx.load_module(ptx).expect("loading the self-test module"),
+    }
+}
+
+impl Device {
+    /// Launches `kernel` as one block of 64 threads with `out` and, if given, `input`.
+    fn run(
+        &self,
+        kernel: &str,
+        out: &mut CudaSlice<f32>,
+        input: Option<&CudaSlice<f32>>,
+    ) -> Result<(), DriverError> {
+        let f = self.module.load_function(kernel)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out);
+        if let Some(input) = input {
+            launch.arg(input);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every self-test kernel takes (float* out[, const float* in]) with 64 elements
+        // each, as allocated by the callers.
+        unsafe { launch.launch(cfg) }?;
+        self.stream.synchronize()
+    }
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_missing_barrier_gives_wrong_results_and_the_barrier_fixes_them() {
+    let d = device();
+    let mut rng = TestRng::new(11);
+    for kernel in ["selftest_reverse", "selftest_reverse_racy"] {
+        let input = rng.vec(64);
+        let d_in = d.stream.clone_htod(&input).unwrap();
+        let mut out = d.stream.alloc_zeros::<f32>(64).unwrap();
+        d.run(kernel, &mut out, Some(&d_in)).unwrap();
+        let got = d.stream.clone_dtoh(&out).unwrap();
+        let reversed: Vec<f32> = input.iter().rev().copied().collect();
+        if kernel == "selftest_reverse" {
+            assert_eq!(got, reversed, "{kernel}");
+        } else {
+            // Threads 0..32 read slots their writers (32..64) have not written yet.
+            assert!(
+                got[..32].iter().zip(&reversed[..32]).all(|(g, r)| g != r),
+                "{kernel}: the race went unseen: {got:?}"
+            );
+            assert_eq!(got[32..], reversed[32..], "{kernel}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn warp_shuffles_exchange_within_each_warp() {
+    let d = device();
+    let input = TestRng::new(12).vec(64);
+    let mut out = d.stream.alloc_zeros::<f32>(64).unwrap();
+    d.run(
+        "selftest_warp_sum",
+        &mut out,
+        Some(&d.stream.clone_htod(&input).unwrap()),
+    )
+    .unwrap();
+    let got = d.stream.clone_dtoh(&out).unwrap();
+    for w in 0..2 {
+        let want: f64 = input[w * 32..(w + 1) * 32].iter().map(|&v| v as f64).sum();
+        assert!(
+            (got[w] as f64 - want).abs() < 1e-5,
+            "warp {w}: {} vs {want}",
+            got[w]
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_divergent_barrier_fails_the_launch() {
+    let d = device();
+    let mut out = d.stream.alloc_zeros::<f32>(64).unwrap();
+    let err = d
+        .run("selftest_divergent_barrier", &mut out, None)
+        .expect_err("a barrier half the block never reaches must fail");
+    assert!(format!("{err:?}").contains("LAUNCH_FAILED"), "{err:?}");
+    // The failure is the launch's alone: the device goes on working.
+    let input = TestRng::new(13).vec(64);
+    d.run(
+        "selftest_reverse",
+        &mut out,
+        Some(&d.stream.clone_htod(&input).unwrap()),
+    )
+    .unwrap();
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn unwritten_device_memory_reads_as_nan() {
+    let d = device();
+    // SAFETY: read back before anything writes it, which is the point: it must be NaN.
+    let fresh = unsafe { d.stream.alloc::<f32>(1000) }.unwrap();
+    let host = d.stream.clone_dtoh(&fresh).unwrap();
+    assert!(host.iter().all(|v| v.is_nan()), "{:?}", &host[..8]);
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_write_past_the_end_of_a_buffer_faults_and_names_the_kernel() {
+    let name = "a_write_past_the_end_of_a_buffer_faults_and_names_the_kernel";
+    if std::env::var_os(FAULT_CHILD).is_some() {
+        let d = device();
+        let mut out = d.stream.alloc_zeros::<f32>(64).unwrap();
+        let f = d.module.load_function("selftest_write_past_end").unwrap();
+        let n = 64i32;
+        let mut launch = d.stream.launch_builder(&f);
+        launch.arg(&mut out).arg(&n);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: not safe on purpose: the kernel writes out[64] of a 64-element buffer, and
+        // this child process exists to be killed by it.
+        let _ = unsafe { launch.launch(cfg) };
+        let _ = d.stream.synchronize();
+        eprintln!("survived the write past the end");
+        std::process::exit(0);
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FAULT_CHILD, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(11), "{:?}: {stderr}", out.status);
+    assert!(
+        stderr.contains("invalid memory access") && stderr.contains("selftest_write_past_end"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,609 @@
+//! Every kernel against its CPU reference on random inputs, in f32, bf16 and f16: written once,
+//! run on a CUDA GPU by `gpu.rs` and on the CPU emulator of the CUDA driver by `emulated.rs`
+//! (`kernel_tests!` makes the same tests for each).
+//!
+//! Tolerances (|got - want| <= atol + rtol * |want|), per storage type: inputs are rounded to
+//! the type before both sides see them, the kernels accumulate in f32, and the output is rounded
+//! once to the type, so the bound is about one output rounding plus f32 accumulation error:
+//! f32 1e-4 / 1e-4 (attention 2e-4: two exponentials and a division per score), bf16 (8
+//! significant bits, half an ulp is 2^-9 = 0.2%) 1.5e-2 / 1.5e-2, f16 (11 bits) 2e-3 / 2e-3.
+
+#![allow(dead_code)]
+
+use cudarc::driver::CudaSlice;
+use llmctl_kernels::cuda::{Dtype, Kernels, PagedCache, Split};
+use llmctl_kernels::kv_layout::KvLayout;
+use llmctl_kernels::reference::{self, PagedKv, SeqAttention, TestRng};
+
+#[derive(Clone, Copy, Debug)]
+struct Tol {
+    atol: f64,
+    rtol: f64,
+}
+
+fn tol<T: Dtype>(attention: bool) -> Tol {
+    match T::SUFFIX {
+        "f32" if attention => Tol {
+            atol: 2e-4,
+            rtol: 2e-4,
+        },
+        "f32" => Tol {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+        "bf16" => Tol {
+            atol: 1.5e-2,
+            rtol: 1.5e-2,
+        },
+        _ => Tol {
+            atol: 2e-3,
+            rtol: 2e-3,
+        },
+    }
+}
+
+/// Values as the kernel's storage type stores them.
+fn rounded<T: Dtype>(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| T::from_f32(v).to_f32()).collect()
+}
+
+fn upload<T: Dtype>(k: &Kernels, x: &[f32]) -> CudaSlice<T> {
+    let host: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    k.stream().clone_htod(&host).unwrap()
+}
+
+fn download<T: Dtype>(k: &Kernels, x: &CudaSlice<T>) -> Vec<f32> {
+    k.stream()
+        .clone_dtoh(x)
+        .unwrap()
+        .into_iter()
+        .map(T::to_f32)
+        .collect()
+}
+
+/// An output buffer filled with NaN, so an element the kernel fails to write cannot pass.
+fn poisoned<T: Dtype>(k: &Kernels, n: usize) -> CudaSlice<T> {
+    upload::<T>(k, &vec![f32::NAN; n])
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f64], t: Tol) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let mut worst = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= t.atol + t.rtol * w.abs(),
+            "{what}: element {i}: got {g}, want {w} (error {err:.3e}, tolerance {t:?})"
+        );
+        worst = worst.max(err);
+    }
+    eprintln!("{what}: {} values, worst error {worst:.2e}", got.len());
+}
+
+pub fn for_each_dtype(k: &Kernels, f: &mut dyn FnMut(&Kernels, &str)) {
+    eprintln!("device: {} ({}, {} SMs)", k.device_name, k.arch, k.sm_count);
+    for dtype in ["f32", "bf16", "f16"] {
+        f(k, dtype);
+    }
+}
+
+#[macro_export]
+macro_rules! dispatch {
+    ($dtype:expr, $f:ident, $($arg:expr),*) => {
+        match $dtype {
+            "f32" => $f::<f32>($($arg),*),
+            "bf16" => $f::<half::bf16>($($arg),*),
+            _ => $f::<half::f16>($($arg),*),
+        }
+    };
+}
+
+pub fn norms<T: Dtype>(k: &Kernels) {
+    let mut rng = TestRng::new(1);
+    for (rows, hidden) in [(1, 64), (7, 1000), (33, 4096)] {
+        let x = rounded::<T>(&rng.vec(rows * hidden));
+        let w = rounded::<T>(&rng.vec(hidden));
+        let (dx, dw) = (upload::<T>(k, &x), upload::<T>(k, &w));
+        let mut out = poisoned::<T>(k, rows * hidden);
+        k.rms_norm(&mut out, &dx, &dw, hidden, 1e-5).unwrap();
+        let want = reference::rms_norm(&x, &w, hidden, 1e-5);
+        assert_close(
+            &format!("rms_norm {} {rows}x{hidden}", T::SUFFIX),
+            &download(k, &out),
+            &want,
+            tol::<T>(false),
+        );
+
+        let delta = rounded::<T>(&rng.vec(rows * hidden));
+        let mut residual = upload::<T>(k, &x);
+        k.add_rms_norm(
+            &mut out,
+            &mut residual,
+            &upload::<T>(k, &delta),
+            &dw,
+            hidden,
+            1e-5,
+        )
+        .unwrap();
+        let (want_res, want) =
+            reference::add_rms_norm(&x, &delta, &w, hidden, 1e-5, |v| T::from_f32(v).to_f32());
+        let res: Vec<f64> = want_res.iter().map(|&v| v as f64).collect();
+        assert_close(
+            &format!("add_rms_norm residual {}", T::SUFFIX),
+            &download(k, &residual),
+            &res,
+            Tol {
+                atol: 0.0,
+                rtol: 0.0,
+            },
+        );
+        assert_close(
+            &format!("add_rms_norm {} {rows}x{hidden}", T::SUFFIX),
+            &download(k, &out),
+            &want,
+            tol::<T>(false),
+        );
+    }
+}
+
+pub fn elementwise<T: Dtype>(k: &Kernels) {
+    let mut rng = TestRng::new(2);
+    // Rotary on a fused qkv row (q: 8 heads, k: 2 heads, v after them), Llama-3-like frequencies.
+    for head_dim in [64, 128] {
+        let (nq, nkv, tokens) = (8, 2, 19);
+        let stride = (nq + 2 * nkv) * head_dim;
+        let qkv = rounded::<T>(&rng.vec(tokens * stride));
+        let positions: Vec<i32> = (0..tokens as i32).map(|i| i * 977 % 70_000).collect();
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / 500_000f32.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let mut d_qkv = upload::<T>(k, &qkv);
+        let (dp, df) = (
+            k.stream().clone_htod(&positions).unwrap(),
+            k.stream().clone_htod(&inv_freq).unwrap(),
+        );
+        k.rotary(&mut d_qkv, stride, &dp, &df, nq, nkv, head_dim)
+            .unwrap();
+        let want = reference::rotary(&qkv, stride, &positions, &inv_freq, nq + nkv, head_dim);
+        assert_close(
+            &format!("rotary {} d{head_dim}", T::SUFFIX),
+            &download(k, &d_qkv),
+            &want,
+            tol::<T>(false),
+        );
+    }
+    // The same rotation from per-token cos/sin tables, and the bias add.
+    {
+        let (heads, head_dim, tokens) = (6, 128, 9);
+        let stride = heads * head_dim + 64;
+        let qk = rounded::<T>(&rng.vec(tokens * stride));
+        let angles: Vec<f32> = (0..tokens * head_dim / 2)
+            .map(|i| i as f32 * 0.37)
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let mut d = upload::<T>(k, &qk);
+        let (dc, ds) = (
+            k.stream().clone_htod(&cos).unwrap(),
+            k.stream().clone_htod(&sin).unwrap(),
+        );
+        k.rotary_table(&mut d, stride, &dc, &ds, heads, head_dim)
+            .unwrap();
+        let want = reference::rotary_table(&qk, stride, &cos, &sin, heads, head_dim);
+        assert_close(
+            &format!("rotary_table {}", T::SUFFIX),
+            &download(k, &d),
+            &want,
+            tol::<T>(false),
+        );
+        let (rows, cols) = (5, 700);
+        let x = rounded::<T>(&rng.vec(rows * cols));
+        let bias = rounded::<T>(&rng.vec(cols));
+        let mut dx = upload::<T>(k, &x);
+        k.add_bias(&mut dx, &upload::<T>(k, &bias)).unwrap();
+        assert_close(
+            &format!("add_bias {}", T::SUFFIX),
+            &download(k, &dx),
+            &reference::add_bias(&x, &bias),
+            tol::<T>(false),
+        );
+    }
+    // SiLU-and-mul, including a width that is not a multiple of the block.
+    for (rows, inter) in [(3, 300), (16, 11008)] {
+        let gu = rounded::<T>(
+            &rng.vec(rows * 2 * inter)
+                .iter()
+                .map(|v| v * 6.0)
+                .collect::<Vec<_>>(),
+        );
+        let mut out = poisoned::<T>(k, rows * inter);
+        k.silu_mul(&mut out, &upload::<T>(k, &gu), inter).unwrap();
+        assert_close(
+            &format!("silu_mul {} {rows}x{inter}", T::SUFFIX),
+            &download(k, &out),
+            &reference::silu_mul(&gu, inter),
+            tol::<T>(false),
+        );
+    }
+    // Embedding gather, with an out-of-vocabulary id.
+    let (vocab, hidden) = (1000, 96);
+    let table = rounded::<T>(&rng.vec(vocab * hidden));
+    let ids: Vec<u32> = vec![0, 999, 5, 5, 1000, 17];
+    let mut out = poisoned::<T>(k, ids.len() * hidden);
+    k.embed(
+        &mut out,
+        &upload::<T>(k, &table),
+        &k.stream().clone_htod(&ids).unwrap(),
+        hidden,
+    )
+    .unwrap();
+    let want: Vec<f64> = reference::embed(&table, &ids, hidden)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    assert_close(
+        &format!("embed {}", T::SUFFIX),
+        &download(k, &out),
+        &want,
+        Tol {
+            atol: 0.0,
+            rtol: 0.0,
+        },
+    );
+}
+
+pub fn sampling<T: Dtype>(k: &Kernels) {
+    let mut rng = TestRng::new(3);
+    let (rows, vocab, topk) = (5, 32_000, 40);
+    let mut logits = rounded::<T>(
+        &rng.vec(rows * vocab)
+            .iter()
+            .map(|v| v * 10.0)
+            .collect::<Vec<_>>(),
+    );
+    // Ties and a NaN: the lower id wins, NaN ranks last.
+    logits[vocab + 10] = 50.0;
+    logits[vocab + 20] = 50.0;
+    logits[2 * vocab] = f32::NAN;
+    let d = upload::<T>(k, &logits);
+    let mut am = k.stream().alloc_zeros::<i32>(rows).unwrap();
+    k.argmax(&d, vocab, &mut am).unwrap();
+    assert_eq!(
+        k.stream().clone_dtoh(&am).unwrap(),
+        reference::argmax(&logits, vocab),
+        "argmax {}",
+        T::SUFFIX
+    );
+    let mut values = k.stream().alloc_zeros::<f32>(rows * topk).unwrap();
+    let mut ids = k.stream().alloc_zeros::<i32>(rows * topk).unwrap();
+    k.top_k(&d, vocab, topk, &mut values, &mut ids).unwrap();
+    let (want_v, want_i) = reference::top_k(&logits, vocab, topk);
+    assert_eq!(
+        k.stream().clone_dtoh(&ids).unwrap(),
+        want_i,
+        "top_k ids {}",
+        T::SUFFIX
+    );
+    assert_eq!(
+        k.stream().clone_dtoh(&values).unwrap(),
+        want_v,
+        "top_k values {}",
+        T::SUFFIX
+    );
+}
+
+/// A random paged cache with `contexts.len()` sequences, blocks handed out in scrambled order.
+struct Batch {
+    layout: KvLayout,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    tables: Vec<Vec<u32>>,
+    max_blocks: usize,
+}
+
+fn batch<T: Dtype>(
+    rng: &mut TestRng,
+    contexts: &[usize],
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+) -> Batch {
+    let blocks: usize = contexts
+        .iter()
+        .map(|c| c.div_ceil(block_size))
+        .sum::<usize>()
+        + 3;
+    let layout = KvLayout {
+        num_blocks: blocks,
+        block_size,
+        num_kv_heads: kv_heads,
+        head_dim,
+    };
+    let mut order: Vec<u32> = (0..blocks as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    let mut next = order.into_iter();
+    let tables: Vec<Vec<u32>> = contexts
+        .iter()
+        .map(|c| {
+            (0..c.div_ceil(block_size))
+                .map(|_| next.next().unwrap())
+                .collect()
+        })
+        .collect();
+    let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    Batch {
+        layout,
+        k: rounded::<T>(&rng.vec(layout.elements())),
+        v: rounded::<T>(&rng.vec(layout.elements())),
+        tables,
+        max_blocks,
+    }
+}
+
+struct Uploaded<T> {
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    tables: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+}
+
+fn upload_batch<T: Dtype>(k: &Kernels, b: &Batch, contexts: &[usize]) -> Uploaded<T> {
+    let mut flat = vec![0i32; contexts.len() * b.max_blocks];
+    for (s, t) in b.tables.iter().enumerate() {
+        for (i, &block) in t.iter().enumerate() {
+            flat[s * b.max_blocks + i] = block as i32;
+        }
+    }
+    let lens: Vec<i32> = contexts.iter().map(|&c| c as i32).collect();
+    Uploaded {
+        k: upload::<T>(k, &b.k),
+        v: upload::<T>(k, &b.v),
+        tables: k.stream().clone_htod(&flat).unwrap(),
+        lens: k.stream().clone_htod(&lens).unwrap(),
+    }
+}
+
+pub fn decode<T: Dtype>(k: &Kernels) {
+    let mut rng = TestRng::new(4);
+    let contexts = [1usize, 17, 100, 513, 1100];
+    for head_dim in [16, 32, 64, 80, 96, 128, 256] {
+        for block_size in [16, 32] {
+            for (q_heads, kv_heads) in [(4, 4), (8, 2), (16, 2), (16, 1)] {
+                let b = batch::<T>(&mut rng, &contexts, kv_heads, head_dim, block_size);
+                let u = upload_batch::<T>(k, &b, &contexts);
+                let q = rounded::<T>(&rng.vec(contexts.len() * q_heads * head_dim));
+                let dq = upload::<T>(k, &q);
+                let cache = PagedCache {
+                    k: &u.k,
+                    v: &u.v,
+                    block_tables: &u.tables,
+                    max_blocks: b.max_blocks,
+                    context_lens: &u.lens,
+                    block_size,
+                    num_kv_heads: kv_heads,
+                    head_dim,
+                };
+                let seqs: Vec<SeqAttention> = contexts
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &c)| SeqAttention {
+                        q_start: s,
+                        q_len: 1,
+                        context_len: c,
+                        block_table: b.tables[s].clone(),
+                    })
+                    .collect();
+                let scale = 1.0 / (head_dim as f32).sqrt();
+                let want = reference::paged_attention(
+                    &q,
+                    q_heads * head_dim,
+                    PagedKv {
+                        k: &b.k,
+                        v: &b.v,
+                        layout: b.layout,
+                    },
+                    q_heads,
+                    &seqs,
+                    scale,
+                );
+                for split in [Split::Partitions(1), Split::Partitions(4), Split::Auto] {
+                    let mut out = poisoned::<T>(k, contexts.len() * q_heads * head_dim);
+                    let parts = k
+                        .decode_attention(
+                            &mut out,
+                            &dq.slice(..),
+                            q_heads * head_dim,
+                            &cache,
+                            q_heads,
+                            1100,
+                            scale,
+                            split,
+                        )
+                        .unwrap();
+                    assert_close(
+                        &format!(
+                            "decode {} d{head_dim} bs{block_size} gqa {q_heads}/{kv_heads} {parts} partitions",
+                            T::SUFFIX
+                        ),
+                        &download(k, &out),
+                        &want,
+                        tol::<T>(true),
+                    );
+                }
+            }
+        }
+    }
+}
+
+pub fn prefill<T: Dtype>(k: &Kernels) {
+    let mut rng = TestRng::new(5);
+    // (new query rows, context): plain prompts, prompts after a cached prefix, single rows,
+    // and a long one spanning several CTAs and key tiles.
+    let shapes = [(5usize, 5usize), (3, 40), (17, 17), (1, 33), (70, 130)];
+    let contexts: Vec<usize> = shapes.iter().map(|s| s.1).collect();
+    for head_dim in [16, 32, 64, 80, 96, 128, 256] {
+        for (q_heads, kv_heads, block_size) in [(4, 4, 16), (8, 2, 32), (16, 2, 16)] {
+            let b = batch::<T>(&mut rng, &contexts, kv_heads, head_dim, block_size);
+            let u = upload_batch::<T>(k, &b, &contexts);
+            let rows: usize = shapes.iter().map(|s| s.0).sum();
+            // q rows inside a fused qkv activation: stride wider than the q heads.
+            let stride = (q_heads + 2 * kv_heads) * head_dim;
+            let q = rounded::<T>(&rng.vec(rows * stride));
+            let mut cu = vec![0i32];
+            let mut seqs = Vec::new();
+            for (s, &(q_len, ctx)) in shapes.iter().enumerate() {
+                seqs.push(SeqAttention {
+                    q_start: *cu.last().unwrap() as usize,
+                    q_len,
+                    context_len: ctx,
+                    block_table: b.tables[s].clone(),
+                });
+                cu.push(cu.last().unwrap() + q_len as i32);
+            }
+            let cache = PagedCache {
+                k: &u.k,
+                v: &u.v,
+                block_tables: &u.tables,
+                max_blocks: b.max_blocks,
+                context_lens: &u.lens,
+                block_size,
+                num_kv_heads: kv_heads,
+                head_dim,
+            };
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let mut out = poisoned::<T>(k, rows * q_heads * head_dim);
+            let dq = upload::<T>(k, &q);
+            k.prefill_attention(
+                &mut out,
+                &dq.slice(..),
+                stride,
+                &cache,
+                &k.stream().clone_htod(&cu).unwrap(),
+                q_heads,
+                70,
+                scale,
+            )
+            .unwrap();
+            let want = reference::paged_attention(
+                &q,
+                stride,
+                PagedKv {
+                    k: &b.k,
+                    v: &b.v,
+                    layout: b.layout,
+                },
+                q_heads,
+                &seqs,
+                scale,
+            );
+            assert_close(
+                &format!(
+                    "prefill {} d{head_dim} bs{block_size} gqa {q_heads}/{kv_heads}",
+                    T::SUFFIX
+                ),
+                &download(k, &out),
+                &want,
+                tol::<T>(true),
+            );
+        }
+    }
+}
+
+pub fn cache_write<T: Dtype>(k: &Kernels) {
+    let mut rng = TestRng::new(6);
+    let (kv_heads, head_dim, q_heads) = (2, 64, 8);
+    let width = kv_heads * head_dim;
+    let stride = (q_heads + 2 * kv_heads) * head_dim;
+    let tokens = 9;
+    let qkv = rounded::<T>(&rng.vec(tokens * stride));
+    let slots: Vec<i64> = vec![5, 0, -1, 31, 16, 17, -1, 2, 40];
+    let cache_len = 48 * width;
+    let k_init = rounded::<T>(&rng.vec(cache_len));
+    let v_init = rounded::<T>(&rng.vec(cache_len));
+    let (mut kc, mut vc) = (upload::<T>(k, &k_init), upload::<T>(k, &v_init));
+    let d_qkv = upload::<T>(k, &qkv);
+    let (kq, vq) = (q_heads * head_dim, q_heads * head_dim + width);
+    k.write_kv(
+        &d_qkv.slice(kq..),
+        &d_qkv.slice(vq..),
+        stride,
+        width,
+        &mut kc,
+        &mut vc,
+        &k.stream().clone_htod(&slots).unwrap(),
+    )
+    .unwrap();
+    let (mut want_k, mut want_v) = (k_init.clone(), v_init.clone());
+    reference::write_kv(
+        &qkv[kq..],
+        &qkv[vq..],
+        stride,
+        width,
+        &slots,
+        &mut want_k,
+        &mut want_v,
+    );
+    let exact = Tol {
+        atol: 0.0,
+        rtol: 0.0,
+    };
+    let as64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    assert_close(
+        &format!("write_kv k {}", T::SUFFIX),
+        &download(k, &kc),
+        &as64(&want_k),
+        exact,
+    );
+    assert_close(
+        &format!("write_kv v {}", T::SUFFIX),
+        &download(k, &vc),
+        &as64(&want_v),
+        exact,
+    );
+}
+
+/// The kernel tests, each `#[ignore = $why]`, on the `Kernels` that `$kernels` opens.
+#[macro_export]
+macro_rules! kernel_tests {
+    ($why:literal, $kernels:expr) => {
+        use suite::*;
+
+        #[test]
+        #[ignore = $why]
+        fn norms_match_the_reference() {
+            for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, norms, k));
+        }
+
+        #[test]
+        #[ignore = $why]
+        fn rotary_silu_and_embedding_match_the_reference() {
+            for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, elementwise, k));
+        }
+
+        #[test]
+        #[ignore = $why]
+        fn argmax_and_top_k_match_the_reference() {
+            for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, sampling, k));
+        }
+
+        #[test]
+        #[ignore = $why]
+        fn cache_write_scatters_by_slot_and_skips_negative_slots() {
+            for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, cache_write, k));
+        }
+
+        #[test]
+        #[ignore = $why]
+        fn decode_attention_split_and_unsplit_match_the_reference() {
+            for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, decode, k));
+        }
+
+        #[test]
+        #[ignore = $why]
+        fn prefill_attention_matches_the_reference() {
+            for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, prefill, k));
+        }
+    };
+}
