@@ -21,7 +21,21 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=perf/gpu/bin
 
-# Copies the release test binary `$2` of package `$1` to $BIN/$3.
+# Stores binary `$1` as $BIN/$2.gz, stripped.
+pack() {
+    strip -o "$BIN/$2" "$1"
+    gzip -9 -f "$BIN/$2"
+}
+
+# Unpacks $BIN/*.gz (on the GPU machine) once.
+unpack() {
+    local gz
+    for gz in "$BIN"/*.gz; do
+        [ -e "${gz%.gz}" ] || { gunzip -c "$gz" >"${gz%.gz}" && chmod +x "${gz%.gz}"; }
+    done
+}
+
+# Packs the release test binary `$2` of package `$1` as $BIN/$3.
 test_binary() {
     local exe
     exe=$(cargo test --release -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null \
@@ -30,19 +44,22 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
         print(m["executable"])' "$2")
-    cp "$exe" "$BIN/$3"
+    pack "$exe" "$3"
 }
 
 build() {
+    rm -rf "$BIN"
     mkdir -p "$BIN"
     cargo build --release -p llmctl-perf --bin kernel_bench --bin decode_bench --bin serve_bench
-    cp target/release/kernel_bench target/release/decode_bench target/release/serve_bench "$BIN/"
+    local b
+    for b in kernel_bench decode_bench serve_bench; do pack "target/release/$b" "$b"; done
     test_binary llmctl-kernels gpu kernels-gpu-tests
     test_binary llmctl-inference-worker cuda worker-cuda-tests
     ls -la "$BIN"
+    du -sh "$BIN"
 }
 
-# NVRTC and cuBLAS from PyTorch's wheels unless the system has them; kernel cache under $1.
+# NVRTC and cuBLAS from PyTorch's wheels unless the system has them; the binaries unpacked.
 cuda_env() {
     if ! ls /usr/lib/x86_64-linux-gnu/libnvrtc.so.13 >/dev/null 2>&1; then
         local nv
@@ -51,7 +68,10 @@ cuda_env() {
             export LD_LIBRARY_PATH="$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
         fi
     fi
-    export LLMCTL_KERNEL_CACHE="$1/kernel-cache"
+    # Compiled kernels stay out of $OUT: what comes back from the device machine is capped at 8
+    # files.
+    export LLMCTL_KERNEL_CACHE=/tmp/llmctl-kernel-cache
+    unpack
 }
 
 # Runs `$2...` once per Llama-shaped preset (adding --preset, --models and --out), logging to
@@ -60,7 +80,7 @@ per_preset() {
     local name=$1; shift
     local out="${OUT:-perf/gpu/out}" models="${MODELS:-/tmp/llmctl-models}" status=0
     mkdir -p "$out"
-    cuda_env "$out"
+    cuda_env
     for preset in llama-3.2-1b llama-3.1-8b; do
         "$@" --preset "$preset" --models "$models" --out "$out/$name-$preset.md" \
             2>>"$out/$name.log" || status=1
@@ -82,7 +102,7 @@ serve() {
 run() {
     local out="${OUT:-perf/gpu/out}"
     mkdir -p "$out"
-    cuda_env "$out"
+    cuda_env
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
     local status=0
     "$BIN/kernels-gpu-tests" --ignored --test-threads=1 2>&1 | tee "$out/tests.log" || status=1

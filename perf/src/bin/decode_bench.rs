@@ -277,7 +277,12 @@ fn main() -> Result<()> {
         Some(ordinal) => {
             let kernels = llmctl_kernels::cuda::Kernels::new(ordinal)?;
             let copy = llmctl_perf::cuda::copy_bandwidth(&kernels, 20)?;
-            (2.0, copy, format!("cuda:{ordinal}"))
+            // Named, so a run on the CPU emulator of the driver can never pass for a GPU's.
+            (
+                2.0,
+                copy,
+                format!("cuda:{ordinal} ({})", kernels.device_name),
+            )
         }
     };
     eprintln!("{device}: copy bandwidth {copy_gbs:.0} GB/s (read + write)");
