@@ -31,8 +31,10 @@ const FILES: [(&str, &str); 5] = [
 /// The libraries built, by soname: the driver (with every kernel program) and cuBLAS.
 const DRIVER: &str = "libcuda.so";
 const CUBLAS: &str = "libcublas.so";
+/// cuBLAS's only source; every other `.cpp` (and every kernel program) goes into the driver.
+const CUBLAS_SOURCE: &str = "cublas.cpp";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum EmulatorError {
     #[error("building the CUDA emulator in {dir}: {reason}")]
     Build { dir: String, reason: String },
@@ -44,18 +46,16 @@ pub enum EmulatorError {
 /// loads it in place of the CUDA driver and cuBLAS for the rest of the process. Must run before
 /// anything loads the real ones. Returns the folder holding the libraries.
 pub fn install(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
-    static INSTALLED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let installed = INSTALLED.get_or_init(|| {
-        let dir = build(work_dir).map_err(|e| e.to_string())?;
-        for lib in [DRIVER, CUBLAS] {
-            load(&dir.join(lib)).map_err(|e| e.to_string())?;
-        }
-        Ok(dir)
-    });
-    installed.clone().map_err(|reason| EmulatorError::Load {
-        path: work_dir.display().to_string(),
-        reason,
-    })
+    static INSTALLED: OnceLock<Result<PathBuf, EmulatorError>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            let dir = build(work_dir)?;
+            for lib in [DRIVER, CUBLAS] {
+                load(&dir.join(lib))?;
+            }
+            Ok(dir)
+        })
+        .clone()
 }
 
 /// The C++ translation unit for one kernel program: the device prelude, the program exactly as
@@ -76,24 +76,24 @@ fn compiler() -> String {
 /// `libcublas.so`), keyed by a hash of every source and the compiler, so edited kernels are
 /// never run stale. Returns that folder.
 pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
-    let mut units: Vec<(String, String)> = FILES
+    let programs: Vec<(String, String)> = source::ALL
         .iter()
-        .filter(|(name, _)| name.ends_with(".cpp"))
-        .map(|(name, text)| (name.to_string(), text.to_string()))
+        .chain([&source::EMULATOR_SELFTEST])
+        .map(|p| (format!("program_{}.cpp", p.name), translation_unit(p)))
         .collect();
-    for program in source::ALL.iter().chain([&source::EMULATOR_SELFTEST]) {
-        units.push((
-            format!("program_{}.cpp", program.name),
-            translation_unit(program),
-        ));
-    }
+    let units: Vec<(&str, &str)> = FILES
+        .iter()
+        .copied()
+        .filter(|(name, _)| name.ends_with(".cpp"))
+        .chain(programs.iter().map(|(n, t)| (n.as_str(), t.as_str())))
+        .collect();
     let mut hash = Sha256::new();
     hash.update(compiler());
-    for (name, text) in FILES.iter().copied().chain(
-        units
-            .iter()
-            .map(|(name, text)| (name.as_str(), text.as_str())),
-    ) {
+    let headers = FILES
+        .iter()
+        .copied()
+        .filter(|(name, _)| name.ends_with(".h"));
+    for (name, text) in headers.clone().chain(units.iter().copied()) {
         hash.update(name);
         hash.update([0]);
         hash.update(text);
@@ -112,12 +112,12 @@ pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
         reason,
     };
     std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
-    for (name, text) in FILES.iter().filter(|(name, _)| name.ends_with(".h")) {
+    for (name, text) in headers {
         std::fs::write(dir.join(name), text).map_err(|e| fail(e.to_string()))?;
     }
     // One compiler per translation unit, all at once; then one link.
     let mut jobs = Vec::new();
-    for (name, text) in &units {
+    for &(name, text) in &units {
         std::fs::write(dir.join(name), text).map_err(|e| fail(e.to_string()))?;
         let object = format!("{name}.o");
         let child = Command::new(compiler())
@@ -130,9 +130,9 @@ pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| fail(format!("cannot run {}: {e}", compiler())))?;
-        jobs.push((name.clone(), object, child));
+        jobs.push((name, object, child));
     }
-    let mut objects = Vec::new();
+    let (mut cublas, mut driver) = (Vec::new(), Vec::new());
     let mut errors = String::new();
     for (name, object, child) in jobs {
         let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
@@ -142,16 +142,15 @@ pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        objects.push(object);
+        if name == CUBLAS_SOURCE {
+            cublas.push(object);
+        } else {
+            driver.push(object);
+        }
     }
     if !errors.is_empty() {
         return Err(fail(errors));
     }
-    let cublas: Vec<String> = vec!["cublas.cpp.o".into()];
-    let driver: Vec<String> = objects
-        .into_iter()
-        .filter(|o| !cublas.contains(o))
-        .collect();
     for (soname, objects) in [(CUBLAS, cublas), (DRIVER, driver)] {
         // Linked under a temporary name and renamed, so a concurrent build never loads half a
         // file.
