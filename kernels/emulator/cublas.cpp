@@ -2,9 +2,12 @@
 // cudarc's `Gemm` makes (cublasSgemm_v2 for f32, cublasGemmEx for f16 and bf16 with f32
 // compute), on the CPU over the emulator's device memory, which is host memory. Column-major
 // as cuBLAS; f64 accumulation, rounded once to the output type. Loaded beside the driver double
-// by `llmctl_kernels::emulator::install`; shares no code with it.
+// by `llmctl_kernels::emulator::install`. Its one link to the driver double is `submit.h`: a GEMM
+// on a capturing stream is recorded into the CUDA graph instead of run, as cuBLAS's kernels are.
 #include <cstddef>
 #include <cstring>
+
+#include "submit.h"
 
 typedef int cublasStatus_t;
 
@@ -16,6 +19,7 @@ enum { COMPUTE_32F = 68, COMPUTE_32F_FAST_TF32 = 77 };
 
 struct Handle {
     int pointer_mode = 0;
+    void* stream = nullptr;
 };
 
 double load(const void* p, long i, int type) {
@@ -59,12 +63,8 @@ void store(void* p, long i, int type, double v) {
 
 bool known(int type) { return type == R_32F || type == R_16F || type == R_16BF; }
 
-// C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, column-major.
-cublasStatus_t gemm(int transa, int transb, int m, int n, int k, float alpha, const void* a, int atype, int lda,
-                    const void* b, int btype, int ldb, float beta, void* c, int ctype, int ldc) {
-    if (m < 0 || n < 0 || k < 0 || transa < 0 || transa > 2 || transb < 0 || transb > 2) return INVALID_VALUE;
-    if (!known(atype) || !known(btype) || !known(ctype)) return NOT_SUPPORTED;
-    if (lda < (transa ? k : m) || ldb < (transb ? n : k) || ldc < m) return INVALID_VALUE;
+void multiply(int transa, int transb, int m, int n, int k, float alpha, const void* a, int atype, int lda,
+              const void* b, int btype, int ldb, float beta, void* c, int ctype, int ldc) {
     for (int j = 0; j < n; ++j) {
         for (int i = 0; i < m; ++i) {
             double sum = 0;
@@ -79,7 +79,20 @@ cublasStatus_t gemm(int transa, int transb, int m, int n, int k, float alpha, co
             store(c, ci, ctype, v);
         }
     }
-    return SUCCESS;
+}
+
+// C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, column-major, on the handle's
+// stream. Arguments are checked when called; the product runs when the stream runs it.
+cublasStatus_t gemm(void* handle, int transa, int transb, int m, int n, int k, float alpha, const void* a,
+                    int atype, int lda, const void* b, int btype, int ldb, float beta, void* c, int ctype,
+                    int ldc) {
+    if (m < 0 || n < 0 || k < 0 || transa < 0 || transa > 2 || transb < 0 || transb > 2) return INVALID_VALUE;
+    if (!known(atype) || !known(btype) || !known(ctype)) return NOT_SUPPORTED;
+    if (lda < (transa ? k : m) || ldb < (transb ? n : k) || ldc < m) return INVALID_VALUE;
+    return llmctl_emulator_submit(static_cast<Handle*>(handle)->stream, [=] {
+        multiply(transa, transb, m, n, k, alpha, a, atype, lda, b, btype, ldb, beta, c, ctype, ldc);
+        return 0;
+    });
 }
 
 }  // namespace
@@ -94,7 +107,10 @@ API cublasDestroy_v2(void* handle) {
     delete static_cast<Handle*>(handle);
     return SUCCESS;
 }
-API cublasSetStream_v2(void*, void*) { return SUCCESS; }
+API cublasSetStream_v2(void* handle, void* stream) {
+    static_cast<Handle*>(handle)->stream = stream;
+    return SUCCESS;
+}
 API cublasSetMathMode(void*, int) { return SUCCESS; }
 API cublasSetWorkspace_v2(void*, void*, size_t) { return SUCCESS; }
 API cublasGetPointerMode_v2(void* handle, int* mode) {
@@ -108,15 +124,15 @@ API cublasSetPointerMode_v2(void* handle, int mode) {
     return SUCCESS;
 }
 
-API cublasSgemm_v2(void*, int transa, int transb, int m, int n, int k, const float* alpha, const float* a, int lda,
+API cublasSgemm_v2(void* handle, int transa, int transb, int m, int n, int k, const float* alpha, const float* a, int lda,
                    const float* b, int ldb, const float* beta, float* c, int ldc) {
-    return gemm(transa, transb, m, n, k, *alpha, a, R_32F, lda, b, R_32F, ldb, *beta, c, R_32F, ldc);
+    return gemm(handle, transa, transb, m, n, k, *alpha, a, R_32F, lda, b, R_32F, ldb, *beta, c, R_32F, ldc);
 }
 
-API cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void* alpha, const void* a, int atype,
+API cublasGemmEx(void* handle, int transa, int transb, int m, int n, int k, const void* alpha, const void* a, int atype,
                  int lda, const void* b, int btype, int ldb, const void* beta, void* c, int ctype, int ldc,
                  int compute, int) {
     if (compute != COMPUTE_32F && compute != COMPUTE_32F_FAST_TF32) return NOT_SUPPORTED;
-    return gemm(transa, transb, m, n, k, *static_cast<const float*>(alpha), a, atype, lda, b, btype, ldb,
+    return gemm(handle, transa, transb, m, n, k, *static_cast<const float*>(alpha), a, atype, lda, b, btype, ldb,
                 *static_cast<const float*>(beta), c, ctype, ldc);
 }

@@ -23,6 +23,7 @@
 
 #include <cstddef>
 #include <utility>
+#include <vector>
 
 #define LLMCTL_EMULATOR 1
 
@@ -63,7 +64,18 @@ inline T exchange(T v, Src src) {
 }
 
 using Entry = void (*)(void**);
-bool register_kernel(const char* name, Entry entry);
+// A kernel as the driver double sees it: how to call it, and the size of each argument (so a
+// launch recorded in a CUDA graph can keep copies of its arguments).
+struct Kernel {
+    Entry entry;
+    std::vector<std::size_t> arg_sizes;
+};
+bool register_kernel(const char* name, Kernel kernel);
+
+template <typename... A>
+std::vector<std::size_t> arg_sizes(void (*)(A...)) {
+    return {sizeof(A)...};
+}
 
 template <typename... A, std::size_t... I>
 inline void call(void (*f)(A...), void** params, std::index_sequence<I...>) {
@@ -88,7 +100,8 @@ unsigned short float_to_half(float x);
 
 // Registers an `extern "C"` kernel under its name (generated after each program's source).
 #define EMU_KERNEL(name) \
-    static const bool emu_registered_##name = emu::register_kernel(#name, &emu::trampoline<&name>);
+    static const bool emu_registered_##name =        \
+        emu::register_kernel(#name, {&emu::trampoline<&name>, emu::arg_sizes(&name)});
 
 #define __global__
 #define __device__

@@ -11,6 +11,13 @@
 // inaccessible page, so reading unwritten memory shows up as NaN and running past the end of a
 // buffer faults with the kernel's name. A launch whose barriers diverge fails with
 // CUDA_ERROR_LAUNCH_FAILED and a message on stderr.
+//
+// Stream capture and CUDA graphs: while a stream created by cuStreamCreate captures, its
+// launches, copies, memsets and cuBLAS calls (cublas.cpp hands them over through
+// `llmctl_emulator_submit`) are recorded, kernel arguments copied, instead of run; cuGraphLaunch
+// runs the recording. As on a GPU, the legacy (null) stream cannot capture, a synchronisation or
+// a stream-ordered allocation on a capturing stream is refused and invalidates the capture, and
+// a recorded launch reads its pointers' memory when replayed, not when recorded.
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,12 +25,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "runtime.h"
+#include "submit.h"
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -42,6 +53,19 @@ enum : CUresult {
     INVALID_HANDLE = 400,
     NOT_FOUND = 500,
     LAUNCH_FAILED = 719,
+    CAPTURE_UNSUPPORTED = 900,
+    CAPTURE_INVALIDATED = 901,
+};
+
+// Work on a stream: run at once, or recorded while the stream captures.
+using Op = std::function<CUresult()>;
+
+struct Graph {
+    std::vector<Op> ops;
+};
+struct Stream {
+    std::unique_ptr<Graph> capture;  // set while capturing
+    bool invalidated = false;        // an operation the capture cannot hold was attempted
 };
 
 struct Module {
@@ -49,7 +73,7 @@ struct Module {
 };
 struct Function {
     std::string name;
-    emu::Entry entry;
+    const emu::Kernel* kernel;
 };
 struct Event {
     double ms = 0;
@@ -133,7 +157,36 @@ CUresult memset8(CUdeviceptr p, unsigned char value, size_t n) {
     return SUCCESS;
 }
 
+Stream* capturing(CUstream s) {
+    Stream* stream = static_cast<Stream*>(s);
+    return stream && stream->capture ? stream : nullptr;
+}
+
+// Runs `op` now, or records it when `s` captures.
+CUresult submit(CUstream s, Op op) {
+    if (Stream* stream = capturing(s)) {
+        stream->capture->ops.push_back(std::move(op));
+        return SUCCESS;
+    }
+    return op();
+}
+
+// What a capturing stream cannot hold (a synchronisation, a stream-ordered allocation):
+// refused, and the capture is invalidated, as on a GPU.
+CUresult refuse_if_capturing(CUstream s, const char* what) {
+    Stream* stream = capturing(s);
+    if (!stream) return SUCCESS;
+    fprintf(stderr, "llmctl CUDA emulator: %s on a capturing stream\n", what);
+    stream->invalidated = true;
+    return CAPTURE_UNSUPPORTED;
+}
+
 }  // namespace
+
+int llmctl_emulator_submit(void* stream, std::function<int()> op) {
+    std::lock_guard<std::mutex> guard(lock);
+    return submit(stream, std::move(op));
+}
 
 #define API extern "C" __attribute__((visibility("default"))) CUresult
 #define GUARD std::lock_guard<std::mutex> guard(lock)
@@ -199,23 +252,76 @@ API cuCtxGetDevice(CUdevice* d) {
 }
 
 API cuStreamCreate(CUstream* s, unsigned) {
-    *s = &stream_tag;
+    *s = new Stream;
     return SUCCESS;
 }
 API cuStreamCreateWithPriority(CUstream* s, unsigned, int) {
-    *s = &stream_tag;
+    *s = new Stream;
     return SUCCESS;
 }
-API cuStreamDestroy_v2(CUstream) { return SUCCESS; }
-API cuStreamSynchronize(CUstream) {
-    GUARD;
+API cuStreamDestroy_v2(CUstream s) {
+    delete static_cast<Stream*>(s);
     return SUCCESS;
 }
-API cuStreamQuery(CUstream) {
+API cuStreamSynchronize(CUstream s) {
     GUARD;
-    return SUCCESS;
+    return refuse_if_capturing(s, "cuStreamSynchronize");
+}
+API cuStreamQuery(CUstream s) {
+    GUARD;
+    return refuse_if_capturing(s, "cuStreamQuery");
 }
 API cuStreamWaitEvent(CUstream, CUevent, unsigned) { return SUCCESS; }
+
+API cuStreamBeginCapture_v2(CUstream s, int) {
+    GUARD;
+    Stream* stream = static_cast<Stream*>(s);
+    if (!stream) return CAPTURE_UNSUPPORTED;  // the legacy stream cannot capture
+    if (stream->capture) return INVALID_VALUE;
+    stream->capture = std::make_unique<Graph>();
+    stream->invalidated = false;
+    return SUCCESS;
+}
+API cuStreamEndCapture(CUstream s, void** graph) {
+    GUARD;
+    Stream* stream = capturing(s);
+    if (!stream) return INVALID_VALUE;
+    std::unique_ptr<Graph> g = std::move(stream->capture);
+    *graph = nullptr;
+    if (stream->invalidated) return CAPTURE_INVALIDATED;
+    *graph = g.release();
+    return SUCCESS;
+}
+API cuStreamIsCapturing(CUstream s, int* status) {
+    GUARD;
+    Stream* stream = static_cast<Stream*>(s);
+    *status = !stream || !stream->capture ? 0 : stream->invalidated ? 2 : 1;
+    return SUCCESS;
+}
+API cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+    if (!graph) return INVALID_VALUE;
+    *exec = new Graph(*static_cast<Graph*>(graph));
+    return SUCCESS;
+}
+API cuGraphUpload(void*, CUstream) { return SUCCESS; }
+// Runs the recording in order; the first failure ends the launch, as a device error would.
+API cuGraphLaunch(void* exec, CUstream s) {
+    GUARD;
+    if (!exec) return INVALID_VALUE;
+    if (capturing(s)) return refuse_if_capturing(s, "cuGraphLaunch");
+    for (Op& op : static_cast<Graph*>(exec)->ops) {
+        if (const CUresult r = op(); r != SUCCESS) return r;
+    }
+    return SUCCESS;
+}
+API cuGraphExecDestroy(void* exec) {
+    delete static_cast<Graph*>(exec);
+    return SUCCESS;
+}
+API cuGraphDestroy(void* graph) {
+    delete static_cast<Graph*>(graph);
+    return SUCCESS;
+}
 
 API cuEventCreate(CUevent* e, unsigned) {
     *e = new Event;
@@ -250,49 +356,51 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     GUARD;
     return alloc(p, bytes);
 }
-API cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) {
+API cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
     GUARD;
+    if (const CUresult r = refuse_if_capturing(s, "cuMemAllocAsync (a graph allocation node)")) return r;
     return alloc(p, bytes);
 }
 API cuMemFree_v2(CUdeviceptr p) {
     GUARD;
     return release(p);
 }
-API cuMemFreeAsync(CUdeviceptr p, CUstream) {
+API cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     GUARD;
+    if (const CUresult r = refuse_if_capturing(s, "cuMemFreeAsync (a graph free node)")) return r;
     return release(p);
 }
 API cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     GUARD;
     return copy((void*)dst, src, n, true, false);
 }
-API cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
+API cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
     GUARD;
-    return copy((void*)dst, src, n, true, false);
+    return submit(s, [=] { return copy((void*)dst, src, n, true, false); });
 }
 API cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     GUARD;
     return copy(dst, (const void*)src, n, false, true);
 }
-API cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+API cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
     GUARD;
-    return copy(dst, (const void*)src, n, false, true);
+    return submit(s, [=] { return copy(dst, (const void*)src, n, false, true); });
 }
 API cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     GUARD;
     return copy((void*)dst, (const void*)src, n, true, true);
 }
-API cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
+API cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
     GUARD;
-    return copy((void*)dst, (const void*)src, n, true, true);
+    return submit(s, [=] { return copy((void*)dst, (const void*)src, n, true, true); });
 }
 API cuMemsetD8_v2(CUdeviceptr p, unsigned char value, size_t n) {
     GUARD;
     return memset8(p, value, n);
 }
-API cuMemsetD8Async(CUdeviceptr p, unsigned char value, size_t n, CUstream) {
+API cuMemsetD8Async(CUdeviceptr p, unsigned char value, size_t n, CUstream s) {
     GUARD;
-    return memset8(p, value, n);
+    return submit(s, [=] { return memset8(p, value, n); });
 }
 
 API cuModuleLoadData(void** module, const void* image) {
@@ -309,9 +417,9 @@ API cuModuleGetFunction(void** function, void* module, const char* name) {
     GUARD;
     const std::string& ptx = static_cast<Module*>(module)->ptx;
     if (ptx.find(std::string(".entry ") + name + "(") == std::string::npos) return NOT_FOUND;
-    emu::Entry entry = emu::find_kernel(name);
-    if (!entry) return NOT_FOUND;
-    Function* f = new Function{name, entry};
+    const emu::Kernel* kernel = emu::find_kernel(name);
+    if (!kernel) return NOT_FOUND;
+    Function* f = new Function{name, kernel};
     functions.insert(f);
     *function = f;
     return SUCCESS;
@@ -324,7 +432,7 @@ API cuFuncSetAttribute(void*, int, int) { return SUCCESS; }
 API cuFuncSetCacheConfig(void*, int) { return SUCCESS; }
 
 API cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                   unsigned shared_bytes, CUstream, void** params, void** extra) {
+                   unsigned shared_bytes, CUstream s, void** params, void** extra) {
     GUARD;
     Function* f = static_cast<Function*>(function);
     if (!functions.count(f)) return INVALID_HANDLE;
@@ -334,10 +442,20 @@ API cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsign
         return INVALID_VALUE;
     }
     if ((unsigned long long)bx * by * bz > 1024) return INVALID_VALUE;
-    const std::string error = emu::launch(f->name.c_str(), f->entry, {gx, gy, gz}, {bx, by, bz}, params);
-    if (error.empty()) return SUCCESS;
-    fprintf(stderr, "llmctl CUDA emulator: %s: %s\n", f->name.c_str(), error.c_str());
-    return LAUNCH_FAILED;
+    // The arguments are copied: the caller's may be gone by the time a recording runs.
+    std::vector<std::vector<char>> args;
+    for (size_t i = 0; i < f->kernel->arg_sizes.size(); ++i) {
+        const char* a = static_cast<const char*>(params[i]);
+        args.emplace_back(a, a + f->kernel->arg_sizes[i]);
+    }
+    return submit(s, [f, gx, gy, gz, bx, by, bz, args = std::move(args)]() mutable {
+        std::vector<void*> ptrs;
+        for (auto& a : args) ptrs.push_back(a.data());
+        const std::string error = emu::launch(f->name.c_str(), f->kernel->entry, {gx, gy, gz}, {bx, by, bz}, ptrs.data());
+        if (error.empty()) return (CUresult)SUCCESS;
+        fprintf(stderr, "llmctl CUDA emulator: %s: %s\n", f->name.c_str(), error.c_str());
+        return (CUresult)LAUNCH_FAILED;
+    });
 }
 
 API cuGetErrorName(CUresult e, const char** name) {
@@ -349,6 +467,8 @@ API cuGetErrorName(CUresult e, const char** name) {
         case INVALID_HANDLE: *name = "CUDA_ERROR_INVALID_HANDLE"; break;
         case NOT_FOUND: *name = "CUDA_ERROR_NOT_FOUND"; break;
         case LAUNCH_FAILED: *name = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        case CAPTURE_UNSUPPORTED: *name = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case CAPTURE_INVALIDATED: *name = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
         default: *name = "CUDA_ERROR_UNKNOWN"; return INVALID_VALUE;
     }
     return SUCCESS;

@@ -72,8 +72,8 @@ Block block;
 const char* running_kernel = "";
 struct sigaction previous_segv, previous_bus;
 
-std::map<std::string, Entry>& registry() {
-    static std::map<std::string, Entry> kernels;
+std::map<std::string, Kernel>& registry() {
+    static std::map<std::string, Kernel> kernels;
     return kernels;
 }
 
@@ -201,14 +201,14 @@ unsigned long long* exchange_slots() {
     return &block.exchange[((me->linear >> 5) * 2 + parity) * 32];
 }
 
-bool register_kernel(const char* name, Entry entry) {
-    registry()[name] = entry;
+bool register_kernel(const char* name, Kernel kernel) {
+    registry()[name] = std::move(kernel);
     return true;
 }
 
-Entry find_kernel(const char* name) {
+const Kernel* find_kernel(const char* name) {
     auto it = registry().find(name);
-    return it == registry().end() ? nullptr : it->second;
+    return it == registry().end() ? nullptr : &it->second;
 }
 
 // Two exchange buffers per warp: shuffle k writes buffer k % 2, and no lane can reach shuffle

@@ -8,7 +8,7 @@
 namespace emu {
 
 // The kernel registered under `name` (EMU_KERNEL), or null.
-Entry find_kernel(const char* name);
+const Kernel* find_kernel(const char* name);
 
 // Runs `entry` over the whole grid with `params` (cuLaunchKernel's argument array); returns
 // an empty string, or why the launch failed.

@@ -89,6 +89,17 @@ pub struct PagedCache<'a, T> {
     pub head_dim: usize,
 }
 
+/// A decode launch's split of the context ([`Kernels::decode_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub partitions: usize,
+    pub partition_size: usize,
+    kv_head_ctas: usize,
+    /// f32 elements of partial outputs, and of partial (max, sum) pairs, the split needs.
+    pub scratch_len: usize,
+    pub ml_len: usize,
+}
+
 /// How decode attention partitions long contexts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
@@ -121,13 +132,19 @@ impl Kernels {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as usize;
         let device_name = ctx.name()?;
+        // One stream carries all work, so cudarc's per-buffer events (for ordering across
+        // streams) would only cost two event creations per allocation.
+        // SAFETY: every launch, copy and allocation goes through `stream` below.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of its own, not the legacy default stream, which cannot capture CUDA graphs.
+        let stream = ctx.new_stream()?;
         let mut modules = HashMap::new();
         for program in source::ALL {
             let ptx = compile::ptx(&program, arch)?;
             modules.insert(program.name, ctx.load_module(ptx)?);
         }
         Ok(Self {
-            stream: ctx.default_stream(),
+            stream,
             modules,
             functions: Mutex::default(),
             arch,
@@ -505,9 +522,44 @@ impl Kernels {
         )
     }
 
+    /// How decode attention over `num_seqs` sequences of at most `max_context` tokens splits
+    /// the context, and the f32 scratch that split needs.
+    pub fn decode_plan(
+        &self,
+        num_seqs: usize,
+        num_q_heads: usize,
+        cache: &PagedCache<'_, impl Sized>,
+        max_context: usize,
+        split: Split,
+    ) -> DecodePlan {
+        let group = num_q_heads / cache.num_kv_heads.max(1);
+        let ctas = cache.num_kv_heads * group.div_ceil(8);
+        let (partitions, partition_size) = match split {
+            Split::Auto => decode_partitions(num_seqs, ctas, max_context, self.sm_count),
+            Split::Partitions(p) => {
+                let p = p.max(1);
+                (p, max_context.max(1).div_ceil(p))
+            }
+        };
+        let slots = num_seqs * num_q_heads * partitions;
+        let (scratch_len, ml_len) = if partitions > 1 {
+            (slots * cache.head_dim, slots * 2)
+        } else {
+            (1, 1)
+        };
+        DecodePlan {
+            partitions,
+            partition_size,
+            kv_head_ctas: ctas,
+            scratch_len,
+            ml_len,
+        }
+    }
+
     /// Decode attention, one query row per sequence (`q` rows of stride `q_stride`, heads
     /// contiguous); `out` is `[num_seqs, num_q_heads * head_dim]`. `max_context` bounds the
-    /// context lengths (it sizes the partitions). Returns the partitions used.
+    /// context lengths (it sizes the partitions). Allocates the split's scratch; returns the
+    /// partitions used.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention<T: Dtype>(
         &self,
@@ -521,6 +573,40 @@ impl Kernels {
         split: Split,
     ) -> Result<usize, KernelError> {
         let num_seqs = cache.context_lens.len();
+        let plan = self.decode_plan(num_seqs, num_q_heads, cache, max_context, split);
+        let mut part_out = self.stream.alloc_zeros::<f32>(plan.scratch_len)?;
+        let mut part_ml = self.stream.alloc_zeros::<f32>(plan.ml_len)?;
+        self.decode_attention_planned(
+            out,
+            q,
+            q_stride,
+            cache,
+            num_q_heads,
+            scale,
+            &plan,
+            &mut part_out,
+            &mut part_ml,
+        )?;
+        Ok(plan.partitions)
+    }
+
+    /// [`Self::decode_attention`] by a plan from [`Self::decode_plan`], with the caller's
+    /// scratch (at least `plan.scratch_len` and `plan.ml_len` floats; every element the
+    /// reduction reads is written first): nothing is allocated, so a CUDA graph can hold it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention_planned<T: Dtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaView<'_, T>,
+        q_stride: usize,
+        cache: &PagedCache<'_, T>,
+        num_q_heads: usize,
+        scale: f32,
+        plan: &DecodePlan,
+        part_out: &mut CudaSlice<f32>,
+        part_ml: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let num_seqs = cache.context_lens.len();
         let d = cache.head_dim;
         Self::check_attention(cache, num_seqs, num_q_heads)?;
         shape(out.len() == num_seqs * num_q_heads * d, || {
@@ -530,29 +616,14 @@ impl Kernels {
             num_seqs == 0 || q.len() >= (num_seqs - 1) * q_stride + num_q_heads * d,
             || "decode: q is too small".into(),
         )?;
+        shape(
+            part_out.len() >= plan.scratch_len && part_ml.len() >= plan.ml_len,
+            || "decode: the split's scratch is too small for its plan".into(),
+        )?;
         if num_seqs == 0 {
-            return Ok(0);
+            return Ok(());
         }
-        let group = num_q_heads / cache.num_kv_heads;
-        let chunks = group.div_ceil(8);
-        let ctas = cache.num_kv_heads * chunks;
-        let (parts, partition) = match split {
-            Split::Auto => decode_partitions(num_seqs, ctas, max_context, self.sm_count),
-            Split::Partitions(p) => {
-                let p = p.max(1);
-                (p, max_context.max(1).div_ceil(p))
-            }
-        };
-        let (scratch_len, ml_len) = if parts > 1 {
-            (
-                num_seqs * num_q_heads * parts * d,
-                num_seqs * num_q_heads * parts * 2,
-            )
-        } else {
-            (1, 1)
-        };
-        let mut part_out = self.stream.alloc_zeros::<f32>(scratch_len)?;
-        let mut part_ml = self.stream.alloc_zeros::<f32>(ml_len)?;
+        let parts = plan.partitions;
         let f = self.function(
             &source::ATTENTION,
             &format!("paged_attention_decode_{}_d{d}", T::SUFFIX),
@@ -563,13 +634,13 @@ impl Kernels {
             cache.block_size as i32,
             cache.num_kv_heads as i32,
             num_q_heads as i32,
-            partition as i32,
+            plan.partition_size as i32,
         );
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(&mut *out)
-            .arg(&mut part_out)
-            .arg(&mut part_ml)
+            .arg(&mut *part_out)
+            .arg(&mut *part_ml)
             .arg(q)
             .arg(&stride)
             .arg(cache.k)
@@ -586,7 +657,7 @@ impl Kernels {
         // block tables must name blocks inside the cache (the engine's invariant).
         unsafe {
             launch.launch(Self::config(
-                (ctas as u32, num_seqs as u32, parts as u32),
+                (plan.kv_head_ctas as u32, num_seqs as u32, parts as u32),
                 128,
             ))
         }?;
@@ -599,14 +670,14 @@ impl Kernels {
             let mut launch = self.stream.launch_builder(&r);
             launch
                 .arg(out)
-                .arg(&part_out)
-                .arg(&part_ml)
+                .arg(&*part_out)
+                .arg(&*part_ml)
                 .arg(&nq)
                 .arg(&p);
             // SAFETY: matches `paged_attention_reduce_*`; the scratch was sized for `parts`.
             unsafe { launch.launch(Self::config((num_q_heads as u32, num_seqs as u32, 1), 128)) }?;
         }
-        Ok(parts)
+        Ok(())
     }
 
     /// Causal prefill attention for packed sequences: sequence `s` has query rows

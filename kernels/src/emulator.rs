@@ -20,9 +20,10 @@ use sha2::{Digest, Sha256};
 
 use crate::source::{self, Program};
 
-const FILES: [(&str, &str); 5] = [
+const FILES: [(&str, &str); 6] = [
     ("device.h", include_str!("../emulator/device.h")),
     ("runtime.h", include_str!("../emulator/runtime.h")),
+    ("submit.h", include_str!("../emulator/submit.h")),
     ("runtime.cpp", include_str!("../emulator/runtime.cpp")),
     ("driver.cpp", include_str!("../emulator/driver.cpp")),
     ("cublas.cpp", include_str!("../emulator/cublas.cpp")),
@@ -151,23 +152,31 @@ pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
     if !errors.is_empty() {
         return Err(fail(errors));
     }
-    for (soname, objects) in [(CUBLAS, cublas), (DRIVER, driver)] {
-        // Linked under a temporary name and renamed, so a concurrent build never loads half a
-        // file.
-        let partial = format!("{soname}.{}", std::process::id());
-        let out = Command::new(compiler())
-            .current_dir(&dir)
+    // The driver is linked first (cuBLAS links against it: it records GEMMs into the driver's
+    // graphs) and renamed into place last. Each is linked under a temporary name and renamed,
+    // so a concurrent build never loads half a file.
+    let partial = |soname: &str| format!("{soname}.{}", std::process::id());
+    for (soname, objects) in [(DRIVER, driver), (CUBLAS, cublas)] {
+        let mut link = Command::new(compiler());
+        link.current_dir(&dir)
             .arg("-shared")
             .arg(format!("-Wl,-soname,{soname}"))
             .arg("-o")
-            .arg(&partial)
-            .args(&objects)
+            .arg(partial(soname))
+            .args(&objects);
+        if soname == CUBLAS {
+            link.arg(partial(DRIVER)).arg("-Wl,-rpath,$ORIGIN");
+        }
+        let out = link
             .output()
             .map_err(|e| fail(format!("cannot run {}: {e}", compiler())))?;
         if !out.status.success() {
             return Err(fail(String::from_utf8_lossy(&out.stderr).into_owned()));
         }
-        std::fs::rename(dir.join(&partial), dir.join(soname)).map_err(|e| fail(e.to_string()))?;
+    }
+    for soname in [CUBLAS, DRIVER] {
+        std::fs::rename(dir.join(partial(soname)), dir.join(soname))
+            .map_err(|e| fail(e.to_string()))?;
     }
     Ok(dir)
 }

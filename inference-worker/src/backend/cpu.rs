@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{Backend, KvLayout, QkvShape, RopeRows, SeqSlice};
+use super::{Backend, KvLayout, QkvShape, RopeRows, StepBatch};
 use crate::model::ModelError;
 use crate::model::weights::{TensorView, fuse_f32};
 
@@ -38,6 +38,12 @@ pub struct CpuKvCache {
     pub v: Vec<Vec<f32>>,
 }
 
+/// A step's inputs: on the CPU the ops read them where they are, so the batch is kept as given.
+pub struct CpuStep {
+    pub batch: StepBatch,
+    pub rope: RopeRows,
+}
+
 /// Rows at or below this count use the row-dot kernel instead of the blocked GEMM.
 const SMALL_M: usize = 8;
 
@@ -54,9 +60,17 @@ impl Backend for CpuBackend {
     type Activations = Matrix;
     type Weight = Matrix;
     type KvCache = CpuKvCache;
+    type Step = CpuStep;
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn prepare_step(&self, batch: &StepBatch, rope: RopeRows) -> CpuStep {
+        CpuStep {
+            batch: batch.clone(),
+            rope,
+        }
     }
 
     fn load_weight(&self, parts: &[TensorView<'_>]) -> Result<Matrix, ModelError> {
@@ -73,7 +87,8 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn embed(&self, table: &Matrix, tokens: &[u32]) -> Matrix {
+    fn embed(&self, table: &Matrix, step: &CpuStep) -> Matrix {
+        let tokens = &step.batch.tokens;
         let mut out = Matrix::zeros(tokens.len(), table.cols);
         for (dst, &t) in out.data.chunks_exact_mut(table.cols).zip(tokens) {
             dst.copy_from_slice(table.row(t as usize));
@@ -161,7 +176,8 @@ impl Backend for CpuBackend {
         out
     }
 
-    fn rotary(&self, qkv: &mut Matrix, shape: QkvShape, rope: &RopeRows) {
+    fn rotary(&self, qkv: &mut Matrix, shape: QkvShape, step: &CpuStep) {
+        let rope = &step.rope;
         let (hd, half) = (shape.head_dim, rope.half);
         let heads = shape.num_heads + shape.num_kv_heads;
         qkv.data
@@ -187,8 +203,9 @@ impl Backend for CpuBackend {
         layer: usize,
         qkv: &Matrix,
         shape: QkvShape,
-        slot_mapping: &[i64],
+        step: &CpuStep,
     ) {
+        let slot_mapping = &step.batch.slot_mapping;
         let (q, kv) = (shape.q_size(), shape.kv_size());
         let stride = cache.layout.token_stride();
         let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
@@ -209,8 +226,9 @@ impl Backend for CpuBackend {
         cache: &CpuKvCache,
         layer: usize,
         shape: QkvShape,
-        seqs: &[SeqSlice],
+        step: &CpuStep,
     ) -> Matrix {
+        let seqs = &step.batch.seqs;
         let hd = shape.head_dim;
         let group = shape.num_heads / shape.num_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -293,7 +311,8 @@ impl Backend for CpuBackend {
         out
     }
 
-    fn gather_rows(&self, x: &Matrix, rows: &[usize]) -> Matrix {
+    fn logits_rows(&self, x: &Matrix, step: &CpuStep) -> Matrix {
+        let rows = &step.batch.logits_rows;
         let mut out = Matrix::zeros(rows.len(), x.cols);
         for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {
             dst.copy_from_slice(x.row(r));
@@ -492,6 +511,7 @@ mod tests {
 #[cfg(test)]
 mod attention_tests {
     use super::*;
+    use crate::backend::SeqSlice;
     use crate::rng::Rng;
 
     /// Causal attention over contiguous K/V in f64: the reference paged attention must equal.
@@ -575,7 +595,14 @@ mod attention_tests {
                     .copy_from_slice(&v[t * shape.kv_size()..][..shape.kv_size()]);
             }
             let slots: Vec<i64> = (0..ctx).map(|p| layout.slot(&table, p) as i64).collect();
-            backend.write_kv(&mut cache, 0, &qkv, shape, &slots);
+            let step = CpuStep {
+                batch: StepBatch {
+                    slot_mapping: slots,
+                    ..StepBatch::default()
+                },
+                rope: RopeRows::new(&[], &[]),
+            };
+            backend.write_kv(&mut cache, 0, &qkv, shape, &step);
             contiguous.push(contiguous_reference(&q, &k, &v, shape, ctx, new));
             all_q.push(q);
             seqs.push(SeqSlice {
@@ -593,8 +620,15 @@ mod attention_tests {
                     .copy_from_slice(&q[i * shape.q_size()..][..shape.q_size()]);
             }
         }
-        let out = backend.attention(&qkv, &cache, 0, shape, &seqs);
-        for (s, want) in seqs.iter().zip(&contiguous) {
+        let step = CpuStep {
+            batch: StepBatch {
+                seqs,
+                ..StepBatch::default()
+            },
+            rope: RopeRows::new(&[], &[]),
+        };
+        let out = backend.attention(&qkv, &cache, 0, shape, &step);
+        for (s, want) in step.batch.seqs.iter().zip(&contiguous) {
             let got = &out.data[s.query_start * shape.q_size()..][..s.query_len * shape.q_size()];
             for (g, w) in got.iter().zip(want) {
                 // Softmax-weighted sums of unit normals over <= 31 keys in f32: error ~1e-6.

@@ -97,6 +97,8 @@ pub trait Backend: Send + Sync + 'static {
     type Activations: Send;
     type Weight: Send + Sync;
     type KvCache: Send;
+    /// One step's inputs where the ops read them ([`Backend::prepare_step`]).
+    type Step: Send;
 
     fn name(&self) -> &'static str;
 
@@ -107,8 +109,31 @@ pub trait Backend: Send + Sync + 'static {
     /// Allocates `num_layers` K and V caches of the shared paged layout.
     fn alloc_kv_cache(&self, num_layers: usize, layout: KvLayout) -> Self::KvCache;
 
-    /// Rows of the embedding table for `tokens`.
-    fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Self::Activations;
+    /// Puts one step's inputs where the ops read them, once for the whole step rather than
+    /// once per layer: the tokens, the rotary rows, the cache slots, each sequence's block
+    /// table and lengths, the logits rows.
+    fn prepare_step(&self, batch: &StepBatch, rope: RopeRows) -> Self::Step;
+
+    /// Runs one step's forward pass, `forward`, which writes the step's K/V into `cache` and
+    /// computes its logits rows. A backend may record the pass the first time a step of some
+    /// shape comes and replay the recording for later steps of that shape on the same cache
+    /// (CUDA graphs); then `forward` is not called, so it must do nothing but issue the
+    /// backend's ops. Every activation a step makes is dropped before the next step is
+    /// prepared.
+    fn run_step<F>(
+        &self,
+        cache: &mut Self::KvCache,
+        step: &Self::Step,
+        mut forward: F,
+    ) -> Self::Activations
+    where
+        F: FnMut(&mut Self::KvCache, &Self::Step) -> Self::Activations,
+    {
+        forward(cache, step)
+    }
+
+    /// Rows of the embedding table for the step's tokens.
+    fn embed(&self, table: &Self::Weight, step: &Self::Step) -> Self::Activations;
 
     /// `rms_norm(x) * weight`, row by row.
     fn rms_norm(&self, x: &Self::Activations, weight: &Self::Weight, eps: f32)
@@ -131,35 +156,37 @@ pub trait Backend: Send + Sync + 'static {
         bias: Option<&Self::Weight>,
     ) -> Self::Activations;
 
-    /// Rotates the q and k columns of a fused qkv activation in place.
-    fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, rope: &RopeRows);
+    /// Rotates the q and k columns of a fused qkv activation in place by the step's rotary rows.
+    fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, step: &Self::Step);
 
-    /// Scatters the k and v columns of `qkv` into layer `layer`'s cache by slot mapping.
+    /// Scatters the k and v columns of `qkv` into layer `layer`'s cache by the step's slot
+    /// mapping.
     fn write_kv(
         &self,
         cache: &mut Self::KvCache,
         layer: usize,
         qkv: &Self::Activations,
         shape: QkvShape,
-        slot_mapping: &[i64],
+        step: &Self::Step,
     );
 
-    /// Causal attention of each sequence's new queries over its paged context (which already
-    /// holds the new tokens' K/V). Returns `[num_tokens, num_heads * head_dim]`.
+    /// Causal attention of each of the step's sequences' new queries over its paged context
+    /// (which already holds the new tokens' K/V). Returns `[num_tokens, num_heads * head_dim]`.
     fn attention(
         &self,
         qkv: &Self::Activations,
         cache: &Self::KvCache,
         layer: usize,
         shape: QkvShape,
-        seqs: &[SeqSlice],
+        step: &Self::Step,
     ) -> Self::Activations;
 
     /// `silu(gate) * up` for a fused `[gate | up]` activation.
     fn silu_mul(&self, gate_up: &Self::Activations) -> Self::Activations;
 
-    /// The given rows, in order.
-    fn gather_rows(&self, x: &Self::Activations, rows: &[usize]) -> Self::Activations;
+    /// The step's logits rows of `x`, in order (a backend that pads steps to fixed shapes may
+    /// add rows after them; the model drops those).
+    fn logits_rows(&self, x: &Self::Activations, step: &Self::Step) -> Self::Activations;
 
     /// Copies an activation to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Activations) -> Vec<f32>;

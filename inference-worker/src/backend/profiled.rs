@@ -2,12 +2,13 @@
 //! cache write), everything else — for the decode benchmark's breakdown. It waits for the
 //! device before and after each operation so each time is that operation's own; the waits
 //! remove the overlap a plain run has, so totals come from a plain run and only the shares
-//! from this one.
+//! from this one. Steps always run op by op here (the inner backend's CUDA graphs, which
+//! cannot be timed by op, are not used).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Backend, KvLayout, QkvShape, RopeRows, SeqSlice};
+use super::{Backend, KvLayout, QkvShape, RopeRows, StepBatch};
 use crate::model::ModelError;
 use crate::model::weights::TensorView;
 
@@ -67,6 +68,7 @@ impl<B: Backend> Backend for Profiled<B> {
     type Activations = B::Activations;
     type Weight = B::Weight;
     type KvCache = B::KvCache;
+    type Step = B::Step;
 
     fn name(&self) -> &'static str {
         self.inner.name()
@@ -80,8 +82,12 @@ impl<B: Backend> Backend for Profiled<B> {
         self.inner.alloc_kv_cache(num_layers, layout)
     }
 
-    fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Self::Activations {
-        self.timed(Kind::Other, || self.inner.embed(table, tokens))
+    fn prepare_step(&self, batch: &StepBatch, rope: RopeRows) -> Self::Step {
+        self.timed(Kind::Other, || self.inner.prepare_step(batch, rope))
+    }
+
+    fn embed(&self, table: &Self::Weight, step: &Self::Step) -> Self::Activations {
+        self.timed(Kind::Other, || self.inner.embed(table, step))
     }
 
     fn rms_norm(
@@ -114,8 +120,8 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Kind::Gemm, || self.inner.linear(x, weight, bias))
     }
 
-    fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, rope: &RopeRows) {
-        self.timed(Kind::Other, || self.inner.rotary(qkv, shape, rope))
+    fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, step: &Self::Step) {
+        self.timed(Kind::Other, || self.inner.rotary(qkv, shape, step))
     }
 
     fn write_kv(
@@ -124,10 +130,10 @@ impl<B: Backend> Backend for Profiled<B> {
         layer: usize,
         qkv: &Self::Activations,
         shape: QkvShape,
-        slot_mapping: &[i64],
+        step: &Self::Step,
     ) {
         self.timed(Kind::Attention, || {
-            self.inner.write_kv(cache, layer, qkv, shape, slot_mapping)
+            self.inner.write_kv(cache, layer, qkv, shape, step)
         })
     }
 
@@ -137,10 +143,10 @@ impl<B: Backend> Backend for Profiled<B> {
         cache: &Self::KvCache,
         layer: usize,
         shape: QkvShape,
-        seqs: &[SeqSlice],
+        step: &Self::Step,
     ) -> Self::Activations {
         self.timed(Kind::Attention, || {
-            self.inner.attention(qkv, cache, layer, shape, seqs)
+            self.inner.attention(qkv, cache, layer, shape, step)
         })
     }
 
@@ -148,8 +154,8 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Kind::Other, || self.inner.silu_mul(gate_up))
     }
 
-    fn gather_rows(&self, x: &Self::Activations, rows: &[usize]) -> Self::Activations {
-        self.timed(Kind::Other, || self.inner.gather_rows(x, rows))
+    fn logits_rows(&self, x: &Self::Activations, step: &Self::Step) -> Self::Activations {
+        self.timed(Kind::Other, || self.inner.logits_rows(x, step))
     }
 
     fn to_host(&self, x: &Self::Activations) -> Vec<f32> {

@@ -134,31 +134,52 @@ impl<B: Backend> Llama<B> {
     /// Runs one step: writes the new tokens' K/V into `cache` and returns the logits of
     /// `batch.logits_rows`, row-major `[logits_rows.len(), vocab_size]`.
     pub fn forward(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Vec<f32> {
-        self.logits(cache, batch)
-            .map_or_else(Vec::new, |l| self.backend.to_host(&l))
+        let mut logits = self
+            .logits(cache, batch)
+            .map_or_else(Vec::new, |l| self.backend.to_host(&l));
+        logits.truncate(batch.logits_rows.len() * self.config.vocab_size);
+        logits
     }
 
     /// Like [`Self::forward`], but returns each logits row's argmax (greedy decoding), found
     /// where the logits are: one id per row crosses to the host instead of a vocabulary's
     /// worth of floats.
     pub fn forward_argmax(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Vec<u32> {
-        self.logits(cache, batch)
-            .map_or_else(Vec::new, |l| self.backend.argmax_rows(&l))
+        let mut ids = self
+            .logits(cache, batch)
+            .map_or_else(Vec::new, |l| self.backend.argmax_rows(&l));
+        ids.truncate(batch.logits_rows.len());
+        ids
     }
 
-    /// The logits of `batch.logits_rows` where the backend holds them (`None` without rows).
+    /// The logits of `batch.logits_rows` where the backend holds them (`None` without rows);
+    /// a backend that pads steps may return more rows, the asked ones first.
     fn logits(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Option<B::Activations> {
+        let rope = RopeRows::new(&batch.positions, &self.inv_freq);
+        let step = self.backend.prepare_step(batch, rope);
+        if batch.logits_rows.is_empty() {
+            // A prefill chunk that does not end its prompt: the pass only writes its K/V.
+            self.pass(cache, &step, false);
+            return None;
+        }
+        Some(self.backend.run_step(cache, &step, |cache, step| {
+            self.pass(cache, step, true)
+                .expect("the pass returns logits when asked")
+        }))
+    }
+
+    /// The forward pass over a prepared step: K/V written, and the logits rows if `logits`.
+    fn pass(&self, cache: &mut B::KvCache, step: &B::Step, logits: bool) -> Option<B::Activations> {
         let b = &self.backend;
         let eps = self.config.rms_norm_eps;
         let shape = self.qkv_shape();
-        let rope = RopeRows::new(&batch.positions, &self.inv_freq);
-        let mut residual = b.embed(&self.embed, &batch.tokens);
+        let mut residual = b.embed(&self.embed, step);
         let mut hidden = b.rms_norm(&residual, &self.layers[0].input_norm, eps);
         for (i, layer) in self.layers.iter().enumerate() {
             let mut qkv = b.linear(&hidden, &layer.qkv, layer.qkv_bias.as_ref());
-            b.rotary(&mut qkv, shape, &rope);
-            b.write_kv(cache, i, &qkv, shape, &batch.slot_mapping);
-            let attn = b.attention(&qkv, cache, i, shape, &batch.seqs);
+            b.rotary(&mut qkv, shape, step);
+            b.write_kv(cache, i, &qkv, shape, step);
+            let attn = b.attention(&qkv, cache, i, shape, step);
             let o = b.linear(&attn, &layer.o, layer.o_bias.as_ref());
             hidden = b.add_rms_norm(&mut residual, &o, &layer.post_norm, eps);
             let gate_up = b.linear(&hidden, &layer.gate_up, layer.gate_up_bias.as_ref());
@@ -167,10 +188,10 @@ impl<B: Backend> Llama<B> {
             let next_norm = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_norm);
             hidden = b.add_rms_norm(&mut residual, &down, next_norm, eps);
         }
-        if batch.logits_rows.is_empty() {
+        if !logits {
             return None;
         }
-        let rows = b.gather_rows(&hidden, &batch.logits_rows);
+        let rows = b.logits_rows(&hidden, step);
         Some(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None))
     }
 }

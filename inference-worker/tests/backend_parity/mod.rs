@@ -1,7 +1,8 @@
 //! The CUDA backend against the CPU backend on the Hugging Face fixtures: the same prompts
 //! through the same paged forward (a scrambled block table, chunked over two steps so both the
 //! prefill and the decode attention kernels run), logits compared at every position, and greedy
-//! continuations through the engine compared with transformers' own. Written once, run on a GPU
+//! continuations through the engine compared with transformers' own, with decode steps
+//! replayed from CUDA graphs and op by op. Written once, run on a GPU
 //! by `cuda.rs` and on the CPU emulator of the CUDA driver and cuBLAS by `cuda_emulated.rs`
 //! (`parity_tests!` makes the same tests for each).
 //!
@@ -182,12 +183,29 @@ where
             got.len()
         );
     }
+    drop(gpu);
     // Greedy continuations are compared where no rounding can flip a near-tie of these random
-    // models: in f32.
+    // models: in f32. Decode steps run both ways: replayed from CUDA graphs (batches of 1 to 3
+    // sequences, padded to buckets of 1, 2 and 4) and op by op.
     if T::SUFFIX == "f32" {
-        let got = greedy(gpu, &cases);
-        for ((_, want), got) in cases.iter().zip(got) {
-            assert_eq!(&got, want, "{name}: greedy continuation");
+        for graphs in [true, false] {
+            let backend = CudaBackend::<T>::new(0).unwrap().with_graphs(graphs);
+            let stats = backend.graph_stats();
+            let got = greedy(model::load(&dir, backend).unwrap(), &cases);
+            for ((_, want), got) in cases.iter().zip(got) {
+                assert_eq!(&got, want, "{name}: greedy continuation, graphs {graphs}");
+            }
+            let recorded = stats.recorded.load(std::sync::atomic::Ordering::Relaxed);
+            let replayed = stats.replayed.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!("{name}: graphs {graphs}: {recorded} recorded, {replayed} replayed");
+            if graphs {
+                assert!(
+                    replayed > recorded && recorded > 0,
+                    "{name}: no graph replayed"
+                );
+            } else {
+                assert_eq!(replayed + recorded, 0, "{name}: graphs were off");
+            }
         }
     }
 }
