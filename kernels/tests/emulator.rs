@@ -1,7 +1,8 @@
 //! The CPU emulator of the CUDA driver catches what it claims to: kernels that are wrong on
 //! purpose (`kernels/emulator/selftest.cu`) give wrong results, fail their launch or fault, and
 //! their correct twins pass. Without these, a pass of the kernel tests on the emulator
-//! (`emulated.rs`) would say less than it seems. Needs NVRTC 13 and a C++ compiler; ignored by
+//! (`emulated.rs`) would say less than it seems. A captured stream records and its CUDA graph
+//! replays, as the worker's decode graphs need. Needs NVRTC 13 and a C++ compiler; ignored by
 //! default, run by `.ci/run` with `cargo test -p llmctl-kernels --test emulator -- --ignored`.
 
 use std::path::Path;
@@ -44,8 +45,20 @@ impl Device {
         out: &mut CudaSlice<f32>,
         input: Option<&CudaSlice<f32>>,
     ) -> Result<(), DriverError> {
+        self.launch(&self.stream, kernel, out, input)?;
+        self.stream.synchronize()
+    }
+
+    /// [`Self::run`] on `stream`, without waiting for it.
+    fn launch(
+        &self,
+        stream: &Arc<CudaStream>,
+        kernel: &str,
+        out: &mut CudaSlice<f32>,
+        input: Option<&CudaSlice<f32>>,
+    ) -> Result<(), DriverError> {
         let f = self.module.load_function(kernel)?;
-        let mut launch = self.stream.launch_builder(&f);
+        let mut launch = stream.launch_builder(&f);
         launch.arg(out);
         if let Some(input) = input {
             launch.arg(input);
@@ -58,7 +71,7 @@ impl Device {
         // SAFETY: every self-test kernel takes (float* out[, const float* in]) with 64 elements
         // each, as allocated by the callers.
         unsafe { launch.launch(cfg) }?;
-        self.stream.synchronize()
+        Ok(())
     }
 }
 
@@ -180,4 +193,46 @@ fn a_write_past_the_end_of_a_buffer_faults_and_names_the_kernel() {
         stderr.contains("invalid memory access") && stderr.contains("selftest_write_past_end"),
         "{stderr}"
     );
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_captured_stream_records_and_its_graph_replays_on_current_memory() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
+    let d = device();
+    let stream = d.stream.context().new_stream().unwrap();
+    let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+    let mut rng = TestRng::new(5);
+    let first = rng.vec(64);
+    let mut input = stream.clone_htod(&first).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(64).unwrap();
+    let mut staged = stream.alloc_zeros::<f32>(64).unwrap();
+    stream.begin_capture(mode).unwrap();
+    stream.memcpy_dtod(&input, &mut staged).unwrap();
+    d.launch(&stream, "selftest_reverse", &mut out, Some(&staged))
+        .unwrap();
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    // Recording ran nothing.
+    assert_eq!(stream.clone_dtoh(&out).unwrap(), vec![0.0; 64]);
+    for values in [first, rng.vec(64)] {
+        stream.memcpy_htod(&values, &mut input).unwrap();
+        graph.launch().unwrap();
+        let want: Vec<f32> = values.iter().rev().copied().collect();
+        assert_eq!(stream.clone_dtoh(&out).unwrap(), want);
+    }
+    // As on a GPU: the legacy stream cannot capture, and a synchronisation inside a capture
+    // invalidates it.
+    assert!(matches!(
+        d.stream.begin_capture(mode),
+        Err(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED))
+    ));
+    stream.begin_capture(mode).unwrap();
+    assert!(stream.synchronize().is_err());
+    assert!(matches!(
+        stream.end_capture(CUgraphInstantiate_flags(0)),
+        Err(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED))
+    ));
 }

@@ -19,7 +19,8 @@ pub struct OpTimes {
     pub gemm: Duration,
     /// `attention` and `write_kv`.
     pub attention: Duration,
-    /// Embedding, norms, rotary, SiLU-mul, row gathers, argmax, copies to the host.
+    /// Step inputs to the device, embedding, norms, rotary, SiLU-mul, row gathers, argmax,
+    /// copies to the host.
     pub other: Duration,
 }
 

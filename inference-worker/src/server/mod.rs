@@ -76,6 +76,10 @@ pub struct WorkerArgs {
     /// KV cache, which gets what the weights leave); `--kv-cache-mib` is then ignored.
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
+    /// On CUDA: replay decode steps of up to 256 sequences from CUDA graphs recorded per
+    /// batch-size bucket (`--cuda-graphs false` runs every step op by op).
+    #[arg(long, env = "LLMCTL_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
 }
 
 /// Where the forward pass runs.
@@ -305,7 +309,8 @@ where
         "--gpu-memory-utilization {util}: must be in (0, 1]"
     );
     let backend = crate::backend::cuda::CudaBackend::<T>::new(ordinal)
-        .with_context(|| format!("--device cuda:{ordinal}"))?;
+        .with_context(|| format!("--device cuda:{ordinal}"))?
+        .with_graphs(args.cuda_graphs);
     let loaded = crate::model::load(&args.model, backend)?;
     let (free, total) = crate::backend::cuda::device_memory();
     // Keep (1 - util) of the GPU for others and a margin for activations and cuBLAS workspace.

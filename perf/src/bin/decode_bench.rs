@@ -2,7 +2,8 @@
 //! (the embedding only for the batch's rows; a tied embedding in full, as the output head) and
 //! each sequence's K/V; at batch 1 that reading is the floor, so the roofline is those bytes
 //! over the device's measured copy bandwidth. Reports, per batch size, the step time of a plain
-//! run, the roofline, their ratio, and where the step goes (GEMMs, attention with the KV
+//! run (on a GPU: decode steps replayed from CUDA graphs, and again op by op), the roofline,
+//! their ratio, and where the step goes (GEMMs, attention with the KV
 //! write, other operations, host-side work), measured in a second run whose backend waits for
 //! the device around each operation (`backend::profiled`), with each component's own roofline.
 //!
@@ -136,6 +137,8 @@ fn safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
 /// One batch size: the plain step time, and the profiled run's per-step breakdown.
 struct Measured {
     step: f64,
+    /// The step time with CUDA graphs off (GPU only).
+    op_by_op_step: Option<f64>,
     ops: OpTimes,
     profiled_step: f64,
 }
@@ -201,20 +204,29 @@ fn engine_config(batch: usize, args: &Args) -> EngineConfig {
     }
 }
 
-/// A plain run for the step time, then a profiled one for the breakdown (per step).
+/// A plain run for the step time (and, where `graphs` says the backend has CUDA graphs, one
+/// with them off), then a profiled one for the breakdown (per step). `backend(graphs)` makes
+/// the backend.
 fn measure<B: Backend>(
     dir: &Path,
     batch: usize,
     args: &Args,
-    backend: impl Fn() -> Result<B>,
+    graphs: bool,
+    backend: impl Fn(bool) -> Result<B>,
 ) -> Result<Measured> {
-    let step = {
-        let mut engine = Engine::new(model::load(dir, backend()?)?, engine_config(batch, args));
+    let plain = |graphs: bool| -> Result<f64> {
+        let mut engine = Engine::new(
+            model::load(dir, backend(graphs)?)?,
+            engine_config(batch, args),
+        );
         fill(&mut engine, batch, args)?;
-        time_steps(&mut engine, batch, args.steps)?
+        time_steps(&mut engine, batch, args.steps)
     };
+    let step = plain(graphs)?;
+    let op_by_op_step = graphs.then(|| plain(false)).transpose()?;
+    // Op by op: a graph's replay cannot be timed by op, and its padding would inflate them.
     let mut engine = Engine::new(
-        model::load(dir, Profiled::new(backend()?))?,
+        model::load(dir, Profiled::new(backend(false)?))?,
         engine_config(batch, args),
     );
     fill(&mut engine, batch, args)?;
@@ -224,6 +236,7 @@ fn measure<B: Backend>(
     let per_step = |d: Duration| d / args.steps as u32;
     Ok(Measured {
         step,
+        op_by_op_step,
         ops: OpTimes {
             gemm: per_step(total.gemm),
             attention: per_step(total.attention),
@@ -290,9 +303,9 @@ fn main() -> Result<()> {
     let mut table = format!(
         "Model: {} ({}); device {device}, copy bandwidth {copy_gbs:.0} GB/s; context {} \
          tokens, {} timed steps.\n\n\
-         | batch | step ms | roofline ms | step / roofline | GEMM ms (roofline) \
-         | attention ms (roofline) | other ops ms | host ms |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | batch | step ms | op-by-op step ms | roofline ms | step / roofline \
+         | GEMM ms (roofline) | attention ms (roofline) | other ops ms | host ms |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         dir.display(),
         if cuda.is_some() { "bf16" } else { "f32" },
         args.context,
@@ -300,9 +313,9 @@ fn main() -> Result<()> {
     );
     for &batch in &args.batches {
         let measured = match cuda {
-            None => measure(&dir, batch, &args, || Ok(CpuBackend::new()))?,
-            Some(ordinal) => measure(&dir, batch, &args, || {
-                Ok(CudaBackend::<bf16>::new(ordinal)?)
+            None => measure(&dir, batch, &args, false, |_| Ok(CpuBackend::new()))?,
+            Some(ordinal) => measure(&dir, batch, &args, true, |graphs| {
+                Ok(CudaBackend::<bf16>::new(ordinal)?.with_graphs(graphs))
             })?,
         };
         let bytes = step_bytes(
@@ -317,9 +330,12 @@ fn main() -> Result<()> {
         let ops = measured.ops;
         let host = measured.profiled_step - (ops.gemm + ops.attention + ops.other).as_secs_f64();
         let row = format!(
-            "| {batch} | {:.3} | {:.3} | {:.2} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.3} | {:.3} |
+            "| {batch} | {:.3} | {} | {:.3} | {:.2} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.3} | {:.3} |
 ",
             ms(measured.step),
+            measured
+                .op_by_op_step
+                .map_or("-".to_owned(), |s| format!("{:.3}", ms(s))),
             ms(roof),
             measured.step / roof,
             ms(ops.gemm.as_secs_f64()),
@@ -333,7 +349,8 @@ fn main() -> Result<()> {
         table.push_str(&row);
     }
     table.push_str(
-        "\nRoofline: weights (the embedding's batch rows, or all of it when tied) plus K/V at \
+        "\nStep: decode steps replayed from CUDA graphs on a GPU; op-by-op: the same with graphs \
+         off. Roofline: weights (the embedding's batch rows, or all of it when tied) plus K/V at \
          the mean context, over the copy bandwidth. Breakdown from a second run that waits for \
          the device around each operation; host = that run's step minus its operations.\n",
     );

@@ -113,6 +113,7 @@ fn main() -> Result<()> {
             max_model_len: None,
             device: args.device,
             gpu_memory_utilization: 0.9,
+            cuda_graphs: true,
         });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
