@@ -627,6 +627,11 @@ where
                     ),
                     recorded: None,
                 });
+                // A key fixes every input's length, so its buffer fits each step it serves.
+                assert!(
+                    packed.bytes.len() <= entry.inputs.len(),
+                    "graph inputs outgrown"
+                );
                 entry.inputs.view::<u8>(0, packed.bytes.len())
             }
             None => self.alloc::<u8>(packed.bytes.len()),
