@@ -412,7 +412,7 @@ where
     fn graph_key(&self, batch: &StepBatch, decode: bool, max_blocks: usize) -> Option<GraphKey> {
         let n = batch.seqs.len();
         let in_order = batch.logits_rows.iter().copied().eq(0..n);
-        if !decode || !in_order || n > MAX_GRAPH_BATCH {
+        if !decode || !in_order || n == 0 || n > MAX_GRAPH_BATCH {
             return None;
         }
         if !self.graphs.lock().expect("graphs lock").enabled {
