@@ -462,9 +462,13 @@ where
                 .or_die("copying graph outputs");
         }));
         let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
-        let stale = self.pool.generation.load(Ordering::SeqCst) != generation;
-        match (ran, ended) {
-            (Ok(()), Ok(Some(graph))) if !stale => {
+        if self.pool.generation.load(Ordering::SeqCst) != generation {
+            // Memory went back to the driver while recording (which also fails the capture):
+            // the recording is discarded and the next step of this shape records again.
+            return false;
+        }
+        let why = match (ran, ended) {
+            (Ok(()), Ok(Some(graph))) => {
                 let entry = graphs
                     .entries
                     .get_mut(&key)
@@ -480,20 +484,15 @@ where
                     max_blocks = key.max_blocks,
                     "recorded a decode CUDA graph"
                 );
-                true
+                return true;
             }
-            (Ok(()), Ok(_)) if stale => false,
-            (ran, ended) => {
-                let why = match (ran, ended) {
-                    (Err(_), _) => "an op failed while recording".to_owned(),
-                    (_, Err(e)) => e.to_string(),
-                    _ => "the capture returned no graph".to_owned(),
-                };
-                tracing::warn!(reason = %why, "cannot record a CUDA graph; decode steps run op by op from now on");
-                graphs.enabled = false;
-                false
-            }
-        }
+            (Err(_), _) => "an op failed while recording".to_owned(),
+            (_, Err(e)) => e.to_string(),
+            (Ok(()), Ok(None)) => "the capture returned no graph".to_owned(),
+        };
+        tracing::warn!(reason = %why, "cannot record a CUDA graph; decode steps run op by op from now on");
+        graphs.enabled = false;
+        false
     }
 }
 
