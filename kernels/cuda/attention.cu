@@ -12,7 +12,8 @@
 // already in the cache, so cached prefix blocks (prefix-cache hits) are read, never
 // recomputed. A CTA takes 16 query rows of one head (4 per warp) and walks the keys in tiles
 // of 32 (16 for f32 at head_dim 256) staged in shared memory, flash-attention style. This is
-// the plain-FMA version; tensor-core (mma) tiles are the next step once it can be measured.
+// the plain-FMA version, kept for f32; bf16 and f16 take `prefill_mma`, which does the two
+// products on the tensor cores with 64 query rows per CTA.
 
 #define MAX_GROUP 8
 #define WARPS 4
@@ -252,6 +253,175 @@ __device__ void prefill(T* __restrict__ out, const T* __restrict__ q, i64 q_stri
     }
 }
 
+#define MMA_ROWS 64  // query rows per CTA of the tensor-core prefill: 16 per warp
+#define KV_PAD 8     // elements of padding per shared K/V row, so a fragment's rows spread over banks
+
+// Prefill on the tensor cores (bf16 and f16), flash-attention 2 style: each warp owns 16 query
+// rows, keeps their Q fragments and output accumulators in registers, and for every key tile
+// staged in shared memory computes S = Q K^T with mma, the online softmax on S's fragment (a
+// row's four lanes reduce its max with two shuffles; its sum stays per lane until the end),
+// and O += P V with mma, feeding P from S's registers (an accumulator pair of 8-key tiles is
+// exactly an A fragment of 16 keys). Scores are scaled in f32 (not folded into Q, which would
+// round it again) and exponentiated base 2. P is rounded to T for the second product, as
+// flash-attention does; the row sums use the unrounded values.
+// grid: (ceil(max_query_len / MMA_ROWS), num_q_heads, num_seqs); block: 128.
+template <typename T, int D>
+__device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_stride,
+                            const T* __restrict__ k_cache, const T* __restrict__ v_cache, Ctx c,
+                            const int* __restrict__ cu_q, const int* __restrict__ context_lens,
+                            int num_q_heads, float scale) {
+    static_assert(D % 16 == 0, "the tensor-core prefill needs head_dim % 16 == 0");
+    constexpr int BC = D <= 128 ? 64 : 32;  // keys per tile: K and V tiles fit 48 KiB
+    constexpr int STRIDE = D + KV_PAD;      // elements per shared row
+    constexpr int CHUNKS = D / 8;           // 16-byte chunks per cached row
+    __shared__ Vec16 s_kv[2 * BC * STRIDE / 8];
+    T* s_k = reinterpret_cast<T*>(s_kv);
+    T* s_v = s_k + BC * STRIDE;
+
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int kv_head = h / (num_q_heads / c.num_kv_heads);
+    const int q0 = cu_q[seq], q_len = cu_q[seq + 1] - q0;
+    // Row tiles in reverse, so the CTAs with the most keys (the diagonal's far end) start first.
+    const int row0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
+    if (row0 >= q_len) return;  // uniform over the CTA
+    const int ctx = context_lens[seq], first_pos = ctx - q_len;
+    const int last_key = first_pos + min(row0 + MMA_ROWS, q_len) - 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int warp_row0 = row0 + warp * 16;
+    // The last key any of the warp's rows attends to (-1: the warp has no rows).
+    const int warp_last = warp_row0 < q_len ? first_pos + min(warp_row0 + 15, q_len - 1) : -1;
+    // This lane's two rows, g and g + 8 of the warp's; position -1 past the sequence.
+    const int r_lo = warp_row0 + g, r_hi = r_lo + 8;
+    const int pos_lo = r_lo < q_len ? first_pos + r_lo : -1;
+    const int pos_hi = r_hi < q_len ? first_pos + r_hi : -1;
+
+    unsigned qa[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+        for (int reg = 0; reg < 4; ++reg) {
+            const int r = reg & 1 ? r_hi : r_lo, col = ks * 16 + (reg >> 1) * 8 + 2 * t;
+            const T* p = q + (i64)(q0 + r) * q_stride + (i64)h * D + col;
+            qa[ks][reg] = r < q_len ? pack2(p[0], p[1]) : 0u;
+        }
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;
+    const float scale_log2 = scale * 1.4426950408889634f;
+
+    for (int k0 = 0; k0 <= last_key; k0 += BC) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < BC * CHUNKS; i += blockDim.x) {
+            const int key = i / CHUNKS, chunk = i % CHUNKS;
+            Vec16* dk = reinterpret_cast<Vec16*>(s_k + key * STRIDE) + chunk;
+            Vec16* dv = reinterpret_cast<Vec16*>(s_v + key * STRIDE) + chunk;
+            if (k0 + key <= last_key) {
+                const i64 off = row_offset<D>(c, seq, k0 + key, kv_head);
+                *dk = reinterpret_cast<const Vec16*>(k_cache + off)[chunk];
+                *dv = reinterpret_cast<const Vec16*>(v_cache + off)[chunk];
+            } else {
+                *dk = *dv = Vec16{{0u, 0u, 0u, 0u}};  // P is 0 there, and 0 * garbage may be NaN
+            }
+        }
+        __syncthreads();
+        if (k0 > warp_last) continue;  // warp-uniform: the whole tile is in the warp's future
+
+        float s[BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            const T* krow = s_k + (nt * 8 + g) * STRIDE + 2 * t;
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+                const unsigned b0 = *reinterpret_cast<const unsigned*>(krow + ks * 16);
+                const unsigned b1 = *reinterpret_cast<const unsigned*>(krow + ks * 16 + 8);
+                mma_16x8x16<T>(s[nt], qa[ks], b0, b1);
+            }
+        }
+
+        float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = k0 + nt * 8 + 2 * t + e;
+                s[nt][e] = key <= pos_lo ? s[nt][e] * scale_log2 : NEG_INF;
+                s[nt][2 + e] = key <= pos_hi ? s[nt][2 + e] * scale_log2 : NEG_INF;
+                mx_lo = fmaxf(mx_lo, s[nt][e]);
+                mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
+            }
+        }
+        // A row's 8 keys of each tile sit in the 4 lanes of its quad.
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+        // A row that has seen no key yet keeps max -inf; subtract 0 instead (-inf - -inf is NaN).
+        const float base_lo = new_lo == NEG_INF ? 0.f : new_lo;
+        const float base_hi = new_hi == NEG_INF ? 0.f : new_hi;
+        const float corr_lo = exp2f(m_lo - base_lo), corr_hi = exp2f(m_hi - base_hi);
+        m_lo = new_lo;
+        m_hi = new_hi;
+        l_lo *= corr_lo;
+        l_hi *= corr_hi;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            o[dt][0] *= corr_lo;
+            o[dt][1] *= corr_lo;
+            o[dt][2] *= corr_hi;
+            o[dt][3] *= corr_hi;
+        }
+
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            float p[2][4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    p[half][e] = exp2f(s[2 * kk + half][e] - (e < 2 ? base_lo : base_hi));
+                }
+                l_lo += p[half][0] + p[half][1];
+                l_hi += p[half][2] + p[half][3];
+            }
+            unsigned pa[4];
+#pragma unroll
+            for (int reg = 0; reg < 4; ++reg) {
+                const float* pr = &p[reg >> 1][(reg & 1) * 2];
+                pa[reg] = pack2(from_float<T>(pr[0]), from_float<T>(pr[1]));
+            }
+            const T* vrow = s_v + (kk * 16 + 2 * t) * STRIDE + g;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                const T* v = vrow + dt * 8;
+                mma_16x8x16<T>(o[dt], pa, pack2(v[0], v[STRIDE]), pack2(v[8 * STRIDE], v[9 * STRIDE]));
+            }
+        }
+    }
+
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = half ? r_hi : r_lo;
+        const float l = half ? l_hi : l_lo;
+        if (r >= q_len) continue;
+        T* dst = out + ((i64)(q0 + r) * num_q_heads + h) * D + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            dst[dt * 8] = from_float<T>(l > 0.f ? o[dt][2 * half] / l : 0.f);
+            dst[dt * 8 + 1] = from_float<T>(l > 0.f ? o[dt][2 * half + 1] / l : 0.f);
+        }
+    }
+}
+
 #define ATTENTION(S, T, D)                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_decode_##S##_d##D( \
         T* out, float* part_out, float* part_ml, const T* q, i64 q_stride, const T* k_cache,  \
@@ -271,9 +441,14 @@ __device__ void prefill(T* __restrict__ out, const T* __restrict__ q, i64 q_stri
         const int* block_tables, int max_blocks, int block_size, int num_kv_heads,            \
         const int* cu_q, const int* context_lens, int num_q_heads, float scale) {             \
         Ctx c = {block_tables, max_blocks, block_size, num_kv_heads};                         \
-        prefill<T, D>(out, q, q_stride, k_cache, v_cache, c, cu_q, context_lens, num_q_heads, \
-                      scale);                                                                 \
+        PREFILL_##S<T, D>(out, q, q_stride, k_cache, v_cache, c, cu_q, context_lens,          \
+                          num_q_heads, scale);                                                \
     }
+
+// f32 has no tensor-core path (its reference needs f32 products); 16-bit types take mma.
+#define PREFILL_f32 prefill
+#define PREFILL_bf16 prefill_mma
+#define PREFILL_f16 prefill_mma
 
 #define ATTENTION_ALL_DIMS(S, T) \
     ATTENTION(S, T, 16) ATTENTION(S, T, 32) ATTENTION(S, T, 64) ATTENTION(S, T, 80) ATTENTION(S, T, 96) ATTENTION(S, T, 128) ATTENTION(S, T, 256)

@@ -72,6 +72,73 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return total;
 }
 
+// Two 16-bit values in one 32-bit register, `lo` in the low half (the lower column of a tensor
+// core fragment).
+template <typename T>
+__device__ __forceinline__ unsigned pack2(T lo, T hi) {
+    return (unsigned)lo.bits | ((unsigned)hi.bits << 16);
+}
+
+// A 16-byte chunk, the unit of vectorised copies (16-byte aligned on both sides).
+struct alignas(16) Vec16 {
+    unsigned w[4];
+};
+
+// c += A B on the tensor cores (mma.sync m16n8k16, f32 accumulation), one warp together: A is
+// 16x16 and B 16x8, both in T (bf16 or f16). With g = lane / 4 and t = lane % 4, each lane holds
+//   a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..2t+1]   a[2] = A[g][2t+8..2t+9]   a[3] = A[g+8][2t+8..2t+9]
+//   b0 = B[2t..2t+1][g]     b1 = B[2t+8..2t+9][g]
+//   c = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}
+// (pairs packed by pack2, lower index low).
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<bf16> { static constexpr bool value = true; };
+
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#ifdef LLMCTL_EMULATOR
+    // Every lane publishes its fragments; each computes its own four outputs from the warp's.
+    struct Frags {
+        unsigned a[4], b[2];
+    } mine = {{a[0], a[1], a[2], a[3]}, {b0, b1}};
+    const unsigned char* all = emu::gather(&mine, sizeof mine);
+    auto frags = [all](unsigned lane) {
+        Frags f;
+        memcpy(&f, all + lane * emu::SLOT_BYTES, sizeof f);
+        return f;
+    };
+    auto half = [](unsigned reg, unsigned k) {
+        T x;
+        x.bits = (u16)(reg >> (16 * (k & 1)));
+        return to_float(x);
+    };
+    const unsigned g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    for (unsigned r = 0; r < 4; ++r) {
+        const unsigned row = g + 8 * (r / 2), col = 2 * t + r % 2;
+        float acc = c[r];
+        for (unsigned k = 0; k < 16; ++k) {
+            const Frags fa = frags(4 * (row % 8) + k % 8 / 2), fb = frags(4 * col + k % 8 / 2);
+            acc = fmaf(half(fa.a[row / 8 + 2 * (k / 8)], k), half(fb.b[k / 8], k), acc);
+        }
+        c[r] = acc;
+    }
+#else
+    static_assert(sizeof(T) == 2, "tensor-core inputs are 16-bit");
+    if constexpr (IsBf16<T>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+#endif
+}
+
 // Instantiates `NAME##_f32`, `NAME##_bf16` and `NAME##_f16` from a macro taking (suffix, type).
 #define FOR_EACH_DTYPE(M) M(f32, float) M(bf16, bf16) M(f16, f16)
 

@@ -47,19 +47,27 @@ extern uint3 block_idx, block_dim, grid_dim;
 
 void sync_block();
 void sync_warp();
-// The running lane's warp's exchange buffer for its next shuffle (32 slots).
-unsigned long long* exchange_slots();
+// Bytes each lane may publish in one warp collective.
+constexpr unsigned SLOT_BYTES = 64;
+// The running lane's warp's exchange buffer for its next collective (32 slots of SLOT_BYTES).
+unsigned char* exchange_slots();
+
+// Every lane of the warp publishes `bytes` of `mine` and gets the warp's 32 slots (slot i holds
+// lane i's bytes), valid until the lane's next collective.
+inline const unsigned char* gather(const void* mine, unsigned bytes) {
+    unsigned char* slots = exchange_slots();
+    memcpy(slots + (current->linear & 31) * SLOT_BYTES, mine, bytes);
+    sync_warp();
+    return slots;
+}
 
 // Every lane of the warp publishes `v`; each gets the value of lane `src(lane)`.
 template <typename T, typename Src>
 inline T exchange(T v, Src src) {
-    static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffle of a wide type");
-    unsigned long long* slots = exchange_slots();
-    const unsigned lane = current->linear & 31;
-    memcpy(&slots[lane], &v, sizeof(T));
-    sync_warp();
+    static_assert(sizeof(T) <= SLOT_BYTES, "shuffle of a wide type");
+    const unsigned char* slots = gather(&v, sizeof(T));
     T r;
-    memcpy(&r, &slots[src(lane) & 31], sizeof(T));
+    memcpy(&r, slots + (src(current->linear & 31) & 31) * SLOT_BYTES, sizeof(T));
     return r;
 }
 

@@ -61,7 +61,7 @@ struct Block {
     unsigned threads = 0, live = 0, at_block_barrier = 0;
     std::vector<unsigned> warp_threads, warp_live, at_warp_barrier;
     std::string divergence;  // why the block's barriers cannot complete, once they cannot
-    std::vector<unsigned long long> exchange;  // [warp][parity][32]
+    std::vector<unsigned char> exchange;  // [warp][parity][32][SLOT_BYTES]
     void* scheduler_sp = nullptr;
     Entry entry = nullptr;
     void** params = nullptr;
@@ -195,10 +195,10 @@ void sync_warp() {
     to_scheduler();
 }
 
-unsigned long long* exchange_slots() {
+unsigned char* exchange_slots() {
     Lane* me = current;
     const unsigned parity = me->shuffles++ & 1;
-    return &block.exchange[((me->linear >> 5) * 2 + parity) * 32];
+    return &block.exchange[((me->linear >> 5) * 2 + parity) * 32 * SLOT_BYTES];
 }
 
 bool register_kernel(const char* name, Kernel kernel) {
@@ -211,9 +211,9 @@ const Kernel* find_kernel(const char* name) {
     return it == registry().end() ? nullptr : &it->second;
 }
 
-// Two exchange buffers per warp: shuffle k writes buffer k % 2, and no lane can reach shuffle
-// k + 2 (the same buffer) before every lane has passed shuffle k + 1's barrier, that is, has
-// read shuffle k's values.
+// Two exchange buffers per warp: collective k writes buffer k % 2, and no lane can reach
+// collective k + 2 (the same buffer) before every lane has passed collective k + 1's barrier,
+// that is, has read collective k's values.
 std::string launch(const char* name, Entry entry, uint3 grid, uint3 threads, void** params) {
     const unsigned n = threads.x * threads.y * threads.z;
     if (n == 0 || n > MAX_THREADS) return "block of " + std::to_string(n) + " threads";
@@ -223,7 +223,7 @@ std::string launch(const char* name, Entry entry, uint3 grid, uint3 threads, voi
         block.stacks.push_back(s);
     }
     block.lanes.resize(MAX_THREADS);
-    block.exchange.assign((size_t)(MAX_THREADS / 32) * 2 * 32, 0);
+    block.exchange.assign((size_t)(MAX_THREADS / 32) * 2 * 32 * SLOT_BYTES, 0);
     block.entry = entry;
     block.params = params;
     block_dim = threads;

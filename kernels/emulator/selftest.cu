@@ -34,3 +34,23 @@ extern "C" __global__ void selftest_warp_sum(float* out, const float* in) {
 extern "C" __global__ void selftest_write_past_end(float* out, int n) {
     if (threadIdx.x == 0) out[n] = 1.f;
 }
+
+// One tensor-core product per warp: A (16x16, row major, in[0..256]) times B (16x8, row major,
+// in[256..384]), both rounded to bf16 and loaded by the fragment layout `mma_16x8x16`
+// documents; warp 0 writes C (16x8, row major) to out[0..128].
+extern "C" __global__ void selftest_mma(float* out, const float* in) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    auto a = [in](int r, int c) { return from_float<bf16>(in[r * 16 + c]); };
+    auto b = [in](int k, int n) { return from_float<bf16>(in[256 + k * 8 + n]); };
+    const unsigned af[4] = {pack2(a(g, 2 * t), a(g, 2 * t + 1)), pack2(a(g + 8, 2 * t), a(g + 8, 2 * t + 1)),
+                            pack2(a(g, 2 * t + 8), a(g, 2 * t + 9)),
+                            pack2(a(g + 8, 2 * t + 8), a(g + 8, 2 * t + 9))};
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_16x8x16<bf16>(c, af, pack2(b(2 * t, g), b(2 * t + 1, g)), pack2(b(2 * t + 8, g), b(2 * t + 9, g)));
+    if (threadIdx.x < 32) {
+        out[g * 8 + 2 * t] = c[0];
+        out[g * 8 + 2 * t + 1] = c[1];
+        out[(g + 8) * 8 + 2 * t] = c[2];
+        out[(g + 8) * 8 + 2 * t + 1] = c[3];
+    }
+}

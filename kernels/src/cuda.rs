@@ -738,8 +738,11 @@ impl Kernels {
             .arg(cache.context_lens)
             .arg(&nq)
             .arg(&scale);
+        // Query rows per CTA: attention.cu's `prefill` (f32, FMA) takes 16, `prefill_mma` (bf16
+        // and f16, tensor cores) 64.
+        let rows_per_cta = if T::SUFFIX == "f32" { 16 } else { 64 };
         let grid = (
-            max_q_len.div_ceil(16) as u32,
+            max_q_len.div_ceil(rows_per_cta) as u32,
             num_q_heads as u32,
             num_seqs as u32,
         );

@@ -78,6 +78,7 @@ impl Program {
                             "divergent_barrier",
                             "warp_sum",
                             "write_past_end",
+                            "mma",
                         ] {
                             names.push(format!("selftest_{k}"));
                         }

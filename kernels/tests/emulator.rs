@@ -68,8 +68,8 @@ impl Device {
             block_dim: (64, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: every self-test kernel takes (float* out[, const float* in]) with 64 elements
-        // each, as allocated by the callers.
+        // SAFETY: every self-test kernel takes (float* out[, const float* in]), each at least 64
+        // elements (selftest_mma: 384), as allocated by the callers.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
@@ -120,6 +120,37 @@ fn warp_shuffles_exchange_within_each_warp() {
             "warp {w}: {} vs {want}",
             got[w]
         );
+    }
+}
+
+/// The tensor-core twin multiplies by the fragment layout `mma_16x8x16` documents (the PTX
+/// ISA's m16n8k16 layout): a layout misread here would pass every emulated attention test and
+/// fail on a GPU.
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_tensor_core_product_follows_the_fragment_layout() {
+    let d = device();
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+    let input = TestRng::new(13).vec(384);
+    let mut out = d.stream.alloc_zeros::<f32>(384).unwrap();
+    d.run(
+        "selftest_mma",
+        &mut out,
+        Some(&d.stream.clone_htod(&input).unwrap()),
+    )
+    .unwrap();
+    let got = d.stream.clone_dtoh(&out).unwrap();
+    for i in 0..16 {
+        for j in 0..8 {
+            let want: f64 = (0..16)
+                .map(|k| bf16(input[i * 16 + k]) * bf16(input[256 + k * 8 + j]))
+                .sum();
+            let g = got[i * 8 + j] as f64;
+            assert!(
+                (g - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "C[{i}][{j}]: {g} vs {want}"
+            );
+        }
     }
 }
 
