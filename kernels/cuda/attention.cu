@@ -2,11 +2,13 @@
 // online (running max and sum) softmax, so no score row is ever materialised.
 //
 // Decode: one query token per sequence. A CTA owns one KV head of one sequence and up to
-// MAX_GROUP of the query heads sharing it (GQA: each K/V row is read once for the whole
-// group), over one partition of the context. Its four warps take tokens in turn; each lane
-// holds head_dim / 32 elements. With one partition the CTA writes the normalised output; with
-// several (split-KV, for long contexts and small batches) it writes an unnormalised partial
-// result and its (max, sum), which `paged_attention_reduce` combines.
+// MAX_GROUP of the query heads sharing it (GQA: each K/V row is read once for the group; a
+// larger group takes several CTAs, whose second reads of a row mostly hit L2), over one
+// partition of the context. Rows are read in 16-byte chunks, a few rows per lane in flight at
+// once (DecodeShape), and each lane keeps an online softmax over its rows, merged across the
+// warp's lanes and then across its four warps. With one partition the CTA writes the
+// normalised output; with several (split-KV, for long contexts and small batches) it writes an
+// unnormalised partial result and its (max, sum), which `paged_attention_reduce` combines.
 //
 // Prefill: causal attention for packed variable-length sequences whose new tokens' K/V are
 // already in the cache, so cached prefix blocks (prefix-cache hits) are read, never
@@ -15,7 +17,7 @@
 // the plain-FMA version, kept for f32; bf16 and f16 take `prefill_mma`, which does the two
 // products on the tensor cores with 64 query rows per CTA.
 
-#define MAX_GROUP 8
+#define MAX_GROUP 4
 #define WARPS 4
 
 struct Ctx {
@@ -52,6 +54,29 @@ __device__ __forceinline__ void attend(const float (&q)[PER], const float (&k)[P
     m = m_new;
 }
 
+// How a decode warp reads K/V rows: in 16-byte chunks (VEC elements), LPK lanes per row (the
+// power of two at or above the row's chunk count, at most 32; lanes past the row idle, as at
+// head sizes 80 and 96), CPL chunks per lane, so a warp reads KEYS rows at once and each lane
+// UNROLL rows per iteration (their loads all in flight before any is used).
+template <typename T, int D>
+struct DecodeShape {
+    static constexpr int VEC = 16 / sizeof(T);
+    static constexpr int CHUNKS = D / VEC;
+    static constexpr int LPK = CHUNKS > 16 ? 32 : CHUNKS > 8 ? 16 : CHUNKS > 4 ? 8 : CHUNKS > 2 ? 4 : CHUNKS > 1 ? 2 : 1;
+    static constexpr int CPL = (CHUNKS + LPK - 1) / LPK;
+    static constexpr int KEYS = 32 / LPK;
+    static constexpr int UNROLL = CPL > 1 ? 2 : 4;
+    static_assert(D % VEC == 0, "rows are whole 16-byte chunks");
+};
+
+// The VEC elements of a 16-byte chunk as floats.
+template <typename T>
+__device__ __forceinline__ void chunk_to_float(const Vec16& raw, float (&out)[16 / sizeof(T)]) {
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 16 / (int)sizeof(T); ++i) out[i] = to_float(e[i]);
+}
+
 // grid: (num_kv_heads * ceil(group / MAX_GROUP), num_seqs, num_partitions); block: 32 * WARPS.
 template <typename T, int D>
 __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
@@ -59,7 +84,8 @@ __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
                        const T* __restrict__ k_cache, const T* __restrict__ v_cache, Ctx c,
                        const int* __restrict__ context_lens, int num_q_heads,
                        int partition_size, float scale) {
-    constexpr int PER = (D + 31) / 32;
+    using S = DecodeShape<T, D>;
+    constexpr int VEC = S::VEC, LPK = S::LPK, CPL = S::CPL, KEYS = S::KEYS, U = S::UNROLL;
     __shared__ float s_m[WARPS][MAX_GROUP];
     __shared__ float s_l[WARPS][MAX_GROUP];
     __shared__ float s_acc[WARPS][MAX_GROUP][D];
@@ -68,50 +94,141 @@ __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
     const int chunks = (group + MAX_GROUP - 1) / MAX_GROUP;
     const int kv_head = blockIdx.x / chunks;
     const int g0 = (blockIdx.x % chunks) * MAX_GROUP;
-    const int gn = min(MAX_GROUP, group - g0);
+    const int gn = min(MAX_GROUP, group - g0);  // uniform over the CTA
     const int seq = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int kg = lane / LPK, kl = lane % LPK;  // the row this lane reads, its place in it
     const int ctx = context_lens[seq];
     const int start = part * partition_size;
     const int end = min(ctx, start + partition_size);
 
-    float qv[MAX_GROUP][PER], acc[MAX_GROUP][PER], m[MAX_GROUP], l[MAX_GROUP];
+    // Chunk j of this lane is chunk kl + j * LPK of a row: elements d0(j) .. d0(j) + VEC.
+    float qv[MAX_GROUP][CPL][VEC], acc[MAX_GROUP][CPL][VEC], m[MAX_GROUP], l[MAX_GROUP];
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) {
         const int h = kv_head * group + g0 + g;
 #pragma unroll
-        for (int p = 0; p < PER; ++p) {
-            const int d = lane + 32 * p;
-            qv[g][p] = (g < gn && d < D) ? to_float(q[seq * q_stride + (i64)h * D + d]) * scale : 0.f;
-            acc[g][p] = 0.f;
+        for (int j = 0; j < CPL; ++j) {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const int d = (kl + j * LPK) * VEC + i;
+                qv[g][j][i] = (g < gn && d < D) ? to_float(q[seq * q_stride + (i64)h * D + d]) * scale : 0.f;
+                acc[g][j][i] = 0.f;
+            }
         }
         m[g] = NEG_INF;
         l[g] = 0.f;
     }
 
-    for (int t = start + warp; t < end; t += WARPS) {
-        const i64 off = row_offset<D>(c, seq, t, kv_head);
-        float kv[PER], vv[PER];
+    // Each iteration the warp takes KEYS * U consecutive tokens; lane group kg reads tokens
+    // base + u * KEYS + kg.
+    for (int base = start + warp * KEYS * U; base < end; base += WARPS * KEYS * U) {
+        Vec16 kr[U][CPL], vr[U][CPL];
 #pragma unroll
-        for (int p = 0; p < PER; ++p) {
-            const int d = lane + 32 * p;
-            kv[p] = d < D ? to_float(k_cache[off + d]) : 0.f;
-            vv[p] = d < D ? to_float(v_cache[off + d]) : 0.f;
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * KEYS + kg;
+            const i64 off = t < end ? row_offset<D>(c, seq, t, kv_head) : 0;
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) {
+                const bool ok = t < end && kl + j * LPK < S::CHUNKS;
+                kr[u][j] = ok ? reinterpret_cast<const Vec16*>(k_cache + off)[kl + j * LPK] : Vec16{{0u, 0u, 0u, 0u}};
+                vr[u][j] = ok ? reinterpret_cast<const Vec16*>(v_cache + off)[kl + j * LPK] : Vec16{{0u, 0u, 0u, 0u}};
+            }
+        }
+        float s[U][MAX_GROUP];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int g = 0; g < MAX_GROUP; ++g) s[u][g] = 0.f;
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) {
+                float kf[VEC];
+                chunk_to_float<T>(kr[u][j], kf);
+#pragma unroll
+                for (int g = 0; g < MAX_GROUP; ++g) {
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) s[u][g] += qv[g][j][i] * kf[i];
+                }
+            }
+        }
+        // Sum each row's score over its LPK lanes (one shuffle serves every row of the warp).
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; ++g) {
+            if (g >= gn) break;  // uniform over the CTA
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+#pragma unroll
+                for (int o = LPK / 2; o > 0; o >>= 1) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], o);
+            }
         }
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; ++g) {
             if (g >= gn) break;
-            attend<PER>(qv[g], kv, vv, m[g], l[g], acc[g]);
+            float mx = NEG_INF;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (base + u * KEYS + kg < end) mx = fmaxf(mx, s[u][g]);
+            }
+            const float m_new = fmaxf(m[g], mx);
+            if (m_new == NEG_INF) continue;  // this lane group has no token yet
+            const float corr = __expf(m[g] - m_new);
+            float p[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) p[u] = base + u * KEYS + kg < end ? __expf(s[u][g] - m_new) : 0.f;
+            l[g] *= corr;
+#pragma unroll
+            for (int u = 0; u < U; ++u) l[g] += p[u];
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) acc[g][j][i] *= corr;
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    float vf[VEC];
+                    chunk_to_float<T>(vr[u][j], vf);
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) acc[g][j][i] += p[u] * vf[i];
+                }
+            }
+            m[g] = m_new;
+        }
+    }
+
+    // Merge the warp's KEYS partial softmaxes (lane groups) into lanes 0 .. LPK - 1.
+#pragma unroll
+    for (int o = LPK; o < 32; o <<= 1) {
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; ++g) {
+            const float m_o = __shfl_xor_sync(0xffffffffu, m[g], o);
+            const float l_o = __shfl_xor_sync(0xffffffffu, l[g], o);
+            const float m_new = fmaxf(m[g], m_o);
+            const float f = m_new == NEG_INF ? 0.f : __expf(m[g] - m_new);
+            const float f_o = m_new == NEG_INF ? 0.f : __expf(m_o - m_new);
+            l[g] = l[g] * f + l_o * f_o;
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    const float a_o = __shfl_xor_sync(0xffffffffu, acc[g][j][i], o);
+                    acc[g][j][i] = acc[g][j][i] * f + a_o * f_o;
+                }
+            }
+            m[g] = m_new;
         }
     }
 
     // Merge the warps' partial softmaxes.
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) {
+        if (kg == 0) {
 #pragma unroll
-        for (int p = 0; p < PER; ++p) {
-            const int d = lane + 32 * p;
-            if (d < D) s_acc[warp][g][d] = acc[g][p];
+            for (int j = 0; j < CPL; ++j) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    const int d = (kl + j * LPK) * VEC + i;
+                    if (d < D) s_acc[warp][g][d] = acc[g][j][i];
+                }
+            }
         }
         if (lane == 0) {
             s_m[warp][g] = m[g];
@@ -330,16 +447,22 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
         __syncthreads();
         if (k0 > warp_last) continue;  // warp-uniform: the whole tile is in the warp's future
 
+        // ldmatrix: lane 8i + r addresses row r of 8x8 matrix i. For S, matrix i is keys
+        // (nt + i / 2) * 8.., dims ks * 16 + (i % 2) * 8..: the B fragments of two key tiles.
+        // For P V (transposed), keys kk * 16 + (i % 2) * 8.., dims (dt + i / 2) * 8...
+        const int mi = lane >> 3, mr = lane & 7;
         float s[BC / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            const T* krow = s_k + (nt * 8 + g) * STRIDE + 2 * t;
+        for (int nt = 0; nt < BC / 8; nt += 2) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] = s[nt + 1][e] = 0.f;
+            const T* krow = s_k + ((nt + (mi >> 1)) * 8 + mr) * STRIDE + (mi & 1) * 8;
 #pragma unroll
             for (int ks = 0; ks < D / 16; ++ks) {
-                const unsigned b0 = *reinterpret_cast<const unsigned*>(krow + ks * 16);
-                const unsigned b1 = *reinterpret_cast<const unsigned*>(krow + ks * 16 + 8);
-                mma_16x8x16<T>(s[nt], qa[ks], b0, b1);
+                unsigned b[4];
+                ldmatrix_x4<false>(b, krow + ks * 16);
+                mma_16x8x16<T>(s[nt], qa[ks], b[0], b[1]);
+                mma_16x8x16<T>(s[nt + 1], qa[ks], b[2], b[3]);
             }
         }
 
@@ -393,13 +516,15 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
 #pragma unroll
             for (int reg = 0; reg < 4; ++reg) {
                 const float* pr = &p[reg >> 1][(reg & 1) * 2];
-                pa[reg] = pack2(from_float<T>(pr[0]), from_float<T>(pr[1]));
+                pa[reg] = pack2_rounded<T>(pr[0], pr[1]);
             }
-            const T* vrow = s_v + (kk * 16 + 2 * t) * STRIDE + g;
+            const T* vrow = s_v + (kk * 16 + (mi & 1) * 8 + mr) * STRIDE + (mi >> 1) * 8;
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                const T* v = vrow + dt * 8;
-                mma_16x8x16<T>(o[dt], pa, pack2(v[0], v[STRIDE]), pack2(v[8 * STRIDE], v[9 * STRIDE]));
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned b[4];
+                ldmatrix_x4<true>(b, vrow + dt * 8);
+                mma_16x8x16<T>(o[dt], pa, b[0], b[1]);
+                mma_16x8x16<T>(o[dt + 1], pa, b[2], b[3]);
             }
         }
     }

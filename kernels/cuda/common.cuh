@@ -90,8 +90,56 @@ struct alignas(16) Vec16 {
 //   b0 = B[2t..2t+1][g]     b1 = B[2t+8..2t+9][g]
 //   c = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}
 // (pairs packed by pack2, lower index low).
+// Four 8x8 matrices of 16-bit elements from shared memory, one warp together (ldmatrix x4):
+// lane 8i + r gives the address of row r of matrix i (16 contiguous, 16-byte aligned bytes).
+// Lane L gets in reg[i] matrix i's row L / 4, columns 2 (L % 4) and 2 (L % 4) + 1; with
+// `trans`, its rows 2 (L % 4) and 2 (L % 4) + 1 of column L / 4 (the transpose's fragment).
+template <bool trans>
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&reg)[4], const void* row) {
+#ifdef LLMCTL_EMULATOR
+    const unsigned char* all = emu::gather(&row, sizeof row);
+    auto at = [all](unsigned lane, unsigned col) {
+        const u16* p;
+        memcpy(&p, all + lane * emu::SLOT_BYTES, sizeof p);
+        return (unsigned)p[col];
+    };
+    const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (unsigned i = 0; i < 4; ++i) {
+        reg[i] = trans ? at(8 * i + 2 * t, g) | at(8 * i + 2 * t + 1, g) << 16
+                       : at(8 * i + g, 2 * t) | at(8 * i + g, 2 * t + 1) << 16;
+    }
+#else
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    if constexpr (trans) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
+                     : "r"(addr));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
+                     : "r"(addr));
+    }
+#endif
+}
+
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<bf16> { static constexpr bool value = true; };
+
+// Two floats rounded to T (bf16 or f16) and packed as pack2 packs them.
+template <typename T>
+__device__ __forceinline__ unsigned pack2_rounded(float lo, float hi) {
+#ifdef LLMCTL_EMULATOR
+    return pack2(from_float<T>(lo), from_float<T>(hi));
+#else
+    unsigned r;
+    if constexpr (IsBf16<T>::value) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    }
+    return r;
+#endif
+}
 
 template <typename T>
 __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {

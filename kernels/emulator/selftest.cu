@@ -54,3 +54,28 @@ extern "C" __global__ void selftest_mma(float* out, const float* in) {
         out[(g + 8) * 8 + 2 * t + 1] = c[3];
     }
 }
+
+// ldmatrix x4 of the four 8x8 quadrants of a 16x16 bf16 matrix (in[0..256], row major; matrix
+// i is quadrant (i % 2, i / 2), rows first), plain and transposed: lane L of warp 0 writes
+// reg[i]'s low and high element to out[L * 8 + 2i ..] (plain) and out[256 + L * 8 + 2i ..].
+extern "C" __global__ void selftest_ldmatrix(float* out, const float* in) {
+    __shared__ Vec16 raw[32];
+    bf16* s = reinterpret_cast<bf16*>(raw);
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s[i] = from_float<bf16>(in[i]);
+    __syncthreads();
+    const int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+    const bf16* row = s + ((i % 2) * 8 + r) * 16 + (i / 2) * 8;
+    unsigned plain[4], trans[4];
+    ldmatrix_x4<false>(plain, row);
+    ldmatrix_x4<true>(trans, row);
+    if (threadIdx.x < 32) {
+        for (int m = 0; m < 4; ++m) {
+            const bf16 p[2] = {{(u16)plain[m]}, {(u16)(plain[m] >> 16)}};
+            const bf16 t[2] = {{(u16)trans[m]}, {(u16)(trans[m] >> 16)}};
+            for (int h = 0; h < 2; ++h) {
+                out[lane * 8 + 2 * m + h] = to_float(p[h]);
+                out[256 + lane * 8 + 2 * m + h] = to_float(t[h]);
+            }
+        }
+    }
+}

@@ -89,6 +89,10 @@ pub struct PagedCache<'a, T> {
     pub head_dim: usize,
 }
 
+/// Query heads one decode CTA serves (attention.cu's MAX_GROUP): larger GQA groups take
+/// several CTAs per KV head.
+const DECODE_MAX_GROUP: usize = 4;
+
 /// A decode launch's split of the context ([`Kernels::decode_plan`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -533,7 +537,7 @@ impl Kernels {
         split: Split,
     ) -> DecodePlan {
         let group = num_q_heads / cache.num_kv_heads.max(1);
-        let ctas = cache.num_kv_heads * group.div_ceil(8);
+        let ctas = cache.num_kv_heads * group.div_ceil(DECODE_MAX_GROUP);
         let (partitions, partition_size) = match split {
             Split::Auto => decode_partitions(num_seqs, ctas, max_context, self.sm_count),
             Split::Partitions(p) => {

@@ -79,6 +79,7 @@ impl Program {
                             "warp_sum",
                             "write_past_end",
                             "mma",
+                            "ldmatrix",
                         ] {
                             names.push(format!("selftest_{k}"));
                         }

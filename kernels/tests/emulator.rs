@@ -69,7 +69,7 @@ impl Device {
             shared_mem_bytes: 0,
         };
         // SAFETY: every self-test kernel takes (float* out[, const float* in]), each at least 64
-        // elements (selftest_mma: 384), as allocated by the callers.
+        // elements (selftest_mma: 384, selftest_ldmatrix: 256 in, 512 out), as allocated by the callers.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
@@ -150,6 +150,44 @@ fn a_tensor_core_product_follows_the_fragment_layout() {
                 (g - want).abs() < 1e-5 * (1.0 + want.abs()),
                 "C[{i}][{j}]: {g} vs {want}"
             );
+        }
+    }
+}
+
+/// The ldmatrix twin hands out rows as `ldmatrix_x4` documents (the PTX ISA's m8n8 layout):
+/// lane L gets row L / 4, columns 2 (L % 4) and 2 (L % 4) + 1 of each matrix, transposed
+/// the rows 2 (L % 4) and 2 (L % 4) + 1 of column L / 4.
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn ldmatrix_hands_out_rows_by_the_fragment_layout() {
+    let d = device();
+    let input: Vec<f32> = TestRng::new(14)
+        .vec(256)
+        .into_iter()
+        .map(|v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    let mut out = d.stream.alloc_zeros::<f32>(512).unwrap();
+    d.run(
+        "selftest_ldmatrix",
+        &mut out,
+        Some(&d.stream.clone_htod(&input).unwrap()),
+    )
+    .unwrap();
+    let got = d.stream.clone_dtoh(&out).unwrap();
+    // Element (row, col) of matrix m: quadrant (m % 2, m / 2) of the 16x16 input.
+    let at = |m: usize, row: usize, col: usize| input[((m % 2) * 8 + row) * 16 + (m / 2) * 8 + col];
+    for lane in 0..32 {
+        let (g, t) = (lane / 4, lane % 4);
+        for m in 0..4 {
+            for h in 0..2 {
+                let i = lane * 8 + 2 * m + h;
+                assert_eq!(got[i], at(m, g, 2 * t + h), "plain: lane {lane} matrix {m}");
+                assert_eq!(
+                    got[256 + i],
+                    at(m, 2 * t + h, g),
+                    "trans: lane {lane} matrix {m}"
+                );
+            }
         }
     }
 }
