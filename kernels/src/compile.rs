@@ -137,3 +137,141 @@ pub fn compile(program: &Program, arch: &'static str) -> Result<String, CompileE
     })?;
     Ok(ptx.to_src())
 }
+
+/// What ptxas reports for one kernel compiled to machine code: registers per thread, bytes
+/// spilled to local memory, static shared memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    pub kernel: String,
+    pub registers: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+    pub shared_bytes: u32,
+}
+
+/// Compiles `program` to machine code for `arch` (a `compute_XY` name from [`arch_name`]: the
+/// matching `sm_XY`) with NVRTC's embedded ptxas in verbose mode, and returns each kernel's
+/// resources. Needs NVRTC only, no GPU: register pressure and spills are known before a kernel
+/// ever runs.
+pub fn resources(
+    program: &Program,
+    arch: &'static str,
+) -> Result<Vec<KernelResources>, CompileError> {
+    use cudarc::nvrtc::result;
+    use std::ffi::CString;
+
+    if !nvrtc_available() {
+        return Err(CompileError::NoNvrtc);
+    }
+    let failed = |log: String| CompileError::Compile {
+        program: program.name,
+        arch,
+        log,
+    };
+    let sm = arch.replace("compute_", "sm_");
+    let source = CString::new(program.source()).map_err(|e| failed(e.to_string()))?;
+    let name = CString::new(format!("{}.cu", program.name)).map_err(|e| failed(e.to_string()))?;
+    let prog = result::create_program(&source, Some(&name)).map_err(|e| failed(e.to_string()))?;
+    let options = [
+        "--std=c++17".to_string(),
+        format!("--gpu-architecture={sm}"),
+        "--ptxas-options=-v".to_string(),
+    ];
+    // SAFETY: `prog` was just created and is destroyed only below, after its last use; the
+    // source and name it refers to outlive it.
+    let (compiled, log) = unsafe {
+        let compiled = result::compile_program(prog, &options);
+        let log = result::get_program_log(prog);
+        let _ = result::destroy_program(prog);
+        (compiled, log)
+    };
+    let log: String = log
+        .map_err(|e| failed(e.to_string()))?
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    if let Err(e) = compiled {
+        return Err(failed(format!("{e}: {log}")));
+    }
+    Ok(parse_ptxas_report(&log))
+}
+
+/// Each kernel's resources from ptxas's `-v` report: a kernel's lines follow its
+/// "Compiling entry function 'NAME'" line; a "Function properties for NAME" line names whose
+/// spill line follows (a device function's is not a kernel's).
+fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
+    // The number before `unit` in `line` ("126 registers", "16 bytes spill stores").
+    fn count(line: &str, unit: &str) -> Option<u32> {
+        let before = &line[..line.find(unit)?];
+        before.split_whitespace().last()?.parse().ok()
+    }
+    fn quoted_after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+        line.split(marker).nth(1)?.split('\'').next()
+    }
+    let mut kernels: Vec<KernelResources> = Vec::new();
+    let mut current: Option<usize> = None;
+    for line in log.lines() {
+        if let Some(kernel) = quoted_after(line, "Compiling entry function '") {
+            kernels.push(KernelResources {
+                kernel: kernel.to_string(),
+                registers: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+                shared_bytes: 0,
+            });
+            current = Some(kernels.len() - 1);
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            let name = rest.trim();
+            current = kernels.iter().position(|k| k.kernel == name);
+        } else if let Some(k) = current.map(|i| &mut kernels[i]) {
+            if let Some(n) = count(line, " bytes spill stores") {
+                k.spill_stores = n;
+                k.spill_loads = count(line, " bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used ") {
+                k.registers = count(line, " registers").unwrap_or(0);
+                k.shared_bytes = count(line, " bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    kernels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptxas_reports_are_read_per_kernel() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+            ptxas info    : Compiling entry function 'a_f32' for 'sm_90'\n\
+            ptxas info    : Function properties for a_f32\n\
+            ptxas         .     8 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n\
+            ptxas info    : Used 80 registers, used 1 barriers, 8 bytes cumulative stack size, 5248 bytes smem, 404 bytes cmem[0]\n\
+            ptxas info    : Function properties for helper\n\
+            ptxas         .     0 bytes stack frame, 99 bytes spill stores, 99 bytes spill loads\n\
+            ptxas info    : Compiling entry function 'b_bf16' for 'sm_90'\n\
+            ptxas info    : Function properties for b_bf16\n\
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 126 registers, used 0 barriers, 404 bytes cmem[0]\n";
+        assert_eq!(
+            parse_ptxas_report(log),
+            vec![
+                KernelResources {
+                    kernel: "a_f32".into(),
+                    registers: 80,
+                    spill_stores: 16,
+                    spill_loads: 12,
+                    shared_bytes: 5248,
+                },
+                KernelResources {
+                    kernel: "b_bf16".into(),
+                    registers: 126,
+                    spill_stores: 0,
+                    spill_loads: 0,
+                    shared_bytes: 0,
+                },
+            ]
+        );
+    }
+}
