@@ -388,6 +388,7 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
                             const int* __restrict__ cu_q, const int* __restrict__ context_lens,
                             int num_q_heads, float scale) {
     static_assert(D % 16 == 0, "the tensor-core prefill needs head_dim % 16 == 0");
+    static_assert(sizeof(T) == 2, "the tensor-core prefill takes bf16 or f16");
     constexpr int BC = D <= 128 ? 64 : 32;  // keys per tile: K and V tiles fit 48 KiB
     constexpr int STRIDE = D + KV_PAD;      // elements per shared row
     constexpr int CHUNKS = D / 8;           // 16-byte chunks per cached row
@@ -430,42 +431,13 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
     float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;
     const float scale_log2 = scale * 1.4426950408889634f;
 
-    for (int k0 = 0; k0 <= last_key; k0 += BC) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < BC * CHUNKS; i += blockDim.x) {
-            const int key = i / CHUNKS, chunk = i % CHUNKS;
-            Vec16* dk = reinterpret_cast<Vec16*>(s_k + key * STRIDE) + chunk;
-            Vec16* dv = reinterpret_cast<Vec16*>(s_v + key * STRIDE) + chunk;
-            if (k0 + key <= last_key) {
-                const i64 off = row_offset<D>(c, seq, k0 + key, kv_head);
-                *dk = reinterpret_cast<const Vec16*>(k_cache + off)[chunk];
-                *dv = reinterpret_cast<const Vec16*>(v_cache + off)[chunk];
-            } else {
-                *dk = *dv = Vec16{{0u, 0u, 0u, 0u}};  // P is 0 there, and 0 * garbage may be NaN
-            }
-        }
-        __syncthreads();
-        if (k0 > warp_last) continue;  // warp-uniform: the whole tile is in the warp's future
+    // ldmatrix: lane 8i + r addresses row r of 8x8 matrix i. For S, matrix i is keys
+    // (nt + i / 2) * 8.., dims ks * 16 + (i % 2) * 8..: the B fragments of two key tiles. For
+    // P V (transposed), keys kk * 16 + (i % 2) * 8.., dims (dt + i / 2) * 8...
+    const int mi = lane >> 3, mr = lane & 7;
 
-        // ldmatrix: lane 8i + r addresses row r of 8x8 matrix i. For S, matrix i is keys
-        // (nt + i / 2) * 8.., dims ks * 16 + (i % 2) * 8..: the B fragments of two key tiles.
-        // For P V (transposed), keys kk * 16 + (i % 2) * 8.., dims (dt + i / 2) * 8...
-        const int mi = lane >> 3, mr = lane & 7;
-        float s[BC / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BC / 8; nt += 2) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = s[nt + 1][e] = 0.f;
-            const T* krow = s_k + ((nt + (mi >> 1)) * 8 + mr) * STRIDE + (mi & 1) * 8;
-#pragma unroll
-            for (int ks = 0; ks < D / 16; ++ks) {
-                unsigned b[4];
-                ldmatrix_x4<false>(b, krow + ks * 16);
-                mma_16x8x16<T>(s[nt], qa[ks], b[0], b[1]);
-                mma_16x8x16<T>(s[nt + 1], qa[ks], b[2], b[3]);
-            }
-        }
-
+    // The online softmax of one tile's scores and O += P V, for a warp with rows in the tile.
+    auto softmax_and_pv = [&](float (&s)[BC / 8][4], int k0) {
         float mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt) {
@@ -526,6 +498,62 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
                 mma_16x8x16<T>(o[dt], pa, b[0], b[1]);
                 mma_16x8x16<T>(o[dt + 1], pa, b[2], b[3]);
             }
+        }
+    };
+
+    // K and V tiles arrive by cp.async, each load overlapping the other tile's use: the next K
+    // tile loads during this tile's softmax and P V, the next V tile during the next S. Rows
+    // past the last key are zero-filled: P is 0 there, and 0 times garbage may be NaN.
+    auto load = [&](T* dst, const T* cache, int k0) {
+        for (int i = threadIdx.x; i < BC * CHUNKS; i += blockDim.x) {
+            const int key = i / CHUNKS, chunk = i % CHUNKS;
+            const bool valid = k0 + key <= last_key;
+            const T* src = valid ? cache + row_offset<D>(c, seq, k0 + key, kv_head) + chunk * 8 : cache;
+            cp_async16(dst + key * STRIDE + chunk * 8, src, valid);
+        }
+        cp_async_commit();
+    };
+    load(s_k, k_cache, 0);
+    load(s_v, v_cache, 0);
+    for (int k0 = 0; k0 <= last_key; k0 += BC) {
+        const bool active = k0 <= warp_last;  // warp-uniform: else the tile is in the warp's future
+        const bool more = k0 + BC <= last_key;
+        cp_async_wait<1>();  // this K tile (its V tile may still be in flight)
+        __syncthreads();
+
+        float s[BC / 8][4];
+        if (active) {
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; nt += 2) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt][e] = s[nt + 1][e] = 0.f;
+                const T* krow = s_k + ((nt + (mi >> 1)) * 8 + mr) * STRIDE + (mi & 1) * 8;
+#pragma unroll
+                for (int ks = 0; ks < D / 16; ++ks) {
+                    unsigned b[4];
+                    ldmatrix_x4<false>(b, krow + ks * 16);
+                    mma_16x8x16<T>(s[nt], qa[ks], b[0], b[1]);
+                    mma_16x8x16<T>(s[nt + 1], qa[ks], b[2], b[3]);
+                }
+            }
+        }
+
+        __syncthreads();  // every warp is done with the K tile: load the next
+        if (more) {
+            load(s_k, k_cache, k0 + BC);
+        } else {
+            cp_async_commit();  // an empty group keeps the waits' counting
+        }
+        cp_async_wait<1>();  // this V tile
+        __syncthreads();
+        if (active) {
+            softmax_and_pv(s, k0);
+        }
+        __syncthreads();  // every warp is done with the V tile: load the next
+        if (more) {
+            load(s_v, v_cache, k0 + BC);
+        } else {
+            cp_async_commit();
         }
     }
 
