@@ -589,7 +589,7 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
         T* out, const float* part_out, const float* part_ml, int num_q_heads, int parts) {    \
         reduce<T, D>(out, part_out, part_ml, num_q_heads, parts);                             \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) attention_prefill_##S##_d##D(    \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, 1) attention_prefill_##S##_d##D( \
         T* out, const T* q, i64 q_stride, const T* k_cache, const T* v_cache,                 \
         const int* block_tables, int max_blocks, int block_size, int num_kv_heads,            \
         const int* cu_q, const int* context_lens, int num_q_heads, float scale) {             \
@@ -599,6 +599,8 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
     }
 
 // f32 has no tensor-core path (its reference needs f32 products); 16-bit types take mma.
+// The prefill's launch bounds say one CTA per SM is enough: with ptxas's own occupancy target
+// the tensor-core kernel spilled registers at head size 32 on sm_80.
 #define PREFILL_f32 prefill
 #define PREFILL_bf16 prefill_mma
 #define PREFILL_f16 prefill_mma
