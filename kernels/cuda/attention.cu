@@ -575,7 +575,7 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
     }
 }
 
-#define ATTENTION(S, T, D)                                                                    \
+#define INSTANTIATE(S, T, D)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_decode_##S##_d##D( \
         T* out, float* part_out, float* part_ml, const T* q, i64 q_stride, const T* k_cache,  \
         const T* v_cache, const int* block_tables, int max_blocks, int block_size,           \
@@ -604,7 +604,3 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
 #define PREFILL_f32 prefill
 #define PREFILL_bf16 prefill_mma
 #define PREFILL_f16 prefill_mma
-
-#define ATTENTION_ALL_DIMS(S, T) \
-    ATTENTION(S, T, 16) ATTENTION(S, T, 32) ATTENTION(S, T, 64) ATTENTION(S, T, 80) ATTENTION(S, T, 96) ATTENTION(S, T, 128) ATTENTION(S, T, 256)
-FOR_EACH_DTYPE(ATTENTION_ALL_DIMS)

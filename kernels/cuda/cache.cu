@@ -20,10 +20,9 @@ __device__ void write_kv(const T* __restrict__ k, const T* __restrict__ v, i64 r
     }
 }
 
-#define WRITE_KV(S, T)                                                                       \
+#define INSTANTIATE(S, T)                                                                    \
     extern "C" __global__ void write_kv_##S(const T* k, const T* v, i64 row_stride,          \
                                             T* k_cache, T* v_cache, const i64* slots,        \
                                             int token_width) {                               \
         write_kv<T>(k, v, row_stride, k_cache, v_cache, slots, token_width);                 \
     }
-FOR_EACH_DTYPE(WRITE_KV)

@@ -219,7 +219,5 @@ __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4
 #endif
 }
 
-// Instantiates `NAME##_f32`, `NAME##_bf16` and `NAME##_f16` from a macro taking (suffix, type).
-#define FOR_EACH_DTYPE(M) M(f32, float) M(bf16, bf16) M(f16, f16)
 
 #define NEG_INF __int_as_float(0xff800000u)

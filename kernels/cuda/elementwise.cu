@@ -114,7 +114,7 @@ __device__ void embed(T* __restrict__ out, const T* __restrict__ table,
         o[i] = id < (unsigned int)vocab ? table[(i64)id * hidden + i] : from_float<T>(0.f);
 }
 
-#define ELEMENTWISE(S, T)                                                                     \
+#define INSTANTIATE(S, T)                                                                     \
     extern "C" __global__ void rms_norm_##S(T* out, const T* x, const T* w, int hidden,       \
                                             float eps) {                                      \
         rms_norm<T>(out, x, w, hidden, eps);                                                  \
@@ -142,4 +142,3 @@ __device__ void embed(T* __restrict__ out, const T* __restrict__ table,
                                          int vocab, int hidden) {                             \
         embed<T>(out, table, ids, vocab, hidden);                                             \
     }
-FOR_EACH_DTYPE(ELEMENTWISE)

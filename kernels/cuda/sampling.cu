@@ -90,7 +90,7 @@ __device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __r
     }
 }
 
-#define SAMPLING(S, T)                                                                        \
+#define INSTANTIATE(S, T)                                                                     \
     extern "C" __global__ void argmax_##S(const T* logits, int vocab, int* out) {             \
         argmax<T>(logits, vocab, out);                                                        \
     }                                                                                         \
@@ -98,4 +98,3 @@ __device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __r
                                          int* ids) {                                          \
         top_k<T>(logits, vocab, k, values, ids);                                              \
     }
-FOR_EACH_DTYPE(SAMPLING)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use sha2::{Digest, Sha256};
 
-use crate::source::Program;
+use crate::source::Variant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
@@ -22,9 +22,9 @@ pub enum CompileError {
     NoNvrtc,
     #[error("unsupported GPU architecture sm_{0}{1}: llmctl's kernels need sm_80 or newer")]
     Arch(i32, i32),
-    #[error("compiling {program}.cu for {arch}: {log}")]
+    #[error("compiling {unit} for {arch}: {log}")]
     Compile {
-        program: &'static str,
+        unit: String,
         arch: &'static str,
         log: String,
     },
@@ -86,25 +86,25 @@ pub fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("llmctl-kernels")
 }
 
-/// The cache file for `program` on `arch` under NVRTC `version`.
-pub fn cache_path(dir: &Path, program: &Program, arch: &str, version: (i32, i32)) -> PathBuf {
+/// The cache file for `variant` on `arch` under NVRTC `version`.
+pub fn cache_path(dir: &Path, variant: &Variant, arch: &str, version: (i32, i32)) -> PathBuf {
     let mut h = Sha256::new();
-    h.update(program.source().as_bytes());
+    h.update(variant.source().as_bytes());
     h.update(arch.as_bytes());
     h.update(format!("nvrtc {}.{}", version.0, version.1).as_bytes());
     let key = hex::encode(&h.finalize()[..8]);
-    dir.join(format!("{}-{arch}-{key}.ptx", program.name))
+    dir.join(format!("{}-{arch}-{key}.ptx", variant.label()))
 }
 
-/// PTX for `program` on `arch`, from the cache or freshly compiled (and then cached).
-pub fn ptx(program: &Program, arch: &'static str) -> Result<Ptx, CompileError> {
+/// PTX for `variant` on `arch`, from the cache or freshly compiled (and then cached).
+pub fn ptx(variant: &Variant, arch: &'static str) -> Result<Ptx, CompileError> {
     let version = nvrtc_version()?;
     let dir = cache_dir();
-    let path = cache_path(&dir, program, arch, version);
+    let path = cache_path(&dir, variant, arch, version);
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok(Ptx::from_src(text));
     }
-    let text = compile(program, arch)?;
+    let text = compile(variant, arch)?;
     let cache_err = |source| CompileError::Cache {
         path: path.display().to_string(),
         source,
@@ -117,20 +117,20 @@ pub fn ptx(program: &Program, arch: &'static str) -> Result<Ptx, CompileError> {
     Ok(Ptx::from_src(text))
 }
 
-/// Compiles `program` for `arch` with NVRTC (no cache); returns the PTX text.
-pub fn compile(program: &Program, arch: &'static str) -> Result<String, CompileError> {
+/// Compiles `variant` for `arch` with NVRTC (no cache); returns the PTX text.
+pub fn compile(variant: &Variant, arch: &'static str) -> Result<String, CompileError> {
     if !nvrtc_available() {
         return Err(CompileError::NoNvrtc);
     }
     let opts = CompileOptions {
         arch: Some(arch),
         options: vec!["--std=c++17".into()],
-        name: Some(format!("{}.cu", program.name)),
+        name: Some(format!("{}.cu", variant.program.name)),
         ..CompileOptions::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(program.source(), opts).map_err(|e| {
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(variant.source(), opts).map_err(|e| {
         CompileError::Compile {
-            program: program.name,
+            unit: variant.label(),
             arch,
             log: e.to_string(),
         }
@@ -149,12 +149,12 @@ pub struct KernelResources {
     pub shared_bytes: u32,
 }
 
-/// Compiles `program` to machine code for `arch` (a `compute_XY` name from [`arch_name`]: the
+/// Compiles `variant` to machine code for `arch` (a `compute_XY` name from [`arch_name`]: the
 /// matching `sm_XY`) with NVRTC's embedded ptxas in verbose mode, and returns each kernel's
 /// resources. Needs NVRTC only, no GPU: register pressure and spills are known before a kernel
 /// ever runs.
 pub fn resources(
-    program: &Program,
+    variant: &Variant,
     arch: &'static str,
 ) -> Result<Vec<KernelResources>, CompileError> {
     use cudarc::nvrtc::result;
@@ -164,13 +164,14 @@ pub fn resources(
         return Err(CompileError::NoNvrtc);
     }
     let failed = |log: String| CompileError::Compile {
-        program: program.name,
+        unit: variant.label(),
         arch,
         log,
     };
     let sm = arch.replace("compute_", "sm_");
-    let source = CString::new(program.source()).map_err(|e| failed(e.to_string()))?;
-    let name = CString::new(format!("{}.cu", program.name)).map_err(|e| failed(e.to_string()))?;
+    let source = CString::new(variant.source()).map_err(|e| failed(e.to_string()))?;
+    let name =
+        CString::new(format!("{}.cu", variant.program.name)).map_err(|e| failed(e.to_string()))?;
     let prog = result::create_program(&source, Some(&name)).map_err(|e| failed(e.to_string()))?;
     let options = [
         "--std=c++17".to_string(),

@@ -1,7 +1,7 @@
 //! Launching the kernels on a CUDA device through cudarc. [`Kernels::new`] loads the driver at
-//! run time, compiles (or takes from the cache) every program for the device's architecture and
-//! loads it; each method launches one kernel on the device's stream with the grid its source
-//! documents. Shapes are checked here, before any launch, so a bad call is an error, not a
+//! run time; each program variant (storage type, head size) is compiled for the device's
+//! architecture (or taken from the cache) and loaded at first use or by [`Kernels::prepare`];
+//! each method launches one kernel on the device's stream with the grid its source documents. Shapes are checked here, before any launch, so a bad call is an error, not a
 //! fault on the device.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use cudarc::driver::{
 
 use crate::compile::{self, CompileError};
 use crate::reference::decode_partitions;
-use crate::source::{self, Program};
+use crate::source::{self, Program, Variant};
 
 /// A storage type the kernels are instantiated for.
 pub trait Dtype: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
@@ -114,8 +114,10 @@ pub enum Split {
 }
 
 pub struct Kernels {
+    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// Variants compiled (or read from the kernel cache) and loaded so far.
+    modules: Mutex<HashMap<Variant, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     pub arch: &'static str,
     pub sm_count: usize,
@@ -123,12 +125,14 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// Opens device `ordinal` and loads every kernel program for its architecture.
+    /// Opens device `ordinal`. Kernels are compiled per variant (storage type, head size) at
+    /// first use, or all that a model needs at once by [`Self::prepare`]; NVRTC must load now.
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
         // SAFETY: only tries to dlopen the driver library by its known names.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(KernelError::NoDriver);
         }
+        compile::nvrtc_version()?;
         let ctx = CudaContext::new(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
         let arch = compile::arch_name(major, minor)?;
@@ -142,14 +146,10 @@ impl Kernels {
         unsafe { ctx.disable_event_tracking() };
         // A stream of its own, not the legacy default stream, which cannot capture CUDA graphs.
         let stream = ctx.new_stream()?;
-        let mut modules = HashMap::new();
-        for program in source::ALL {
-            let ptx = compile::ptx(&program, arch)?;
-            modules.insert(program.name, ctx.load_module(ptx)?);
-        }
         Ok(Self {
+            ctx,
             stream,
-            modules,
+            modules: Mutex::default(),
             functions: Mutex::default(),
             arch,
             sm_count,
@@ -161,13 +161,45 @@ impl Kernels {
         &self.stream
     }
 
-    fn function(&self, program: &Program, name: &str) -> Result<CudaFunction, KernelError> {
+    /// Compiles (or reads from the kernel cache) and loads every kernel a model with storage
+    /// type `dtype` (an entry point suffix) and head size `head_dim` launches, so the first
+    /// step pays nothing and a kernel that cannot build fails at start-up.
+    pub fn prepare(&self, dtype: &'static str, head_dim: usize) -> Result<(), KernelError> {
+        for program in source::ALL {
+            self.module(program.variant(dtype, Some(head_dim)))?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, variant: Variant) -> Result<Arc<CudaModule>, KernelError> {
+        let mut modules = self.modules.lock().expect("module cache lock");
+        if let Some(m) = modules.get(&variant) {
+            return Ok(m.clone());
+        }
+        let ptx = compile::ptx(&variant, self.arch)?;
+        let module = self.ctx.load_module(ptx)?;
+        modules.insert(variant, module.clone());
+        Ok(module)
+    }
+
+    /// Entry point `{name}_{T}` of `program` (attention: `{name}_{T}_d{head_dim}`).
+    fn function<T: Dtype>(
+        &self,
+        program: Program,
+        name: &str,
+        head_dim: Option<usize>,
+    ) -> Result<CudaFunction, KernelError> {
+        let variant = program.variant(T::SUFFIX, head_dim);
+        let name = match variant.head_dim {
+            Some(d) => format!("{name}_{}_d{d}", T::SUFFIX),
+            None => format!("{name}_{}", T::SUFFIX),
+        };
         let mut functions = self.functions.lock().expect("function cache lock");
-        if let Some(f) = functions.get(name) {
+        if let Some(f) = functions.get(&name) {
             return Ok(f.clone());
         }
-        let f = self.modules[program.name].load_function(name)?;
-        functions.insert(name.to_owned(), f.clone());
+        let f = self.module(variant)?.load_function(&name)?;
+        functions.insert(name, f.clone());
         Ok(f)
     }
 
@@ -204,7 +236,7 @@ impl Kernels {
             k_cache.len() == v_cache.len() && k_cache.len().is_multiple_of(width),
             || "write_kv: caches differ or are not whole slots".into(),
         )?;
-        let f = self.function(&source::CACHE, &format!("write_kv_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::CACHE, "write_kv", None)?;
         let (stride, width_i) = (row_stride as i64, width as i32);
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -241,7 +273,7 @@ impl Kernels {
             },
         )?;
         let rows = (x.len() / hidden) as u32;
-        let f = self.function(&source::ELEMENTWISE, &format!("rms_norm_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::ELEMENTWISE, "rms_norm", None)?;
         let h = hidden as i32;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(x).arg(weight).arg(&h).arg(&eps);
@@ -268,7 +300,7 @@ impl Kernels {
             || "add_rms_norm: shapes differ".into(),
         )?;
         let rows = (residual.len() / hidden) as u32;
-        let f = self.function(&source::ELEMENTWISE, &format!("add_rms_norm_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::ELEMENTWISE, "add_rms_norm", None)?;
         let h = hidden as i32;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -313,7 +345,7 @@ impl Kernels {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function(&source::ELEMENTWISE, &format!("rotary_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::ELEMENTWISE, "rotary", None)?;
         let (stride, nq, nkv, d) = (
             row_stride as i64,
             num_q_heads as i32,
@@ -363,7 +395,7 @@ impl Kernels {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function(&source::ELEMENTWISE, &format!("rotary_table_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::ELEMENTWISE, "rotary_table", None)?;
         let (stride, h, d) = (row_stride as i64, heads as i32, head_dim as i32);
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -392,7 +424,7 @@ impl Kernels {
         if rows == 0 {
             return Ok(());
         }
-        let f = self.function(&source::ELEMENTWISE, &format!("add_bias_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::ELEMENTWISE, "add_bias", None)?;
         let c = cols as i32;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(x).arg(bias).arg(&c);
@@ -413,7 +445,7 @@ impl Kernels {
             || "silu_mul: shapes differ".into(),
         )?;
         let rows = (out.len() / inter) as u32;
-        let f = self.function(&source::ELEMENTWISE, &format!("silu_mul_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::ELEMENTWISE, "silu_mul", None)?;
         let i = inter as i32;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(gate_up).arg(&i);
@@ -437,7 +469,7 @@ impl Kernels {
         if ids.is_empty() {
             return Ok(());
         }
-        let f = self.function(&source::ELEMENTWISE, &format!("embed_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::ELEMENTWISE, "embed", None)?;
         let (vocab, h) = ((table.len() / hidden) as i32, hidden as i32);
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(table).arg(ids).arg(&vocab).arg(&h);
@@ -455,7 +487,7 @@ impl Kernels {
         shape(vocab > 0 && logits.len() == out.len() * vocab, || {
             "argmax: shapes differ".into()
         })?;
-        let f = self.function(&source::SAMPLING, &format!("argmax_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::SAMPLING, "argmax", None)?;
         let (v, rows) = (vocab as i32, out.len() as u32);
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(logits).arg(&v).arg(out);
@@ -481,7 +513,7 @@ impl Kernels {
                 && ids.len() == rows * k,
             || "top_k: shapes differ".into(),
         )?;
-        let f = self.function(&source::SAMPLING, &format!("top_k_{}", T::SUFFIX))?;
+        let f = self.function::<T>(source::SAMPLING, "top_k", None)?;
         let (v, kk) = (vocab as i32, k as i32);
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(logits).arg(&v).arg(&kk).arg(values).arg(ids);
@@ -628,10 +660,7 @@ impl Kernels {
             return Ok(());
         }
         let parts = plan.partitions;
-        let f = self.function(
-            &source::ATTENTION,
-            &format!("paged_attention_decode_{}_d{d}", T::SUFFIX),
-        )?;
+        let f = self.function::<T>(source::ATTENTION, "paged_attention_decode", Some(d))?;
         let (stride, max_blocks, bs, nkv, nq, psize) = (
             q_stride as i64,
             cache.max_blocks as i32,
@@ -666,10 +695,7 @@ impl Kernels {
             ))
         }?;
         if parts > 1 {
-            let r = self.function(
-                &source::ATTENTION,
-                &format!("paged_attention_reduce_{}_d{d}", T::SUFFIX),
-            )?;
+            let r = self.function::<T>(source::ATTENTION, "paged_attention_reduce", Some(d))?;
             let p = parts as i32;
             let mut launch = self.stream.launch_builder(&r);
             launch
@@ -716,10 +742,7 @@ impl Kernels {
         if num_seqs == 0 || max_q_len == 0 {
             return Ok(());
         }
-        let f = self.function(
-            &source::ATTENTION,
-            &format!("attention_prefill_{}_d{d}", T::SUFFIX),
-        )?;
+        let f = self.function::<T>(source::ATTENTION, "attention_prefill", Some(d))?;
         let (stride, max_blocks, bs, nkv, nq) = (
             q_stride as i64,
             cache.max_blocks as i32,

@@ -59,11 +59,11 @@ pub fn install(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
         .clone()
 }
 
-/// The C++ translation unit for one kernel program: the device prelude, the program exactly as
-/// NVRTC compiles it, and a registration of each entry point.
+/// The C++ translation unit for one kernel program: the device prelude, the program as NVRTC
+/// compiles it with every variant instantiated, and a registration of each entry point.
 fn translation_unit(program: &Program) -> String {
-    let mut tu = format!("#include \"device.h\"\n{}\n", program.source());
-    for entry in program.entry_points() {
+    let mut tu = format!("#include \"device.h\"\n{}\n", program.source_all());
+    for entry in program.variants().iter().flat_map(|v| v.entry_points()) {
         tu.push_str(&format!("EMU_KERNEL({entry})\n"));
     }
     tu

@@ -27,7 +27,7 @@ fn device() -> Device {
     let ctx = CudaContext::new(0).expect("the emulated device");
     assert!(ctx.name().unwrap().contains("emulator"));
     let ptx = compile::ptx(
-        &source::EMULATOR_SELFTEST,
+        &source::EMULATOR_SELFTEST.variant("", None),
         compile::arch_name(9, 0).unwrap(),
     )
     .unwrap_or_else(|e| panic!("{e}"));

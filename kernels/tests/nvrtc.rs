@@ -1,4 +1,4 @@
-//! Every kernel compiles with NVRTC (CUDA 13.0) for sm_80 and sm_90, and each program defines
+//! Every kernel variant compiles with NVRTC (CUDA 13.0) for sm_80 and sm_90, and each defines
 //! the entry points the launchers look up. Needs no GPU, only `libnvrtc.so.13`; ignored by
 //! default, run by `.ci/run` (which installs the `nvidia-cuda-nvrtc` wheel) with
 //! `cargo test -p llmctl-kernels --test nvrtc -- --ignored`, where a missing library fails.
@@ -22,20 +22,20 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         compile::arch_name(8, 0).unwrap(),
         compile::arch_name(9, 0).unwrap(),
     ] {
-        for program in source::ALL {
+        for variant in source::ALL.iter().flat_map(|p| p.variants()) {
             let started = std::time::Instant::now();
-            let ptx = compile::compile(&program, arch).unwrap_or_else(|e| panic!("{e}"));
-            for entry in program.entry_points() {
+            let ptx = compile::compile(&variant, arch).unwrap_or_else(|e| panic!("{e}"));
+            for entry in variant.entry_points() {
                 assert!(
                     ptx.contains(&format!(".entry {entry}(")),
-                    "{}.cu for {arch}: no entry point {entry}",
-                    program.name
+                    "{} for {arch}: no entry point {entry}",
+                    variant.label()
                 );
             }
             eprintln!(
-                "{}.cu for {arch}: {} entry points, {} KiB of PTX, {:.1} s",
-                program.name,
-                program.entry_points().len(),
+                "{} for {arch}: {} entry points, {} KiB of PTX, {:.2} s",
+                variant.label(),
+                variant.entry_points().len(),
                 ptx.len() / 1024,
                 started.elapsed().as_secs_f64()
             );
@@ -51,19 +51,18 @@ fn compiled_kernels_are_cached_by_source_arch_and_version() {
     unsafe { std::env::set_var("LLMCTL_KERNEL_CACHE", &dir) };
     let arch = compile::arch_name(9, 0).unwrap();
     let version = compile::nvrtc_version().unwrap();
-    let path = compile::cache_path(&dir, &source::CACHE, arch, version);
+    let cache = source::CACHE.variant("bf16", None);
+    let path = compile::cache_path(&dir, &cache, arch, version);
     assert!(!path.exists());
-    let first = compile::ptx(&source::CACHE, arch).unwrap().to_src();
+    let first = compile::ptx(&cache, arch).unwrap().to_src();
     assert!(path.exists(), "{}", path.display());
-    assert_eq!(compile::ptx(&source::CACHE, arch).unwrap().to_src(), first);
+    assert_eq!(compile::ptx(&cache, arch).unwrap().to_src(), first);
     // Another architecture is another file.
-    let other = compile::cache_path(
-        &dir,
-        &source::CACHE,
-        compile::arch_name(8, 0).unwrap(),
-        version,
-    );
+    let other = compile::cache_path(&dir, &cache, compile::arch_name(8, 0).unwrap(), version);
     assert_ne!(other, path);
+    // Another storage type is another file.
+    let f16 = source::CACHE.variant("f16", None);
+    assert_ne!(compile::cache_path(&dir, &f16, arch, version), path);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -80,9 +79,9 @@ fn no_kernel_spills_registers_on_sm80_or_sm90() {
         compile::arch_name(8, 0).unwrap(),
         compile::arch_name(9, 0).unwrap(),
     ] {
-        for program in source::ALL {
-            let report = compile::resources(&program, arch).unwrap_or_else(|e| panic!("{e}"));
-            for entry in program.entry_points() {
+        for variant in source::ALL.iter().flat_map(|p| p.variants()) {
+            let report = compile::resources(&variant, arch).unwrap_or_else(|e| panic!("{e}"));
+            for entry in variant.entry_points() {
                 let k = report
                     .iter()
                     .find(|k| k.kernel == entry)

@@ -36,6 +36,7 @@ use llmctl_kernels::cuda::{Dtype, KernelError, Kernels, PagedCache, Split};
 
 use super::{Backend, KvLayout, QkvShape, RopeRows, StepBatch};
 use crate::model::ModelError;
+use crate::model::config::ModelConfig;
 use crate::model::weights::{TensorView, fuse_f32};
 
 /// The largest decode batch replayed from a CUDA graph; bigger batches run op by op, where
@@ -325,8 +326,8 @@ impl<T: GpuDtype> CudaBackend<T>
 where
     CudaBlas: Gemm<T>,
 {
-    /// Opens device `ordinal`, compiles (or loads from the cache) every kernel, creates the
-    /// cuBLAS handle. Errors say what is missing (driver, NVRTC, cuBLAS, device). Decode steps
+    /// Opens device `ordinal` and creates the cuBLAS handle; kernels are compiled for the
+    /// model by [`Backend::prepare`]. Errors say what is missing (driver, NVRTC, cuBLAS, device). Decode steps
     /// are replayed from CUDA graphs unless [`Self::with_graphs`] turns them off.
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
         let kernels = Kernels::new(ordinal)?;
@@ -541,6 +542,23 @@ where
             rows,
             cols,
         })
+    }
+
+    fn prepare(&self, config: &ModelConfig) -> Result<(), ModelError> {
+        let started = std::time::Instant::now();
+        self.kernels
+            .prepare(T::SUFFIX, config.head_dim)
+            .map_err(|e| ModelError::Backend {
+                backend: self.name(),
+                reason: format!("kernels: {e}"),
+            })?;
+        tracing::info!(
+            dtype = T::SUFFIX,
+            head_dim = config.head_dim,
+            seconds = started.elapsed().as_secs_f64(),
+            "kernels ready (compiled, or read from the kernel cache)"
+        );
+        Ok(())
     }
 
     fn alloc_kv_cache(&self, num_layers: usize, layout: KvLayout) -> GpuKvCache<T> {

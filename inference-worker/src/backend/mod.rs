@@ -11,6 +11,7 @@ pub mod profiled;
 pub use llmctl_kernels::kv_layout::KvLayout;
 
 use crate::model::ModelError;
+use crate::model::config::ModelConfig;
 use crate::model::weights::TensorView;
 
 /// One sequence's share of a step: `query_len` new tokens starting at row `query_start` of the
@@ -101,6 +102,13 @@ pub trait Backend: Send + Sync + 'static {
     type Step: Send;
 
     fn name(&self) -> &'static str;
+
+    /// Readies whatever the backend builds per model shape before the weights load (the CUDA
+    /// backend compiles its kernels for the model's storage type and head size), so the first
+    /// step pays nothing and a failure shows at start-up.
+    fn prepare(&self, _config: &ModelConfig) -> Result<(), ModelError> {
+        Ok(())
+    }
 
     /// Uploads a weight made of `parts` concatenated along their first dimension (a fused
     /// projection such as `[q; k; v]`, or a single tensor). 1-D tensors become a row vector.

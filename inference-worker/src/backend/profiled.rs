@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::{Backend, KvLayout, QkvShape, RopeRows, StepBatch};
 use crate::model::ModelError;
+use crate::model::config::ModelConfig;
 use crate::model::weights::TensorView;
 
 /// Time spent in each kind of operation since the last [`Profiled::take`].
@@ -73,6 +74,10 @@ impl<B: Backend> Backend for Profiled<B> {
 
     fn name(&self) -> &'static str {
         self.inner.name()
+    }
+
+    fn prepare(&self, config: &ModelConfig) -> Result<(), ModelError> {
+        self.inner.prepare(config)
     }
 
     fn load_weight(&self, parts: &[TensorView<'_>]) -> Result<Self::Weight, ModelError> {

@@ -38,6 +38,7 @@ pub struct Llama<B: Backend> {
 impl<B: Backend> Llama<B> {
     /// Loads every tensor the config calls for, checking names and shapes.
     pub fn load(config: ModelConfig, files: &WeightFiles, backend: B) -> Result<Self, ModelError> {
+        backend.prepare(&config)?;
         let started = Instant::now();
         let c = &config;
         let (h, q, kv, inter, v) = (

@@ -44,6 +44,11 @@ pub enum ModelError {
     },
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: String, reason: String },
+    #[error("{backend} backend: {reason}")]
+    Backend {
+        backend: &'static str,
+        reason: String,
+    },
 }
 
 /// A loaded model: weights on a backend plus its tokenizer.
