@@ -221,3 +221,24 @@ __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4
 
 
 #define NEG_INF __int_as_float(0xff800000u)
+
+// Rotates, in place, the first `heads` heads of each row of a row-strided activation
+// (Hugging Face rotate-half: dimension i pairs with i + head_dim / 2), with the angles' cos and
+// sin given per token ([num_tokens, head_dim / 2], f32), as a step computes them once for every
+// layer. Shared by elementwise.cu's rotary_table and cache.cu's rotary_write_kv.
+// grid: (num_tokens), block: 128.
+template <typename T>
+__device__ void rotary_table(T* __restrict__ qk, i64 row_stride, const float* __restrict__ cos_t,
+                             const float* __restrict__ sin_t, int heads, int head_dim) {
+    const int t = blockIdx.x;
+    const int half = head_dim / 2;
+    T* row = qk + (i64)t * row_stride;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        const int h = i / half, j = i % half;
+        const float c = cos_t[(i64)t * half + j], s = sin_t[(i64)t * half + j];
+        T* head = row + (i64)h * head_dim;
+        const float a = to_float(head[j]), b = to_float(head[j + half]);
+        head[j] = from_float<T>(a * c - b * s);
+        head[j + half] = from_float<T>(b * c + a * s);
+    }
+}

@@ -67,24 +67,6 @@ __device__ void rotary(T* __restrict__ qk, i64 row_stride, const int* __restrict
     }
 }
 
-// The same rotation with the angles' cos and sin given per token ([num_tokens, head_dim / 2],
-// f32), as a step computes them once for every layer. grid: (num_tokens), block: 128.
-template <typename T>
-__device__ void rotary_table(T* __restrict__ qk, i64 row_stride, const float* __restrict__ cos_t,
-                             const float* __restrict__ sin_t, int heads, int head_dim) {
-    const int t = blockIdx.x;
-    const int half = head_dim / 2;
-    T* row = qk + (i64)t * row_stride;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
-        const int h = i / half, j = i % half;
-        const float c = cos_t[(i64)t * half + j], s = sin_t[(i64)t * half + j];
-        T* head = row + (i64)h * head_dim;
-        const float a = to_float(head[j]), b = to_float(head[j + half]);
-        head[j] = from_float<T>(a * c - b * s);
-        head[j + half] = from_float<T>(b * c + a * s);
-    }
-}
-
 // x[r, c] += bias[c]. grid: (rows, ceil(cols / 256)).
 template <typename T>
 __device__ void add_bias(T* __restrict__ x, const T* __restrict__ bias, int cols) {

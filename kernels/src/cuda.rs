@@ -253,6 +253,73 @@ impl Kernels {
         Ok(())
     }
 
+    /// [`Self::rotary_table`] on the q and k heads of each row of a fused qkv activation
+    /// (`[q | k | v]` columns, row stride `row_stride`), then [`Self::write_kv`] of its rotated
+    /// k and its v columns by `slots`, in one launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rotary_write_kv<T: Dtype>(
+        &self,
+        qkv: &mut CudaSlice<T>,
+        row_stride: usize,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        num_q_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        k_cache: &mut CudaSlice<T>,
+        v_cache: &mut CudaSlice<T>,
+        slots: &CudaSlice<i64>,
+    ) -> Result<(), KernelError> {
+        let n = slots.len();
+        let (half, width) = (head_dim / 2, num_kv_heads * head_dim);
+        shape(
+            head_dim.is_multiple_of(2)
+                && half > 0
+                && cos.len() == n * half
+                && sin.len() == cos.len()
+                && (num_q_heads + 2 * num_kv_heads) * head_dim <= row_stride
+                && (n == 0
+                    || qkv.len()
+                        >= (n - 1) * row_stride + (num_q_heads + 2 * num_kv_heads) * head_dim),
+            || {
+                format!(
+                    "rotary_write_kv: {n} rows of {num_q_heads} + 2 x {num_kv_heads} heads x {head_dim} in stride {row_stride}, {} cos rows",
+                    cos.len() / half.max(1)
+                )
+            },
+        )?;
+        shape(
+            k_cache.len() == v_cache.len() && k_cache.len().is_multiple_of(width),
+            || "rotary_write_kv: caches differ or are not whole slots".into(),
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function::<T>(source::CACHE, "rotary_write_kv", None)?;
+        let (stride, nq, nkv, d) = (
+            row_stride as i64,
+            num_q_heads as i32,
+            num_kv_heads as i32,
+            head_dim as i32,
+        );
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(qkv)
+            .arg(&stride)
+            .arg(cos)
+            .arg(sin)
+            .arg(&nq)
+            .arg(&nkv)
+            .arg(&d)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(slots);
+        // SAFETY: matches `rotary_write_kv_*` in cache.cu; sizes checked above (slots are the
+        // caller's to keep within the cache, as for write_kv).
+        unsafe { launch.launch(Self::config((n as u32, 1, 1), 128)) }?;
+        Ok(())
+    }
+
     pub fn rms_norm<T: Dtype>(
         &self,
         out: &mut CudaSlice<T>,

@@ -157,7 +157,7 @@ impl Variant {
     pub fn entry_points(&self) -> Vec<String> {
         let dtype = self.dtype;
         let names: &[&str] = match self.program.name {
-            "cache" => &["write_kv"],
+            "cache" => &["write_kv", "rotary_write_kv"],
             "elementwise" => &[
                 "rms_norm",
                 "add_rms_norm",

@@ -824,6 +824,31 @@ where
             .or_die("write_kv");
     }
 
+    fn rotary_write_kv(
+        &self,
+        cache: &mut GpuKvCache<T>,
+        layer: usize,
+        qkv: &mut GpuMatrix<T>,
+        shape: QkvShape,
+        step: &GpuStep,
+    ) {
+        let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
+        self.kernels
+            .rotary_write_kv(
+                &mut qkv.data,
+                qkv.cols,
+                &step.cos,
+                &step.sin,
+                shape.num_heads,
+                shape.num_kv_heads,
+                shape.head_dim,
+                kc,
+                vc,
+                &step.slots,
+            )
+            .or_die("rotary_write_kv");
+    }
+
     fn attention(
         &self,
         qkv: &GpuMatrix<T>,

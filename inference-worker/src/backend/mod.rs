@@ -178,6 +178,20 @@ pub trait Backend: Send + Sync + 'static {
         step: &Self::Step,
     );
 
+    /// [`Backend::rotary`] then [`Backend::write_kv`], the pair every layer runs; a backend may
+    /// do both in one pass (the CUDA backend: one kernel launch instead of two).
+    fn rotary_write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        qkv: &mut Self::Activations,
+        shape: QkvShape,
+        step: &Self::Step,
+    ) {
+        self.rotary(qkv, shape, step);
+        self.write_kv(cache, layer, qkv, shape, step);
+    }
+
     /// Causal attention of each of the step's sequences' new queries over its paged context
     /// (which already holds the new tokens' K/V). Returns `[num_tokens, num_heads * head_dim]`.
     fn attention(

@@ -178,8 +178,7 @@ impl<B: Backend> Llama<B> {
         let mut hidden = b.rms_norm(&residual, &self.layers[0].input_norm, eps);
         for (i, layer) in self.layers.iter().enumerate() {
             let mut qkv = b.linear(&hidden, &layer.qkv, layer.qkv_bias.as_ref());
-            b.rotary(&mut qkv, shape, step);
-            b.write_kv(cache, i, &qkv, shape, step);
+            b.rotary_write_kv(cache, i, &mut qkv, shape, step);
             let attn = b.attention(&qkv, cache, i, shape, step);
             let o = b.linear(&attn, &layer.o, layer.o_bias.as_ref());
             hidden = b.add_rms_norm(&mut residual, &o, &layer.post_norm, eps);

@@ -562,6 +562,55 @@ pub fn cache_write<T: Dtype>(k: &Kernels) {
         &as64(&want_v),
         exact,
     );
+
+    // Rotary and the cache write fused: the q and k heads rotate in place, v stays, and the
+    // caches get the rotated k (as stored in T) and v.
+    let angles: Vec<f32> = (0..tokens * head_dim / 2)
+        .map(|i| i as f32 * 0.29)
+        .collect();
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+    let (mut kc, mut vc) = (upload::<T>(k, &k_init), upload::<T>(k, &v_init));
+    let mut d_qkv = upload::<T>(k, &qkv);
+    k.rotary_write_kv(
+        &mut d_qkv,
+        stride,
+        &k.stream().clone_htod(&cos).unwrap(),
+        &k.stream().clone_htod(&sin).unwrap(),
+        q_heads,
+        kv_heads,
+        head_dim,
+        &mut kc,
+        &mut vc,
+        &k.stream().clone_htod(&slots).unwrap(),
+    )
+    .unwrap();
+    let rotated = reference::rotary_table(&qkv, stride, &cos, &sin, q_heads + kv_heads, head_dim);
+    let what = format!("rotary_write_kv {}", T::SUFFIX);
+    assert_close(&what, &download(k, &d_qkv), &rotated, tol::<T>(false));
+    let stored = rounded::<T>(&rotated.iter().map(|&v| v as f32).collect::<Vec<_>>());
+    let (mut want_k, mut want_v) = (k_init.clone(), v_init.clone());
+    reference::write_kv(
+        &stored[kq..],
+        &qkv[vq..],
+        stride,
+        width,
+        &slots,
+        &mut want_k,
+        &mut want_v,
+    );
+    assert_close(
+        &format!("{what} k"),
+        &download(k, &kc),
+        &as64(&want_k),
+        tol::<T>(false),
+    );
+    assert_close(
+        &format!("{what} v"),
+        &download(k, &vc),
+        &as64(&want_v),
+        exact,
+    );
 }
 
 /// The kernel tests, each `#[ignore = $why]`, on the `Kernels` that `$kernels` opens.
