@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 use serde_json::json;
 
 use super::ModelError;
@@ -303,8 +304,10 @@ pub fn write_model(out: &Path, opts: &InitOptions) -> Result<(), ModelError> {
 }
 
 /// Writes the weights as one safetensors file, each tensor generated as it is written (the
-/// 8 B preset is 16 GB: it never has to fit in memory). Tensors in name order, each from its
-/// own seeded stream, so the bytes depend only on the seed.
+/// 8 B preset is 16 GB: it never has to fit in memory). Tensors in name order; each tensor in
+/// chunks of `CHUNK` elements, each chunk from its own stream seeded by the seed, the tensor's
+/// name and the chunk's index, generated a batch at a time on every core and written in order:
+/// the bytes depend only on the seed, never on the thread count.
 fn write_safetensors(
     path: &Path,
     tensors: BTreeMap<String, (Vec<usize>, Init)>,
@@ -341,13 +344,16 @@ fn write_safetensors(
         .map_err(io)?;
     file.write_all(&header).map_err(io)?;
     const CHUNK: usize = 1 << 16;
-    let mut bytes = Vec::with_capacity(CHUNK * elem);
+    // Chunks generated at once: 16 Mi elements, at most 64 MiB held.
+    const BATCH: usize = 256;
     for (name, (dims, init)) in &tensors {
-        let mut rng = Rng::new(opts.seed ^ fnv1a(name.as_bytes()));
-        let mut left: usize = dims.iter().product();
-        while left > 0 {
-            let n = left.min(CHUNK);
-            bytes.clear();
+        let seed = opts.seed ^ fnv1a(name.as_bytes());
+        let total: usize = dims.iter().product();
+        let chunks = total.div_ceil(CHUNK);
+        let chunk = |c: usize| {
+            let n = CHUNK.min(total - c * CHUNK);
+            let mut rng = Rng::new(seed ^ (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut bytes = Vec::with_capacity(n * elem);
             for _ in 0..n {
                 let x = init.sample(&mut rng) as f32;
                 match opts.dtype {
@@ -356,8 +362,16 @@ fn write_safetensors(
                     InitDtype::Bf16 => bytes.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
                 }
             }
-            file.write_all(&bytes).map_err(io)?;
-            left -= n;
+            bytes
+        };
+        for first in (0..chunks).step_by(BATCH) {
+            let batch: Vec<Vec<u8>> = (first..chunks.min(first + BATCH))
+                .into_par_iter()
+                .map(chunk)
+                .collect();
+            for bytes in &batch {
+                file.write_all(bytes).map_err(io)?;
+            }
         }
     }
     file.flush().map_err(io)
@@ -407,6 +421,39 @@ mod tests {
         assert_eq!(Preset::Llama32_1b.parameter_count(4096), 1_235_814_400);
         assert_eq!(Preset::Llama31_8b.parameter_count(4096), 8_030_261_248);
         assert!(Preset::Tiny.parameter_count(512) < 200_000);
+    }
+
+    #[test]
+    fn weights_depend_on_the_seed_not_on_the_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        // Several chunks and a ragged last one, so chunks run on different threads.
+        let tensors = || {
+            BTreeMap::from([
+                ("a".to_string(), (vec![3, (1 << 16) + 7], Init::Fan(64))),
+                ("b".to_string(), (vec![5], Init::Norm)),
+            ])
+        };
+        let write = |threads: usize, seed: u64, name: &str| {
+            let path = dir.path().join(name);
+            let opts = InitOptions {
+                preset: Preset::Tiny,
+                seed,
+                dtype: InitDtype::Bf16,
+            };
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| write_safetensors(&path, tensors(), &opts))
+                .unwrap();
+            std::fs::read(path).unwrap()
+        };
+        let one = write(1, 3, "one");
+        assert_eq!(one, write(2, 3, "two"));
+        assert_ne!(one, write(2, 4, "other seed"));
+        // Chunks are not copies of each other.
+        let data = &one[one.len() - (3 * ((1 << 16) + 7) + 5) * 2..];
+        assert_ne!(data[..64], data[(1 << 17)..(1 << 17) + 64]);
     }
 
     #[test]
