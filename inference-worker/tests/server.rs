@@ -842,4 +842,7 @@ async fn serves_on_the_emulated_cuda_device() {
     );
     // The KV cache came from the emulated device's memory and is reported.
     assert!(w.metric("llmctl_worker_kv_blocks_total").await > 0.0);
+    // Decode steps were recorded into CUDA graphs once and replayed after.
+    assert!(w.metric("llmctl_worker_graph_recorded_steps_total").await >= 1.0);
+    assert!(w.metric("llmctl_worker_graph_replayed_steps_total").await >= 1.0);
 }

@@ -9,7 +9,7 @@
 #                           # SDPA side by side; logs and the table go to $OUT (or perf/gpu/out)
 #   perf/gpu/run.sh decode  # on the GPU machine: decode step vs roofline for the Llama-3.2-1B
 #                           # and Llama-3.1-8B shaped presets (written to $MODELS, default
-#                           # /tmp/llmctl-models: 2.5 and 16 GB, minutes to write the first time)
+#                           # /tmp/llmctl-models: 2.5 and 16 GB, written on every core the first time)
 #   perf/gpu/run.sh serve   # on the GPU machine: serving throughput at 64 concurrent streams
 #                           # for the same presets (the worker runs on cuda:0)
 #

@@ -34,7 +34,7 @@ use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUresult, CUstr
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DriverError, result};
 use llmctl_kernels::cuda::{Dtype, KernelError, Kernels, PagedCache, Split};
 
-use super::{Backend, KvLayout, QkvShape, RopeRows, StepBatch};
+use super::{Backend, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch};
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{TensorView, fuse_f32};
@@ -574,6 +574,13 @@ where
             layout,
             k: (0..num_layers).map(|_| alloc()).collect(),
             v: (0..num_layers).map(|_| alloc()).collect(),
+        }
+    }
+
+    fn replay_counts(&self) -> ReplayCounts {
+        ReplayCounts {
+            recorded: self.stats.recorded.load(Ordering::Relaxed),
+            replayed: self.stats.replayed.load(Ordering::Relaxed),
         }
     }
 

@@ -94,6 +94,14 @@ impl QkvShape {
 
 /// The operations of a Llama-family forward pass. Activations are row-major
 /// `[rows, cols]` matrices, one row per token.
+/// Steps a backend recorded for replay and steps it replayed (CUDA graphs); zero for a backend
+/// that runs every step op by op.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayCounts {
+    pub recorded: u64,
+    pub replayed: u64,
+}
+
 pub trait Backend: Send + Sync + 'static {
     type Activations: Send;
     type Weight: Send + Sync;
@@ -138,6 +146,11 @@ pub trait Backend: Send + Sync + 'static {
         F: FnMut(&mut Self::KvCache, &Self::Step) -> Self::Activations,
     {
         forward(cache, step)
+    }
+
+    /// Steps recorded and replayed so far ([`ReplayCounts`]).
+    fn replay_counts(&self) -> ReplayCounts {
+        ReplayCounts::default()
     }
 
     /// Rows of the embedding table for the step's tokens.

@@ -8,7 +8,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Backend, KvLayout, QkvShape, RopeRows, StepBatch};
+use super::{Backend, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch};
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
 use crate::model::weights::TensorView;
@@ -86,6 +86,10 @@ impl<B: Backend> Backend for Profiled<B> {
 
     fn alloc_kv_cache(&self, num_layers: usize, layout: KvLayout) -> Self::KvCache {
         self.inner.alloc_kv_cache(num_layers, layout)
+    }
+
+    fn replay_counts(&self) -> ReplayCounts {
+        self.inner.replay_counts()
     }
 
     fn prepare_step(&self, batch: &StepBatch, rope: RopeRows) -> Self::Step {

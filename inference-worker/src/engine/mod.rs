@@ -18,7 +18,7 @@ pub use params::{FinishReason, ParamError, SamplingParams};
 pub use sampler::TokenLogprob;
 pub use sequence::{RequestId, SeqId};
 
-use crate::backend::{Backend, KvLayout, SeqSlice, StepBatch};
+use crate::backend::{Backend, KvLayout, ReplayCounts, SeqSlice, StepBatch};
 use crate::model::{Llama, LoadedModel};
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
@@ -110,6 +110,8 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     pub steps: u64,
+    /// Steps the backend recorded for replay and replayed (CUDA graphs).
+    pub replays: ReplayCounts,
 }
 
 struct RequestState {
@@ -198,6 +200,7 @@ impl<B: Backend> Engine<B> {
             blocks_total: self.blocks.num_blocks(),
             blocks_used: self.blocks.num_used(),
             cache: self.blocks.counters,
+            replays: self.model.backend.replay_counts(),
             ..self.stats
         }
     }

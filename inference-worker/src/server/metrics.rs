@@ -27,6 +27,8 @@ pub struct Metrics {
     pub preemptions: Counter,
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
+    pub graph_recorded_steps: Counter,
+    pub graph_replayed_steps: Counter,
     pub time_to_first_token: Histogram,
     pub time_per_output_token: Histogram,
     pub e2e_latency: Histogram,
@@ -63,6 +65,8 @@ impl Metrics {
             preemptions: Counter::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
+            graph_recorded_steps: Counter::default(),
+            graph_replayed_steps: Counter::default(),
             time_to_first_token: Histogram::new(latency_buckets()),
             time_per_output_token: Histogram::new(latency_buckets()),
             e2e_latency: Histogram::new(latency_buckets()),
@@ -137,6 +141,16 @@ impl Metrics {
             m.queue_time.clone(),
         );
         registry.register(
+            "graph_recorded_steps",
+            "Decode steps recorded into CUDA graphs (CUDA backend)",
+            m.graph_recorded_steps.clone(),
+        );
+        registry.register(
+            "graph_replayed_steps",
+            "Decode steps replayed from CUDA graphs instead of launched op by op (CUDA backend)",
+            m.graph_replayed_steps.clone(),
+        );
+        registry.register(
             "requests_finished",
             "Requests finished, by reason",
             m.requests_finished.clone(),
@@ -164,6 +178,10 @@ impl Metrics {
             .inc_by(stats.prompt_tokens - last.prompt_tokens);
         self.generation_tokens
             .inc_by(stats.generation_tokens - last.generation_tokens);
+        self.graph_recorded_steps
+            .inc_by(stats.replays.recorded - last.replays.recorded);
+        self.graph_replayed_steps
+            .inc_by(stats.replays.replayed - last.replays.replayed);
         *last = *stats;
     }
 
