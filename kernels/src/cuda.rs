@@ -211,6 +211,19 @@ impl Kernels {
         }
     }
 
+    /// K and V caches of the same length, in whole slots of `width` elements.
+    fn check_caches<T>(
+        what: &str,
+        k_cache: &CudaSlice<T>,
+        v_cache: &CudaSlice<T>,
+        width: usize,
+    ) -> Result<(), KernelError> {
+        shape(
+            k_cache.len() == v_cache.len() && width > 0 && k_cache.len().is_multiple_of(width),
+            || format!("{what}: caches differ or are not whole slots of {width}"),
+        )
+    }
+
     /// Scatters `num_tokens` rows of `k` and `v` (row stride `row_stride`, `width =
     /// num_kv_heads * head_dim` elements each) into the caches by `slots` (negative: skip).
     #[allow(clippy::too_many_arguments)]
@@ -232,10 +245,7 @@ impl Kernels {
         shape(k.len() >= need && v.len() >= need, || {
             format!("write_kv: {n} rows of stride {row_stride} need {need} elements")
         })?;
-        shape(
-            k_cache.len() == v_cache.len() && k_cache.len().is_multiple_of(width),
-            || "write_kv: caches differ or are not whole slots".into(),
-        )?;
+        Self::check_caches("write_kv", k_cache, v_cache, width)?;
         let f = self.function::<T>(source::CACHE, "write_kv", None)?;
         let (stride, width_i) = (row_stride as i64, width as i32);
         let mut launch = self.stream.launch_builder(&f);
@@ -288,10 +298,7 @@ impl Kernels {
                 )
             },
         )?;
-        shape(
-            k_cache.len() == v_cache.len() && k_cache.len().is_multiple_of(width),
-            || "rotary_write_kv: caches differ or are not whole slots".into(),
-        )?;
+        Self::check_caches("rotary_write_kv", k_cache, v_cache, width)?;
         if n == 0 {
             return Ok(());
         }
