@@ -370,7 +370,7 @@ __device__ void prefill(T* __restrict__ out, const T* __restrict__ q, i64 q_stri
     }
 }
 
-#define MMA_ROWS 64  // query rows per CTA of the tensor-core prefill: 16 per warp
+#define MMA_ROWS 64  // (token, query head) rows per CTA of the tensor-core prefill: 16 per warp
 #define KV_PAD 8     // elements of padding per shared K/V row, so a fragment's rows spread over banks
 
 // Prefill on the tensor cores (bf16 and f16), flash-attention 2 style: each warp owns 16 query
@@ -380,8 +380,9 @@ __device__ void prefill(T* __restrict__ out, const T* __restrict__ q, i64 q_stri
 // and O += P V with mma, feeding P from S's registers (an accumulator pair of 8-key tiles is
 // exactly an A fragment of 16 keys). Scores are scaled in f32 (not folded into Q, which would
 // round it again) and exponentiated base 2. P is rounded to T for the second product, as
-// flash-attention does; the row sums use the unrounded values.
-// grid: (ceil(max_query_len / MMA_ROWS), num_q_heads, num_seqs); block: 128.
+// flash-attention does; the row sums use the unrounded values. A CTA's rows are the (token,
+// query head) pairs of one KV head's GQA group, so K/V tiles are loaded once for the group.
+// grid: (ceil(max_query_len * group / MMA_ROWS), num_kv_heads, num_seqs); block: 128.
 template <typename T, int D>
 __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_stride,
                             const T* __restrict__ k_cache, const T* __restrict__ v_cache, Ctx c,
@@ -389,39 +390,51 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
                             int num_q_heads, float scale) {
     static_assert(D % 16 == 0, "the tensor-core prefill needs head_dim % 16 == 0");
     static_assert(sizeof(T) == 2, "the tensor-core prefill takes bf16 or f16");
-    constexpr int BC = D <= 128 ? 64 : 32;  // keys per tile: K and V tiles fit 48 KiB
+    // Keys per tile: K and V tiles fit 48 KiB; at head size 256 also the registers (Q and O
+    // fragments take 192 a lane, and 32 keys spilled on sm_80).
+    constexpr int BC = D <= 128 ? 64 : 16;
     constexpr int STRIDE = D + KV_PAD;      // elements per shared row
     constexpr int CHUNKS = D / 8;           // 16-byte chunks per cached row
     __shared__ Vec16 s_kv[2 * BC * STRIDE / 8];
     T* s_k = reinterpret_cast<T*>(s_kv);
     T* s_v = s_k + BC * STRIDE;
 
-    const int seq = blockIdx.z, h = blockIdx.y;
-    const int kv_head = h / (num_q_heads / c.num_kv_heads);
+    // A CTA serves one KV head: its rows are (token, query head of the group) pairs, token
+    // major, so the group's heads share every K/V tile it loads (and a decode-like sequence of
+    // one new token still fills `group` rows).
+    const int seq = blockIdx.z, kv_head = blockIdx.y;
+    const int group = num_q_heads / c.num_kv_heads;
     const int q0 = cu_q[seq], q_len = cu_q[seq + 1] - q0;
+    const int rows = q_len * group;
     // Row tiles in reverse, so the CTAs with the most keys (the diagonal's far end) start first.
     const int row0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS;
-    if (row0 >= q_len) return;  // uniform over the CTA
+    if (row0 >= rows) return;  // uniform over the CTA
     const int ctx = context_lens[seq], first_pos = ctx - q_len;
-    const int last_key = first_pos + min(row0 + MMA_ROWS, q_len) - 1;
+    const int last_key = first_pos + (min(row0 + MMA_ROWS, rows) - 1) / group;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int warp_row0 = row0 + warp * 16;
     // The last key any of the warp's rows attends to (-1: the warp has no rows).
-    const int warp_last = warp_row0 < q_len ? first_pos + min(warp_row0 + 15, q_len - 1) : -1;
-    // This lane's two rows, g and g + 8 of the warp's; position -1 past the sequence.
+    const int warp_last = warp_row0 < rows ? first_pos + min(warp_row0 + 15, rows - 1) / group : -1;
+    // This lane's two rows, g and g + 8 of the warp's, and their positions (-1 past the
+    // sequence). Row r is token r / group, query head kv_head * group + r % group: recomputed
+    // where needed (Q load, output), which keeps the d256 kernel within registers.
     const int r_lo = warp_row0 + g, r_hi = r_lo + 8;
-    const int pos_lo = r_lo < q_len ? first_pos + r_lo : -1;
-    const int pos_hi = r_hi < q_len ? first_pos + r_hi : -1;
+    const int pos_lo = r_lo < rows ? first_pos + r_lo / group : -1;
+    const int pos_hi = r_hi < rows ? first_pos + r_hi / group : -1;
+    // Element offset of row r's query head in q or out (token rows `token_stride` apart).
+    auto row_at = [&](int r, i64 token_stride) {
+        return (i64)(q0 + r / group) * token_stride + (i64)(kv_head * group + r % group) * D;
+    };
 
     unsigned qa[D / 16][4];
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
 #pragma unroll
         for (int reg = 0; reg < 4; ++reg) {
-            const int r = reg & 1 ? r_hi : r_lo, col = ks * 16 + (reg >> 1) * 8 + 2 * t;
-            const T* p = q + (i64)(q0 + r) * q_stride + (i64)h * D + col;
-            qa[ks][reg] = r < q_len ? pack2(p[0], p[1]) : 0u;
+            const int r = reg & 1 ? r_hi : r_lo;
+            const T* p = q + row_at(r, q_stride) + ks * 16 + (reg >> 1) * 8 + 2 * t;
+            qa[ks][reg] = r < rows ? pack2(p[0], p[1]) : 0u;
         }
     }
 
@@ -565,8 +578,8 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
     for (int half = 0; half < 2; ++half) {
         const int r = half ? r_hi : r_lo;
         const float l = half ? l_hi : l_lo;
-        if (r >= q_len) continue;
-        T* dst = out + ((i64)(q0 + r) * num_q_heads + h) * D + 2 * t;
+        if (r >= rows) continue;
+        T* dst = out + row_at(r, (i64)num_q_heads * D) + 2 * t;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
             dst[dt * 8] = from_float<T>(l > 0.f ? o[dt][2 * half] / l : 0.f);

@@ -839,14 +839,22 @@ impl Kernels {
             .arg(cache.context_lens)
             .arg(&nq)
             .arg(&scale);
-        // Query rows per CTA: attention.cu's `prefill` (f32, FMA) takes 16, `prefill_mma` (bf16
-        // and f16, tensor cores) 64.
-        let rows_per_cta = if T::SUFFIX == "f32" { 16 } else { 64 };
-        let grid = (
-            max_q_len.div_ceil(rows_per_cta) as u32,
-            num_q_heads as u32,
-            num_seqs as u32,
-        );
+        // attention.cu's `prefill` (f32, FMA): 16 query rows of one head per CTA. `prefill_mma`
+        // (bf16 and f16, tensor cores): 64 (token, query head) rows of one KV head's group.
+        let grid = if T::SUFFIX == "f32" {
+            (
+                max_q_len.div_ceil(16) as u32,
+                num_q_heads as u32,
+                num_seqs as u32,
+            )
+        } else {
+            let group = num_q_heads / cache.num_kv_heads;
+            (
+                (max_q_len * group).div_ceil(64) as u32,
+                cache.num_kv_heads as u32,
+                num_seqs as u32,
+            )
+        };
         // SAFETY: matches `attention_prefill_*` in attention.cu; shapes checked above; cu_q and
         // context lengths must describe the batch (query lengths at most max_q_len).
         unsafe { launch.launch(Self::config(grid, 128)) }?;
