@@ -15,7 +15,7 @@
 // recomputed. A CTA takes 16 query rows of one head (4 per warp) and walks the keys in tiles
 // of 32 (16 for f32 at head_dim 256) staged in shared memory, flash-attention style. This is
 // the plain-FMA version, kept for f32; bf16 and f16 take `prefill_mma`, which does the two
-// products on the tensor cores with 64 query rows per CTA.
+// products on the tensor cores, a CTA taking 64 (token, query head) rows of one KV head.
 
 #define MAX_GROUP 4
 #define WARPS 4
