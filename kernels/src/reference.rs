@@ -280,16 +280,19 @@ pub fn paged_attention(
 }
 
 /// Split-KV choice for decode: how many partitions each sequence's context is cut into, and
-/// how many tokens each holds. One partition when the grid already fills the GPU (at least
-/// two CTAs per SM) or contexts are short; otherwise enough partitions of at least 512 tokens
-/// to fill it.
+/// how many tokens each holds. A CTA walks its partition in iterations of a few dozen tokens
+/// (32 for bf16 at head size 128), each a round trip to memory that the next waits for, so a
+/// grid of few CTAs over long partitions is latency-bound: batch 1 at 512 tokens is 8 CTAs of
+/// 16 iterations for an 8-KV-head model. One partition when the grid already fills the GPU (at
+/// least two CTAs per SM) or contexts are at most two partitions; otherwise enough partitions
+/// of at least 64 tokens to fill it (then `paged_attention_reduce` combines them).
 pub fn decode_partitions(
     num_seqs: usize,
     kv_head_ctas: usize,
     max_context: usize,
     sm_count: usize,
 ) -> (usize, usize) {
-    const MIN_PARTITION: usize = 512;
+    const MIN_PARTITION: usize = 64;
     let ctas = num_seqs * kv_head_ctas;
     let max_context = max_context.max(1);
     if ctas >= 2 * sm_count || max_context <= 2 * MIN_PARTITION {
@@ -403,15 +406,17 @@ mod tests {
     }
 
     #[test]
-    fn decode_partitions_split_only_when_the_grid_is_small_and_contexts_long() {
+    fn decode_partitions_split_only_when_the_grid_is_small() {
         // Many sequences: the grid fills the GPU, no split.
         assert_eq!(decode_partitions(64, 8, 4096, 132), (1, 4096));
-        // One long sequence: split into 512-token-or-more partitions to fill 132 SMs.
+        // One long sequence: split to fill 132 SMs twice over.
         let (parts, size) = decode_partitions(1, 8, 65536, 132);
         assert_eq!(parts, 33);
-        assert!(size >= 512 && parts * size >= 65536);
-        // Short contexts are never split.
-        assert_eq!(decode_partitions(1, 8, 1000, 132), (1, 1000));
+        assert!(size >= 64 && parts * size >= 65536);
+        // Batch 1 at 512 tokens: 8 partitions of 64 rather than 8 CTAs walking 512 tokens.
+        assert_eq!(decode_partitions(1, 8, 512, 132), (8, 64));
+        // Contexts of at most two partitions are never split.
+        assert_eq!(decode_partitions(1, 8, 128, 132), (1, 128));
         // Capped by the context: 8 x 1k over 8 KV-head CTAs each.
         let (parts, size) = decode_partitions(8, 8, 1024 * 3, 132);
         assert_eq!((parts, size), (5, 615));
