@@ -27,12 +27,22 @@ struct Ctx {
     int num_kv_heads;
 };
 
+// The cache block holding token `t` of sequence `seq`.
+__device__ __forceinline__ int block_of(const Ctx& c, int seq, int t) {
+    return c.block_tables[(i64)seq * c.max_blocks + t / c.block_size];
+}
+
+// Element offset of token `t`'s row for `kv_head`, given the block that holds it.
+template <int D>
+__device__ __forceinline__ i64 row_in_block(const Ctx& c, int block, int t, int kv_head) {
+    const i64 slot = (i64)block * c.block_size + t % c.block_size;
+    return (slot * c.num_kv_heads + kv_head) * D;
+}
+
 // Element offset of token `t`'s row for `kv_head` in sequence `seq`'s cache.
 template <int D>
 __device__ __forceinline__ i64 row_offset(const Ctx& c, int seq, int t, int kv_head) {
-    const int block = c.block_tables[(i64)seq * c.max_blocks + t / c.block_size];
-    const i64 slot = (i64)block * c.block_size + t % c.block_size;
-    return (slot * c.num_kv_heads + kv_head) * D;
+    return row_in_block<D>(c, block_of(c, seq, t), t, kv_head);
 }
 
 // One key for one query row held across a warp (each lane `PER` elements): the score, then
@@ -122,18 +132,32 @@ __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
 
     // Each iteration the warp takes KEYS * U consecutive tokens; lane group kg reads tokens
     // base + u * KEYS + kg.
-    for (int base = start + warp * KEYS * U; base < end; base += WARPS * KEYS * U) {
+    // Block ids are read one iteration ahead, so an iteration's K/V loads wait on registers,
+    // not on a block-table load: the walk is a chain of one memory round trip per iteration.
+    constexpr int STEP = WARPS * KEYS * U;
+    int blk[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int t = start + warp * KEYS * U + u * KEYS + kg;
+        blk[u] = t < end ? block_of(c, seq, t) : 0;
+    }
+    for (int base = start + warp * KEYS * U; base < end; base += STEP) {
         Vec16 kr[U][CPL], vr[U][CPL];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = base + u * KEYS + kg;
-            const i64 off = t < end ? row_offset<D>(c, seq, t, kv_head) : 0;
+            const i64 off = row_in_block<D>(c, blk[u], t, kv_head);
 #pragma unroll
             for (int j = 0; j < CPL; ++j) {
                 const bool ok = t < end && kl + j * LPK < S::CHUNKS;
                 kr[u][j] = ok ? reinterpret_cast<const Vec16*>(k_cache + off)[kl + j * LPK] : Vec16{{0u, 0u, 0u, 0u}};
                 vr[u][j] = ok ? reinterpret_cast<const Vec16*>(v_cache + off)[kl + j * LPK] : Vec16{{0u, 0u, 0u, 0u}};
             }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + STEP + u * KEYS + kg;
+            blk[u] = t < end ? block_of(c, seq, t) : 0;
         }
         float s[U][MAX_GROUP];
 #pragma unroll
