@@ -285,7 +285,8 @@ pub fn paged_attention(
 /// grid of few CTAs over long partitions is latency-bound: batch 1 at 512 tokens is 8 CTAs of
 /// 16 iterations for an 8-KV-head model. One partition when the grid already fills the GPU (at
 /// least two CTAs per SM) or contexts are at most two partitions; otherwise enough partitions
-/// of at least 64 tokens to fill it (then `paged_attention_reduce` combines them).
+/// of at least 64 tokens for four CTAs per SM (as many as the decode kernel's registers let one
+/// SM hold, each with its rows' loads in flight), which `paged_attention_reduce` combines.
 pub fn decode_partitions(
     num_seqs: usize,
     kv_head_ctas: usize,
@@ -298,7 +299,7 @@ pub fn decode_partitions(
     if ctas >= 2 * sm_count || max_context <= 2 * MIN_PARTITION {
         return (1, max_context);
     }
-    let wanted = (2 * sm_count).div_ceil(ctas);
+    let wanted = (4 * sm_count).div_ceil(ctas);
     let parts = wanted.min(max_context.div_ceil(MIN_PARTITION)).max(1);
     (parts, max_context.div_ceil(parts))
 }
@@ -409,16 +410,16 @@ mod tests {
     fn decode_partitions_split_only_when_the_grid_is_small() {
         // Many sequences: the grid fills the GPU, no split.
         assert_eq!(decode_partitions(64, 8, 4096, 132), (1, 4096));
-        // One long sequence: split to fill 132 SMs twice over.
+        // One long sequence: split to fill 132 SMs four times over.
         let (parts, size) = decode_partitions(1, 8, 65536, 132);
-        assert_eq!(parts, 33);
+        assert_eq!(parts, 66);
         assert!(size >= 64 && parts * size >= 65536);
         // Batch 1 at 512 tokens: 8 partitions of 64 rather than 8 CTAs walking 512 tokens.
         assert_eq!(decode_partitions(1, 8, 512, 132), (8, 64));
         // Contexts of at most two partitions are never split.
         assert_eq!(decode_partitions(1, 8, 128, 132), (1, 128));
-        // Capped by the context: 8 x 1k over 8 KV-head CTAs each.
+        // 8 sequences of 3k over 8 KV-head CTAs each: 9 partitions make 576 CTAs.
         let (parts, size) = decode_partitions(8, 8, 1024 * 3, 132);
-        assert_eq!((parts, size), (5, 615));
+        assert_eq!((parts, size), (9, 342));
     }
 }
