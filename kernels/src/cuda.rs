@@ -1,8 +1,9 @@
 //! Launching the kernels on a CUDA device through cudarc. [`Kernels::new`] loads the driver at
 //! run time; each program variant (storage type, head size) is compiled for the device's
 //! architecture (or taken from the cache) and loaded at first use or by [`Kernels::prepare`];
-//! each method launches one kernel on the device's stream with the grid its source documents. Shapes are checked here, before any launch, so a bad call is an error, not a
-//! fault on the device.
+//! each method launches one kernel on the device's stream with the grid its source documents.
+//! Shapes are checked here, before any launch, so a bad call is an error, not a fault on the
+//! device.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
