@@ -123,6 +123,9 @@ fn run<B: Backend>(
         }
 
         let outputs = engine.step();
+        // Before any output goes out: a client that reads /metrics after its last token sees
+        // the step that produced it (its blocks freed, its tokens counted).
+        metrics.observe_engine(&engine.stats());
         let now = Instant::now();
         for id in engine.take_started() {
             if let Some(t) = tracked.get(&id) {
@@ -161,6 +164,7 @@ fn run<B: Backend>(
                 }
             }
         }
+        // Aborts of clients that went away while their outputs were sent.
         metrics.observe_engine(&engine.stats());
     }
 }
