@@ -132,6 +132,7 @@ fn run<B: Backend>(
                 metrics.queue_time.observe((now - t.arrived).as_secs_f64());
             }
         }
+        let mut aborted = false;
         for out in outputs {
             let id = out.request;
             let Some(t) = tracked.get_mut(&id) else {
@@ -153,6 +154,7 @@ fn run<B: Backend>(
                 engine.abort(id);
                 metrics.finished("abort");
                 tracked.remove(&id);
+                aborted = true;
                 continue;
             }
             if let Some(reason) = finish {
@@ -164,8 +166,10 @@ fn run<B: Backend>(
                 }
             }
         }
-        // Aborts of clients that went away while their outputs were sent.
-        metrics.observe_engine(&engine.stats());
+        // Clients that went away while their outputs were sent freed their blocks.
+        if aborted {
+            metrics.observe_engine(&engine.stats());
+        }
     }
 }
 
