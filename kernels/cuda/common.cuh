@@ -124,14 +124,10 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&reg)[4], const void* row)
 
 // 16 bytes from global to shared memory without passing through registers (cp.async; sm_80+),
 // or 16 zero bytes when `valid` is false (`src` is then not read). The copy lands only after
-// cp_async_wait covers its group; on the emulator it lands at once.
+// cp_async_wait covers its group (the emulator lands it exactly then, poisoning `dst` before).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
 #ifdef LLMCTL_EMULATOR
-    if (valid) {
-        memcpy(dst, src, 16);
-    } else {
-        memset(dst, 0, 16);
-    }
+    emu::async_copy16(dst, src, valid);
 #else
     const unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(src), "r"(valid ? 16 : 0)
@@ -141,7 +137,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 
 // Closes the group of cp.async copies issued since the last commit.
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef LLMCTL_EMULATOR
+#ifdef LLMCTL_EMULATOR
+    emu::async_commit();
+#else
     asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
@@ -149,7 +147,9 @@ __device__ __forceinline__ void cp_async_commit() {
 // Waits until at most `PENDING` of this thread's committed groups are still in flight.
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef LLMCTL_EMULATOR
+#ifdef LLMCTL_EMULATOR
+    emu::async_wait(PENDING);
+#else
     asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
 #endif
 }

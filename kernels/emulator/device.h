@@ -15,6 +15,11 @@
 // `__shared__` variables are function statics: shared by the block's threads, and, since
 // blocks run one after another, private to the running block. Unlike a GPU they keep their
 // values between blocks, so a kernel reading shared memory it never wrote is not caught.
+//
+// An asynchronous copy (cp.async) lands only when its thread waits for its group, as late as a
+// GPU may land it; until then its destination holds all-ones bytes (a NaN in every float type),
+// so reading it before the wait that covers it, or writing over a tile another thread still
+// reads, shows up as NaNs in the result.
 #pragma once
 
 #include <math.h>
@@ -33,6 +38,14 @@ struct uint3 {
     unsigned x, y, z;
 };
 
+// A 16-byte cp.async not yet landed: its source bytes as read at issue, and its group (the
+// number of commits its thread had made when it was issued).
+struct AsyncCopy {
+    void* dst;
+    unsigned char bytes[16];
+    unsigned group;
+};
+
 // One thread of the running block.
 struct Lane {
     void* sp;           // saved stack pointer while switched out
@@ -40,6 +53,8 @@ struct Lane {
     unsigned linear;    // threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)
     int state;          // runtime.cpp's State
     unsigned shuffles;  // warp exchanges done (picks the exchange buffer)
+    unsigned commits;   // cp.async groups committed
+    std::vector<AsyncCopy> in_flight;
 };
 
 extern Lane* current;
@@ -69,6 +84,40 @@ inline T exchange(T v, Src src) {
     T r;
     memcpy(&r, slots + (src(current->linear & 31) & 31) * SLOT_BYTES, sizeof(T));
     return r;
+}
+
+// cp.async of 16 bytes (zeros unless `valid`): held until a wait covers its group, the
+// destination poisoned meanwhile.
+inline void async_copy16(void* dst, const void* src, bool valid) {
+    AsyncCopy copy;
+    copy.dst = dst;
+    copy.group = current->commits;
+    if (valid) {
+        memcpy(copy.bytes, src, 16);
+    } else {
+        memset(copy.bytes, 0, 16);
+    }
+    memset(dst, 0xff, 16);
+    current->in_flight.push_back(copy);
+}
+
+inline void async_commit() { ++current->commits; }
+
+// cp.async.wait_group: lands every copy of this thread's committed groups but the newest
+// `pending` (copies issued after the last commit belong to no group and stay in flight).
+inline void async_wait(unsigned pending) {
+    Lane* me = current;
+    const unsigned landed_below = me->commits > pending ? me->commits - pending : 0;
+    std::vector<AsyncCopy>& q = me->in_flight;
+    size_t kept = 0;
+    for (size_t i = 0; i < q.size(); ++i) {
+        if (q[i].group < landed_below) {
+            memcpy(q[i].dst, q[i].bytes, 16);
+        } else {
+            q[kept++] = q[i];
+        }
+    }
+    q.resize(kept);
 }
 
 using Entry = void (*)(void**);

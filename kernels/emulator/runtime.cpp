@@ -142,6 +142,8 @@ bool run_block(unsigned threads) {
         l.tid = {i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
         l.state = READY;
         l.shuffles = 0;
+        l.commits = 0;
+        l.in_flight.clear();
         ++block.warp_live[i >> 5];
         ++block.warp_threads[i >> 5];
         // Initial frame: six zeroed callee-saved registers, then emu_fiber_start as the return

@@ -79,3 +79,32 @@ extern "C" __global__ void selftest_ldmatrix(float* out, const float* in) {
         }
     }
 }
+
+// cp.async of in[0..128] to shared memory in two groups (floats 0..64, then 64..128; the last
+// chunk zero-filled), then `cp_async_wait<PENDING>` (none when PENDING is 2), a barrier, and
+// out[0..128] read back from shared memory. Waiting for both groups is the correct kernel;
+// the others read copies still in flight.
+template <int PENDING>
+__device__ void selftest_async_copy(float* out, const float* in) {
+    __shared__ Vec16 s[32];
+    const int t = threadIdx.x;
+    for (int group = 0; group < 2; ++group) {
+        const int chunk = group * 16 + t;
+        if (t < 16) cp_async16(&s[chunk], in + 4 * chunk, chunk != 31);
+        cp_async_commit();
+    }
+    if (PENDING < 2) cp_async_wait<PENDING>();
+    __syncthreads();
+    const float* f = reinterpret_cast<const float*>(s);
+    out[t] = f[t];
+    out[64 + t] = f[64 + t];
+}
+extern "C" __global__ void selftest_async_copy_all(float* out, const float* in) {
+    selftest_async_copy<0>(out, in);
+}
+extern "C" __global__ void selftest_async_copy_first(float* out, const float* in) {
+    selftest_async_copy<1>(out, in);
+}
+extern "C" __global__ void selftest_async_copy_unwaited(float* out, const float* in) {
+    selftest_async_copy<2>(out, in);
+}

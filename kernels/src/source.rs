@@ -177,6 +177,9 @@ impl Variant {
                     "write_past_end",
                     "mma",
                     "ldmatrix",
+                    "async_copy_all",
+                    "async_copy_first",
+                    "async_copy_unwaited",
                 ]
                 .iter()
                 .map(|k| format!("selftest_{k}"))

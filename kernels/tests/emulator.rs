@@ -69,7 +69,8 @@ impl Device {
             shared_mem_bytes: 0,
         };
         // SAFETY: every self-test kernel takes (float* out[, const float* in]), each at least 64
-        // elements (selftest_mma: 384, selftest_ldmatrix: 256 in, 512 out), as allocated by the callers.
+        // elements (selftest_mma: 384, selftest_ldmatrix: 256 in, 512 out,
+        // selftest_async_copy_*: 128), as allocated by the callers.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
@@ -189,6 +190,37 @@ fn ldmatrix_hands_out_rows_by_the_fragment_layout() {
                 );
             }
         }
+    }
+}
+
+/// An asynchronous copy lands when a wait covers its group and not before: until then its
+/// destination reads as NaN, so a kernel that reads a cp.async tile before waiting for it (or
+/// overwrites one still being read) fails the emulated tests as it would fail on a GPU, where
+/// the copy may land at any moment up to the wait.
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn an_async_copy_lands_only_when_its_group_is_waited_for() {
+    let d = device();
+    let input = TestRng::new(15).vec(128);
+    let d_in = d.stream.clone_htod(&input).unwrap();
+    // What each kernel reads back: the landed copies (the last 4 floats zero-filled), NaN for
+    // copies still in flight.
+    let mut want = input.clone();
+    want[124..].fill(0.0);
+    for (kernel, landed) in [
+        ("selftest_async_copy_all", 128),
+        ("selftest_async_copy_first", 64),
+        ("selftest_async_copy_unwaited", 0),
+    ] {
+        let mut out = d.stream.alloc_zeros::<f32>(128).unwrap();
+        d.run(kernel, &mut out, Some(&d_in)).unwrap();
+        let got = d.stream.clone_dtoh(&out).unwrap();
+        assert_eq!(got[..landed], want[..landed], "{kernel}: landed copies");
+        assert!(
+            got[landed..].iter().all(|v| v.is_nan()),
+            "{kernel}: a copy in flight was readable: {:?}",
+            &got[landed..]
+        );
     }
 }
 
