@@ -79,14 +79,6 @@ struct DecodeShape {
     static_assert(D % VEC == 0, "rows are whole 16-byte chunks");
 };
 
-// The VEC elements of a 16-byte chunk as floats.
-template <typename T>
-__device__ __forceinline__ void chunk_to_float(const Vec16& raw, float (&out)[16 / sizeof(T)]) {
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 16 / (int)sizeof(T); ++i) out[i] = to_float(e[i]);
-}
-
 // grid: (num_kv_heads * ceil(group / MAX_GROUP), num_seqs, num_partitions); block: 32 * WARPS.
 template <typename T, int D>
 __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,

@@ -84,6 +84,14 @@ struct alignas(16) Vec16 {
     unsigned w[4];
 };
 
+// The 16 / sizeof(T) elements of a 16-byte chunk as floats.
+template <typename T>
+__device__ __forceinline__ void chunk_to_float(const Vec16& raw, float (&out)[16 / sizeof(T)]) {
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 16 / (int)sizeof(T); ++i) out[i] = to_float(e[i]);
+}
+
 // c += A B on the tensor cores (mma.sync m16n8k16, f32 accumulation), one warp together: A is
 // 16x16 and B 16x8, both in T (bf16 or f16). With g = lane / 4 and t = lane % 4, each lane holds
 //   a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..2t+1]   a[2] = A[g][2t+8..2t+9]   a[3] = A[g+8][2t+8..2t+9]

@@ -94,6 +94,12 @@ pub struct PagedCache<'a, T> {
 /// several CTAs per KV head.
 const DECODE_MAX_GROUP: usize = 4;
 
+/// The most input rows the fused projections take (gemv.cu's GEMV_MAX_ROWS): beyond a few
+/// rows a GEMM reads its weights once for many rows and cuBLAS wins.
+pub const GEMV_MAX_ROWS: usize = 4;
+/// Warps per GEMV block (gemv.cu's GEMV_WARPS).
+const GEMV_WARPS: usize = 4;
+
 /// A decode launch's split of the context ([`Kernels::decode_plan`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -527,6 +533,114 @@ impl Kernels {
         // SAFETY: matches `silu_mul_*` in elementwise.cu; sizes checked above.
         unsafe { launch.launch(Self::config((rows, inter.div_ceil(256) as u32, 1), 256)) }?;
         Ok(())
+    }
+
+    /// `residual += x · wᵀ` for the rows of `x` (each `k` wide, at most [`GEMV_MAX_ROWS`] of
+    /// them), `w` being `[n, k]` and `residual` `[rows, n]`: a projection and the residual add
+    /// after it in one pass over `w` (gemv.cu).
+    pub fn gemv_add<T: Dtype>(
+        &self,
+        residual: &mut CudaSlice<T>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        k: usize,
+    ) -> Result<(), KernelError> {
+        let (rows, n) = Self::gemv_shape::<T>("gemv_add", x.len(), w.len(), k)?;
+        shape(residual.len() == rows * n, || {
+            format!("gemv_add: residual of {} for {rows} x {n}", residual.len())
+        })?;
+        let f = self.function::<T>(source::GEMV, "gemv_add", None)?;
+        let (r, n, k) = (rows as i32, n as i32, k as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(residual).arg(x).arg(w).arg(&r).arg(&n).arg(&k);
+        // SAFETY: matches `gemv_add_*` in gemv.cu; sizes checked above.
+        unsafe { launch.launch(Self::gemv_config(n as usize, false)) }?;
+        Ok(())
+    }
+
+    /// `out = rms_norm(residual) * norm · wᵀ` for the rows of `residual` (each `k` wide, at
+    /// most [`GEMV_MAX_ROWS`]), `w` being `[n, k]`; with `gated`, `w` is `[gate; up]` and
+    /// `out` (`[rows, n / 2]`) gets `silu(gate) * up`. The input norm (and SiLU-and-mul) and a
+    /// projection in one pass over `w` (gemv.cu).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_norm<T: Dtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        residual: &CudaSlice<T>,
+        norm: &CudaSlice<T>,
+        eps: f32,
+        w: &CudaSlice<T>,
+        k: usize,
+        gated: bool,
+    ) -> Result<(), KernelError> {
+        let (rows, n) = Self::gemv_shape::<T>("gemv_norm", residual.len(), w.len(), k)?;
+        let width = if gated { n / 2 } else { n };
+        shape(
+            norm.len() == k && (!gated || n.is_multiple_of(2)) && out.len() == rows * width,
+            || {
+                format!(
+                    "gemv_norm: norm of {}, output of {} for {rows} x {width} (gated: {gated})",
+                    norm.len(),
+                    out.len()
+                )
+            },
+        )?;
+        let name = if gated {
+            "gemv_norm_gated"
+        } else {
+            "gemv_norm"
+        };
+        let f = self.function::<T>(source::GEMV, name, None)?;
+        let (r, n_, k) = (rows as i32, n as i32, k as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(residual)
+            .arg(norm)
+            .arg(&eps)
+            .arg(w)
+            .arg(&r)
+            .arg(&n_)
+            .arg(&k);
+        // SAFETY: matches `gemv_norm_*` / `gemv_norm_gated_*` in gemv.cu; sizes checked above.
+        unsafe { launch.launch(Self::gemv_config(n, gated)) }?;
+        Ok(())
+    }
+
+    /// `(rows, n)` of a GEMV over `x_len` input and `w_len` weight elements, rows `k` wide in
+    /// whole 16-byte chunks.
+    fn gemv_shape<T>(
+        what: &str,
+        x_len: usize,
+        w_len: usize,
+        k: usize,
+    ) -> Result<(usize, usize), KernelError> {
+        let vec = 16 / std::mem::size_of::<T>();
+        let rows = if k == 0 { 0 } else { x_len / k };
+        shape(
+            k > 0
+                && k.is_multiple_of(vec)
+                && x_len == rows * k
+                && (1..=GEMV_MAX_ROWS).contains(&rows)
+                && w_len.is_multiple_of(k)
+                && w_len > 0,
+            || {
+                format!(
+                    "{what}: input of {x_len} and weight of {w_len} in rows of {k} (a multiple of \
+                     {vec}; 1 to {GEMV_MAX_ROWS} input rows)"
+                )
+            },
+        )?;
+        Ok((rows, w_len / k))
+    }
+
+    /// A warp per pair of weight rows (gemv.cu).
+    fn gemv_config(n: usize, gated: bool) -> LaunchConfig {
+        let pairs = if gated { n / 2 } else { n.div_ceil(2) };
+        Self::config(
+            (pairs.div_ceil(GEMV_WARPS) as u32, 1, 1),
+            32 * GEMV_WARPS as u32,
+        )
     }
 
     /// Rows `ids` of `table` (`hidden` wide), in order; also gathers activation rows.

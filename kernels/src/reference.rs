@@ -128,6 +128,17 @@ pub fn add_bias(x: &[f32], bias: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// `x · wᵀ` for the rows of `x` (each `k` wide) and `w` `[n, k]`, summed in f64.
+pub fn matmul_t(x: &[f32], w: &[f32], k: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(x.len() / k * (w.len() / k));
+    for row in x.chunks(k) {
+        for wr in w.chunks(k) {
+            out.push(row.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum());
+        }
+    }
+    out
+}
+
 /// `silu(gate) * up` for rows of `[gate | up]`, each `inter` wide.
 pub fn silu_mul(gate_up: &[f32], inter: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(gate_up.len() / 2);

@@ -1,7 +1,7 @@
 //! The kernel sources, embedded in the binary. NVRTC sees no files, so each compiled unit is
 //! `cuda/common.cuh`, one `.cu` file and the line instantiating its kernels for one storage type
 //! (and, for attention, one head size): a [`Variant`]. A model needs one variant of each program,
-//! so a cold start compiles 4 small units instead of every kernel for every type and size.
+//! so a cold start compiles 5 small units instead of every kernel for every type and size.
 
 /// One NVRTC program: a `.cu` file and the kernels it defines. Each file defines
 /// `INSTANTIATE(suffix, type)` (attention: `INSTANTIATE(suffix, type, head_dim)`), which
@@ -55,7 +55,13 @@ pub const ATTENTION: Program = Program {
     kind: Kind::PerHeadDim,
 };
 
-pub const ALL: [Program; 4] = [CACHE, ELEMENTWISE, SAMPLING, ATTENTION];
+pub const GEMV: Program = Program {
+    name: "gemv",
+    body: include_str!("../cuda/gemv.cu"),
+    kind: Kind::PerDtype,
+};
+
+pub const ALL: [Program; 5] = [CACHE, ELEMENTWISE, SAMPLING, ATTENTION, GEMV];
 
 /// Kernels that are wrong on purpose, for the CPU emulator's own tests (`crate::emulator`);
 /// never loaded by [`crate::cuda::Kernels`].
@@ -168,6 +174,7 @@ impl Variant {
                 "embed",
             ],
             "sampling" => &["argmax", "top_k"],
+            "gemv" => &["gemv_add", "gemv_norm", "gemv_norm_gated"],
             "emulator_selftest" => {
                 return [
                     "reverse",

@@ -146,6 +146,90 @@ pub fn norms<T: Dtype>(k: &Kernels) {
     }
 }
 
+/// The fused small-batch projections (gemv.cu) against the separate references they fold
+/// together, with the same intermediate roundings to the storage type: odd and even widths,
+/// a row length that leaves the unrolled chunk loop partly empty, 1 to 4 input rows.
+pub fn gemv<T: Dtype>(k: &Kernels) {
+    let mut rng = TestRng::new(9);
+    let round = |v: f64| T::from_f32(v as f32).to_f32();
+    for (rows, n, width) in [(1, 33, 264), (2, 64, 1000), (4, 130, 4096)] {
+        let what = |op: &str| format!("{op} {} {rows}x{width} -> {n}", T::SUFFIX);
+        let scale = 1.0 / (width as f32).sqrt();
+        let w: Vec<f32> = rng.vec(n * width).iter().map(|v| v * scale).collect();
+        let w = rounded::<T>(&w);
+        let (x, norm) = (
+            rounded::<T>(&rng.vec(rows * width)),
+            rounded::<T>(&rng.vec(width)),
+        );
+        let residual = rounded::<T>(&rng.vec(rows * n));
+        let (dw, dx, dnorm) = (
+            upload::<T>(k, &w),
+            upload::<T>(k, &x),
+            upload::<T>(k, &norm),
+        );
+
+        // residual += x · wᵀ, the product rounded before the add as `linear` stores it.
+        let mut d_res = upload::<T>(k, &residual);
+        k.gemv_add(&mut d_res, &dx, &dw, width).unwrap();
+        let want: Vec<f64> = reference::matmul_t(&x, &w, width)
+            .iter()
+            .zip(&residual)
+            .map(|(&y, &r)| round(r as f64 + round(y) as f64) as f64)
+            .collect();
+        assert_close(
+            &what("gemv_add"),
+            &download(k, &d_res),
+            &want,
+            tol::<T>(false),
+        );
+
+        // rms_norm(x) · wᵀ, the normed input rounded as `rms_norm` stores it.
+        let normed: Vec<f32> = reference::rms_norm(&x, &norm, width, 1e-5)
+            .into_iter()
+            .map(round)
+            .collect();
+        let product = reference::matmul_t(&normed, &w, width);
+        let mut out = poisoned::<T>(k, rows * n);
+        k.gemv_norm(&mut out, &dx, &dnorm, 1e-5, &dw, width, false)
+            .unwrap();
+        assert_close(
+            &what("gemv_norm"),
+            &download(k, &out),
+            &product,
+            tol::<T>(false),
+        );
+
+        // The same through silu(gate) * up, gate and up rounded first.
+        if n % 2 == 0 {
+            let stored: Vec<f32> = product.iter().map(|&v| round(v)).collect();
+            let want = reference::silu_mul(&stored, n / 2);
+            let mut out = poisoned::<T>(k, rows * n / 2);
+            k.gemv_norm(&mut out, &dx, &dnorm, 1e-5, &dw, width, true)
+                .unwrap();
+            assert_close(
+                &what("gemv_norm_gated"),
+                &download(k, &out),
+                &want,
+                tol::<T>(false),
+            );
+        }
+    }
+    // Shapes the kernels cannot take are errors before any launch.
+    let (x, w) = (
+        upload::<T>(k, &[0.0; 5 * 64]),
+        upload::<T>(k, &[0.0; 64 * 2]),
+    );
+    let mut res = upload::<T>(k, &[0.0; 5 * 2]);
+    assert!(k.gemv_add(&mut res, &x, &w, 64).is_err(), "five rows");
+    let mut res = upload::<T>(k, &[0.0; 2]);
+    let x = upload::<T>(k, &[0.0; 60]);
+    let w = upload::<T>(k, &[0.0; 120]);
+    assert!(
+        k.gemv_add(&mut res, &x, &w, 60).is_err() || T::SUFFIX == "f32",
+        "60 is not whole 16-byte chunks of 16-bit values"
+    );
+}
+
 pub fn elementwise<T: Dtype>(k: &Kernels) {
     let mut rng = TestRng::new(2);
     // Rotary on a fused qkv row (q: 8 heads, k: 2 heads, v after them), Llama-3-like frequencies.
@@ -631,6 +715,12 @@ macro_rules! kernel_tests {
         #[ignore = $why]
         fn rotary_silu_and_embedding_match_the_reference() {
             for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, elementwise, k));
+        }
+
+        #[test]
+        #[ignore = $why]
+        fn fused_small_batch_projections_match_the_reference() {
+            for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, gemv, k));
         }
 
         #[test]
