@@ -616,7 +616,7 @@ impl Kernels {
         k: usize,
     ) -> Result<(usize, usize), KernelError> {
         let vec = 16 / std::mem::size_of::<T>();
-        let rows = if k == 0 { 0 } else { x_len / k };
+        let rows = x_len.checked_div(k).unwrap_or(0);
         shape(
             k > 0
                 && k.is_multiple_of(vec)
