@@ -32,9 +32,11 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DriverError, result};
-use llmctl_kernels::cuda::{Dtype, KernelError, Kernels, PagedCache, Split};
+use llmctl_kernels::cuda::{Dtype, GEMV_MAX_ROWS, KernelError, Kernels, PagedCache, Split};
 
-use super::{Backend, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch};
+use super::{
+    Backend, Boundary, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch, boundary_op_by_op,
+};
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{TensorView, fuse_f32};
@@ -312,6 +314,8 @@ pub struct CudaBackend<T> {
     stream: Arc<CudaStream>,
     pool: Arc<Pool>,
     graphs: Mutex<Graphs<T>>,
+    /// Sublayer boundaries of up to [`GEMV_MAX_ROWS`] rows run as two fused GEMV kernels.
+    fused_gemv: bool,
     _workspace: CudaSlice<u8>,
     _dtype: std::marker::PhantomData<T>,
 }
@@ -374,6 +378,7 @@ where
                 entries: HashMap::new(),
                 outputs: HashMap::new(),
             }),
+            fused_gemv: true,
             _workspace: workspace,
             _dtype: std::marker::PhantomData,
         })
@@ -382,6 +387,15 @@ where
     /// Whether decode steps are replayed from CUDA graphs (on by default).
     pub fn with_graphs(self, enabled: bool) -> Self {
         self.graphs.lock().expect("graphs lock").enabled = enabled;
+        self
+    }
+
+    /// Whether the hand-over between sublayers of a step of at most [`GEMV_MAX_ROWS`] tokens
+    /// (small-batch decode) runs as two fused GEMV kernels (projection + residual add, then
+    /// norm + projection + SiLU-and-mul) rather than cuBLAS and separate kernels (on by
+    /// default).
+    pub fn with_fused_gemv(mut self, enabled: bool) -> Self {
+        self.fused_gemv = enabled;
         self
     }
 
@@ -792,6 +806,42 @@ where
         if let Some(b) = bias {
             self.kernels.add_bias(&mut out.data, &b.data).or_die("bias");
         }
+        out
+    }
+
+    fn sublayer_boundary(
+        &self,
+        residual: &mut GpuMatrix<T>,
+        x: &GpuMatrix<T>,
+        b: &Boundary<'_, GpuMatrix<T>>,
+    ) -> GpuMatrix<T> {
+        // The fused kernels read rows in 16-byte chunks and take no bias.
+        let whole_chunks = |cols: usize| (cols * std::mem::size_of::<T>()).is_multiple_of(16);
+        let fused = self.fused_gemv
+            && (1..=GEMV_MAX_ROWS).contains(&x.rows)
+            && whole_chunks(x.cols)
+            && whole_chunks(residual.cols)
+            && b.out_bias.is_none()
+            && b.into_bias.is_none();
+        if !fused {
+            return boundary_op_by_op(self, residual, x, b);
+        }
+        self.kernels
+            .gemv_add(&mut residual.data, &x.data, &b.out.data, x.cols)
+            .or_die("gemv_add");
+        let n = b.into.rows;
+        let mut out = self.matrix(residual.rows, if b.gated { n / 2 } else { n });
+        self.kernels
+            .gemv_norm(
+                &mut out.data,
+                &residual.data,
+                &b.norm.data,
+                b.eps,
+                &b.into.data,
+                residual.cols,
+                b.gated,
+            )
+            .or_die("gemv_norm");
         out
     }
 

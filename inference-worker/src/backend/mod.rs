@@ -92,6 +92,21 @@ impl QkvShape {
     }
 }
 
+/// The weights where one sublayer hands over to the next ([`Backend::sublayer_boundary`]).
+pub struct Boundary<'a, W> {
+    /// The ending sublayer's output projection (o or down) and its bias.
+    pub out: &'a W,
+    pub out_bias: Option<&'a W>,
+    /// The next sublayer's input norm.
+    pub norm: &'a W,
+    pub eps: f32,
+    /// The next sublayer's input projection (`[q; k; v]` or `[gate; up]`) and its bias.
+    pub into: &'a W,
+    pub into_bias: Option<&'a W>,
+    /// `into` is `[gate; up]`: the result is `silu(gate) * up`.
+    pub gated: bool,
+}
+
 /// The operations of a Llama-family forward pass. Activations are row-major
 /// `[rows, cols]` matrices, one row per token.
 /// Steps a backend recorded for replay and steps it replayed (CUDA graphs); zero for a backend
@@ -177,6 +192,20 @@ pub trait Backend: Send + Sync + 'static {
         bias: Option<&Self::Weight>,
     ) -> Self::Activations;
 
+    /// Where one sublayer hands over to the next: `residual += x · outᵀ (+ out_bias)`, then
+    /// the next sublayer's input, `rms_norm(residual) * norm · intoᵀ (+ into_bias)`, through
+    /// `silu(gate) * up` when `gated`. By default the separate ops ([`boundary_op_by_op`]); a
+    /// backend may fuse them (the CUDA backend at small batch: two kernels, each reading its
+    /// weight once, instead of three or four launches).
+    fn sublayer_boundary(
+        &self,
+        residual: &mut Self::Activations,
+        x: &Self::Activations,
+        boundary: &Boundary<'_, Self::Weight>,
+    ) -> Self::Activations {
+        boundary_op_by_op(self, residual, x, boundary)
+    }
+
     /// Rotates the q and k columns of a fused qkv activation in place by the step's rotary rows.
     fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, step: &Self::Step);
 
@@ -232,6 +261,24 @@ pub trait Backend: Send + Sync + 'static {
     /// Waits until every operation issued so far has finished (a device runs them
     /// asynchronously; on the CPU they are done when they return).
     fn synchronize(&self) {}
+}
+
+/// [`Backend::sublayer_boundary`] as separate ops: [`Backend::linear`],
+/// [`Backend::add_rms_norm`], [`Backend::linear`] and, when gated, [`Backend::silu_mul`].
+pub fn boundary_op_by_op<B: Backend + ?Sized>(
+    backend: &B,
+    residual: &mut B::Activations,
+    x: &B::Activations,
+    b: &Boundary<'_, B::Weight>,
+) -> B::Activations {
+    let out = backend.linear(x, b.out, b.out_bias);
+    let hidden = backend.add_rms_norm(residual, &out, b.norm, b.eps);
+    let into = backend.linear(&hidden, b.into, b.into_bias);
+    if b.gated {
+        backend.silu_mul(&into)
+    } else {
+        into
+    }
 }
 
 /// Index of the largest value (the lowest index among equals).

@@ -8,7 +8,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Backend, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch};
+use super::{Backend, Boundary, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch};
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
 use crate::model::weights::TensorView;
@@ -16,12 +16,14 @@ use crate::model::weights::TensorView;
 /// Time spent in each kind of operation since the last [`Profiled::take`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OpTimes {
-    /// `linear`: the projections and the output head.
+    /// `linear` (the projections and the output head) and `sublayer_boundary` as a whole: the
+    /// projections on either side of a sublayer boundary with the residual add, norm and
+    /// SiLU-and-mul between them, which the CUDA backend fuses into them at small batch.
     pub gemm: Duration,
     /// `attention` and `write_kv`.
     pub attention: Duration,
-    /// Step inputs to the device, embedding, norms, rotary, SiLU-mul, row gathers, argmax,
-    /// copies to the host.
+    /// Step inputs to the device, embedding, the first and last norms, rotary, row gathers,
+    /// argmax, copies to the host.
     pub other: Duration,
 }
 
@@ -128,6 +130,17 @@ impl<B: Backend> Backend for Profiled<B> {
         bias: Option<&Self::Weight>,
     ) -> Self::Activations {
         self.timed(Kind::Gemm, || self.inner.linear(x, weight, bias))
+    }
+
+    fn sublayer_boundary(
+        &self,
+        residual: &mut Self::Activations,
+        x: &Self::Activations,
+        boundary: &Boundary<'_, Self::Weight>,
+    ) -> Self::Activations {
+        self.timed(Kind::Gemm, || {
+            self.inner.sublayer_boundary(residual, x, boundary)
+        })
     }
 
     fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, step: &Self::Step) {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::ModelError;
 use super::config::ModelConfig;
 use super::weights::WeightFiles;
-use crate::backend::{Backend, QkvShape, RopeRows, StepBatch};
+use crate::backend::{Backend, Boundary, QkvShape, RopeRows, StepBatch};
 
 struct Layer<B: Backend> {
     input_norm: B::Weight,
@@ -170,28 +170,51 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The forward pass over a prepared step: K/V written, and the logits rows if `logits`.
+    /// Between sublayers the residual add, the next norm and (into the MLP) SiLU-and-mul go
+    /// with the projections around them ([`Backend::sublayer_boundary`]), so a backend can fuse
+    /// them.
     fn pass(&self, cache: &mut B::KvCache, step: &B::Step, logits: bool) -> Option<B::Activations> {
         let b = &self.backend;
         let eps = self.config.rms_norm_eps;
         let shape = self.qkv_shape();
         let mut residual = b.embed(&self.embed, step);
-        let mut hidden = b.rms_norm(&residual, &self.layers[0].input_norm, eps);
+        let first = &self.layers[0];
+        let hidden = b.rms_norm(&residual, &first.input_norm, eps);
+        let mut qkv = b.linear(&hidden, &first.qkv, first.qkv_bias.as_ref());
         for (i, layer) in self.layers.iter().enumerate() {
-            let mut qkv = b.linear(&hidden, &layer.qkv, layer.qkv_bias.as_ref());
             b.rotary_write_kv(cache, i, &mut qkv, shape, step);
             let attn = b.attention(&qkv, cache, i, shape, step);
-            let o = b.linear(&attn, &layer.o, layer.o_bias.as_ref());
-            hidden = b.add_rms_norm(&mut residual, &o, &layer.post_norm, eps);
-            let gate_up = b.linear(&hidden, &layer.gate_up, layer.gate_up_bias.as_ref());
-            let act = b.silu_mul(&gate_up);
-            let down = b.linear(&act, &layer.down, layer.down_bias.as_ref());
-            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_norm);
-            hidden = b.add_rms_norm(&mut residual, &down, next_norm, eps);
+            let into_mlp = Boundary {
+                out: &layer.o,
+                out_bias: layer.o_bias.as_ref(),
+                norm: &layer.post_norm,
+                eps,
+                into: &layer.gate_up,
+                into_bias: layer.gate_up_bias.as_ref(),
+                gated: true,
+            };
+            let act = b.sublayer_boundary(&mut residual, &attn, &into_mlp);
+            let Some(next) = self.layers.get(i + 1) else {
+                // A pass that only writes K/V is done with the last attention.
+                if !logits {
+                    return None;
+                }
+                let down = b.linear(&act, &layer.down, layer.down_bias.as_ref());
+                let hidden = b.add_rms_norm(&mut residual, &down, &self.norm, eps);
+                let rows = b.logits_rows(&hidden, step);
+                return Some(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None));
+            };
+            let into_attention = Boundary {
+                out: &layer.down,
+                out_bias: layer.down_bias.as_ref(),
+                norm: &next.input_norm,
+                eps,
+                into: &next.qkv,
+                into_bias: next.qkv_bias.as_ref(),
+                gated: false,
+            };
+            qkv = b.sublayer_boundary(&mut residual, &act, &into_attention);
         }
-        if !logits {
-            return None;
-        }
-        let rows = b.logits_rows(&hidden, step);
-        Some(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None))
+        unreachable!("the last layer returns")
     }
 }

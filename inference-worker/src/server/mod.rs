@@ -80,6 +80,11 @@ pub struct WorkerArgs {
     /// batch-size bucket (`--cuda-graphs false` runs every step op by op).
     #[arg(long, env = "LLMCTL_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
+    /// On CUDA: steps of at most 4 tokens (small-batch decode) run each hand-over between
+    /// sublayers as two fused GEMV kernels instead of cuBLAS and separate norm, residual and
+    /// SiLU kernels (`--fused-gemv false` keeps the separate ones).
+    #[arg(long, env = "LLMCTL_FUSED_GEMV", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fused_gemv: bool,
 }
 
 /// Where the forward pass runs.
@@ -310,7 +315,8 @@ where
     );
     let backend = crate::backend::cuda::CudaBackend::<T>::new(ordinal)
         .with_context(|| format!("--device cuda:{ordinal}"))?
-        .with_graphs(args.cuda_graphs);
+        .with_graphs(args.cuda_graphs)
+        .with_fused_gemv(args.fused_gemv);
     let loaded = crate::model::load(&args.model, backend)?;
     let (free, total) = crate::backend::cuda::device_memory();
     // Keep (1 - util) of the GPU for others and a margin for activations and cuBLAS workspace.

@@ -2,7 +2,8 @@
 //! (the embedding only for the batch's rows; a tied embedding in full, as the output head) and
 //! each sequence's K/V; at batch 1 that reading is the floor, so the roofline is those bytes
 //! over the device's measured copy bandwidth. Reports, per batch size, the step time of a plain
-//! run (on a GPU: decode steps replayed from CUDA graphs, and again op by op), the roofline,
+//! run (on a GPU: decode steps replayed from CUDA graphs, again op by op, and at small batch
+//! again without the fused sublayer-boundary GEMVs), the roofline,
 //! their ratio, and where the step goes (GEMMs, attention with the KV
 //! write, other operations, host-side work), measured in a second run whose backend waits for
 //! the device around each operation (`backend::profiled`), with each component's own roofline.
@@ -24,6 +25,7 @@ use llmctl_inference_worker::backend::profiled::{OpTimes, Profiled};
 use llmctl_inference_worker::engine::{Engine, EngineConfig, SamplingParams};
 use llmctl_inference_worker::model::{self, init::Preset};
 use llmctl_inference_worker::server::Device;
+use llmctl_kernels::cuda::GEMV_MAX_ROWS;
 use rayon::prelude::*;
 use serde_json::Value;
 
@@ -139,6 +141,9 @@ struct Measured {
     step: f64,
     /// The step time with CUDA graphs off (GPU only).
     op_by_op_step: Option<f64>,
+    /// The step time with the sublayer boundaries on cuBLAS and separate kernels instead of
+    /// the fused GEMVs (GPU, batches the fused path takes).
+    unfused_step: Option<f64>,
     ops: OpTimes,
     profiled_step: f64,
 }
@@ -204,29 +209,32 @@ fn engine_config(batch: usize, args: &Args) -> EngineConfig {
     }
 }
 
-/// A plain run for the step time (and, where `graphs` says the backend has CUDA graphs, one
-/// with them off), then a profiled one for the breakdown (per step). `backend(graphs)` makes
-/// the backend.
+/// A plain run for the step time (and, on a GPU, one with CUDA graphs off and, where the
+/// fused GEMVs take the batch, one without them), then a profiled one for the breakdown (per
+/// step). `backend(graphs, fused)` makes the backend.
 fn measure<B: Backend>(
     dir: &Path,
     batch: usize,
     args: &Args,
-    graphs: bool,
-    backend: impl Fn(bool) -> Result<B>,
+    gpu: bool,
+    backend: impl Fn(bool, bool) -> Result<B>,
 ) -> Result<Measured> {
-    let plain = |graphs: bool| -> Result<f64> {
+    let plain = |graphs: bool, fused: bool| -> Result<f64> {
         let mut engine = Engine::new(
-            model::load(dir, backend(graphs)?)?,
+            model::load(dir, backend(graphs, fused)?)?,
             engine_config(batch, args),
         );
         fill(&mut engine, batch, args)?;
         time_steps(&mut engine, batch, args.steps)
     };
-    let step = plain(graphs)?;
-    let op_by_op_step = graphs.then(|| plain(false)).transpose()?;
+    let step = plain(gpu, true)?;
+    let op_by_op_step = gpu.then(|| plain(false, true)).transpose()?;
+    let unfused_step = (gpu && batch <= GEMV_MAX_ROWS)
+        .then(|| plain(true, false))
+        .transpose()?;
     // Op by op: a graph's replay cannot be timed by op, and its padding would inflate them.
     let mut engine = Engine::new(
-        model::load(dir, Profiled::new(backend(false)?))?,
+        model::load(dir, Profiled::new(backend(false, true)?))?,
         engine_config(batch, args),
     );
     fill(&mut engine, batch, args)?;
@@ -237,6 +245,7 @@ fn measure<B: Backend>(
     Ok(Measured {
         step,
         op_by_op_step,
+        unfused_step,
         ops: OpTimes {
             gemm: per_step(total.gemm),
             attention: per_step(total.attention),
@@ -244,6 +253,11 @@ fn measure<B: Backend>(
         },
         profiled_step,
     })
+}
+
+/// Milliseconds to 3 places, or "-" for a run not made.
+fn optional_ms(seconds: Option<f64>) -> String {
+    seconds.map_or("-".to_owned(), |s| format!("{:.3}", s * 1e3))
 }
 
 /// Copy bandwidth of host memory in GB/s (read plus written), with `threads` threads.
@@ -303,9 +317,9 @@ fn main() -> Result<()> {
     let mut table = format!(
         "Model: {} ({}); device {device}, copy bandwidth {copy_gbs:.0} GB/s; context {} \
          tokens, {} timed steps.\n\n\
-         | batch | step ms | op-by-op step ms | roofline ms | step / roofline \
+         | batch | step ms | op-by-op step ms | unfused step ms | roofline ms | step / roofline \
          | GEMM ms (roofline) | attention ms (roofline) | other ops ms | host ms |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         dir.display(),
         if cuda.is_some() { "bf16" } else { "f32" },
         args.context,
@@ -313,9 +327,11 @@ fn main() -> Result<()> {
     );
     for &batch in &args.batches {
         let measured = match cuda {
-            None => measure(&dir, batch, &args, false, |_| Ok(CpuBackend::new()))?,
-            Some(ordinal) => measure(&dir, batch, &args, true, |graphs| {
-                Ok(CudaBackend::<bf16>::new(ordinal)?.with_graphs(graphs))
+            None => measure(&dir, batch, &args, false, |_, _| Ok(CpuBackend::new()))?,
+            Some(ordinal) => measure(&dir, batch, &args, true, |graphs, fused| {
+                Ok(CudaBackend::<bf16>::new(ordinal)?
+                    .with_graphs(graphs)
+                    .with_fused_gemv(fused))
             })?,
         };
         let bytes = step_bytes(
@@ -330,12 +346,11 @@ fn main() -> Result<()> {
         let ops = measured.ops;
         let host = measured.profiled_step - (ops.gemm + ops.attention + ops.other).as_secs_f64();
         let row = format!(
-            "| {batch} | {:.3} | {} | {:.3} | {:.2} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.3} | {:.3} |
+            "| {batch} | {:.3} | {} | {} | {:.3} | {:.2} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.3} | {:.3} |
 ",
             ms(measured.step),
-            measured
-                .op_by_op_step
-                .map_or("-".to_owned(), |s| format!("{:.3}", ms(s))),
+            optional_ms(measured.op_by_op_step),
+            optional_ms(measured.unfused_step),
             ms(roof),
             measured.step / roof,
             ms(ops.gemm.as_secs_f64()),
@@ -350,9 +365,12 @@ fn main() -> Result<()> {
     }
     table.push_str(
         "\nStep: decode steps replayed from CUDA graphs on a GPU; op-by-op: the same with graphs \
-         off. Roofline: weights (the embedding's batch rows, or all of it when tied) plus K/V at \
-         the mean context, over the copy bandwidth. Breakdown from a second run that waits for \
-         the device around each operation; host = that run's step minus its operations.\n",
+         off; unfused: graphs on, but each sublayer boundary on cuBLAS and separate residual, \
+         norm and SiLU kernels instead of the fused GEMVs (batches of at most 4). Roofline: \
+         weights (the embedding's batch rows, or all of it when tied) plus K/V at the mean \
+         context, over the copy bandwidth. Breakdown from a second run that waits for the \
+         device around each operation (a fused boundary counts as GEMM); host = that run's \
+         step minus its operations.\n",
     );
     println!("{table}");
     if let Some(out) = &args.out {

@@ -114,6 +114,7 @@ fn main() -> Result<()> {
             device: args.device,
             gpu_memory_utilization: 0.9,
             cuda_graphs: true,
+            fused_gemv: true,
         });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
