@@ -7,7 +7,11 @@
 //!   bandwidth. Several caches are rotated so small shapes are not served from L2;
 //! - prefill attention (causal, one sequence of 1k to 16k tokens): TFLOP/s, side by side with
 //!   PyTorch's `scaled_dot_product_attention` on the same shapes when `--sdpa SCRIPT` names
-//!   `perf/gpu/sdpa_bench.py` (run in the same call; its JSON is merged into the table).
+//!   `perf/gpu/sdpa_bench.py` (run in the same call; its JSON is merged into the table);
+//! - the fused small-batch projections (gemv.cu) on the Llama-3.2-1B and Llama-3.1-8B
+//!   projection shapes at 1 and 4 rows: weight bandwidth against the copy bandwidth, side by
+//!   side with a plain cuBLAS GEMM of the same shape (which does less: no norm, residual or
+//!   SiLU). Weights rotate through copies larger than L2.
 //!
 //! Times are medians over `--repeats` runs, after a warm-up, with device events.
 //! `perf/gpu/run.sh` builds this on a build machine and runs it on the GPU machine.
@@ -16,6 +20,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use llmctl_kernels::cuda::{Kernels, PagedCache, Split};
@@ -32,6 +37,9 @@ struct Args {
     /// Write the table to this file as well.
     #[arg(long)]
     out: Option<String>,
+    /// Which parts to run: `decode`, `prefill`, `gemv`.
+    #[arg(long, value_delimiter = ',', default_value = "decode,prefill,gemv")]
+    sections: Vec<String>,
 }
 
 const Q_HEADS: usize = 32;
@@ -178,34 +186,153 @@ fn sdpa_times(script: &str, lens: &[usize], repeats: usize) -> Result<serde_json
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    let k = Kernels::new(0)?;
-    let mut rng = TestRng::new(42);
-    let copy = copy_bandwidth(&k, args.repeats)?;
-    let mut text = format!(
-        "Device: {} ({}, {} SMs); copy bandwidth {copy:.0} GB/s (device-to-device, read + write)\n\n\
-         Decode attention, bf16, head_dim {HEAD_DIM}, {Q_HEADS} query / {KV_HEADS} KV heads, block {BLOCK}:\n\n\
-         | batch x context | partitions | µs | GB/s | of copy BW |\n|---|---:|---:|---:|---:|\n",
-        k.device_name, k.arch, k.sm_count
-    );
-    for (seqs, ctx) in [(1, 65536), (16, 4096), (64, 1024), (8, 1024)] {
-        let row = decode(&k, &mut rng, seqs, ctx, args.repeats, copy)?;
-        eprintln!("{row}");
-        text += &row;
-        text.push('\n');
-    }
+/// A projection shape: `n` outputs of `k` inputs, and whether it is a `[gate; up]` one.
+struct Projection {
+    model: &'static str,
+    name: &'static str,
+    n: usize,
+    k: usize,
+    gated: bool,
+}
+
+const PROJECTIONS: [Projection; 8] = [
+    Projection {
+        model: "1B",
+        name: "qkv",
+        n: 3072,
+        k: 2048,
+        gated: false,
+    },
+    Projection {
+        model: "1B",
+        name: "o",
+        n: 2048,
+        k: 2048,
+        gated: false,
+    },
+    Projection {
+        model: "1B",
+        name: "gate_up",
+        n: 16384,
+        k: 2048,
+        gated: true,
+    },
+    Projection {
+        model: "1B",
+        name: "down",
+        n: 2048,
+        k: 8192,
+        gated: false,
+    },
+    Projection {
+        model: "8B",
+        name: "qkv",
+        n: 6144,
+        k: 4096,
+        gated: false,
+    },
+    Projection {
+        model: "8B",
+        name: "o",
+        n: 4096,
+        k: 4096,
+        gated: false,
+    },
+    Projection {
+        model: "8B",
+        name: "gate_up",
+        n: 28672,
+        k: 4096,
+        gated: true,
+    },
+    Projection {
+        model: "8B",
+        name: "down",
+        n: 4096,
+        k: 14336,
+        gated: false,
+    },
+];
+
+/// One projection at `rows` rows: the fused GEMV the worker runs there (`gemv_norm`, gated
+/// for `[gate; up]`; `gemv_add` for o and down) against cuBLAS's plain GEMM.
+fn projection(
+    k: &Kernels,
+    blas: &CudaBlas,
+    rng: &mut TestRng,
+    p: &Projection,
+    rows: usize,
+    repeats: usize,
+    copy_gbs: f64,
+) -> Result<String> {
+    // Enough copies of the weight to exceed a Hopper L2 (50 MB) several times.
+    let bytes = p.n * p.k * 2;
+    let copies = (256usize << 20).div_ceil(bytes).max(2);
+    let weights = (0..copies)
+        .map(|_| random(k, rng, p.n * p.k))
+        .collect::<Result<Vec<_>>>()?;
+    let x = random(k, rng, rows * p.k)?;
+    let norm = random(k, rng, p.k)?;
+    let width = if p.gated { p.n / 2 } else { p.n };
+    let mut out = k.stream().alloc_zeros::<bf16>(rows * width)?;
+    let mut residual = random(k, rng, rows * p.n)?;
+    let add = matches!(p.name, "o" | "down");
+    let gemv = time_ms(k, repeats, |i| {
+        let w = &weights[i % copies];
+        if add {
+            k.gemv_add(&mut residual, &x, w, p.k)?;
+        } else {
+            k.gemv_norm(&mut out, &x, &norm, 1e-5, w, p.k, p.gated)?;
+        }
+        Ok(())
+    })?;
+    let mut gemm_out = k.stream().alloc_zeros::<bf16>(rows * p.n)?;
+    let cublas = time_ms(k, repeats, |i| {
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: p.n as i32,
+            n: rows as i32,
+            k: p.k as i32,
+            alpha: bf16::ONE,
+            lda: p.k as i32,
+            ldb: p.k as i32,
+            beta: bf16::ZERO,
+            ldc: p.n as i32,
+        };
+        // SAFETY: the buffers hold n·k, rows·k and rows·n elements as the config says.
+        unsafe { blas.gemm(cfg, &weights[i % copies], &x, &mut gemm_out) }?;
+        Ok(())
+    })?;
+    let gbs = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+    Ok(format!(
+        "| {} {} {}x{} | {rows} | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.2} |",
+        p.model,
+        p.name,
+        p.n,
+        p.k,
+        gemv * 1e3,
+        gbs(gemv),
+        100.0 * gbs(gemv) / copy_gbs,
+        cublas * 1e3,
+        gbs(cublas),
+        gemv / cublas,
+    ))
+}
+
+/// Prefill attention at 1k to 16k tokens, with PyTorch's SDPA when `--sdpa` names its script.
+fn prefill_section(k: &Kernels, rng: &mut TestRng, args: &Args, text: &mut String) -> Result<()> {
     let lens = [1024, 2048, 4096, 8192, 16384];
     let sdpa = match &args.sdpa {
         Some(script) => Some(sdpa_times(script, &lens, args.repeats)?),
         None => None,
     };
-    text += &format!(
+    *text += &format!(
         "\nPrefill attention, causal, bf16, head_dim {HEAD_DIM}, {Q_HEADS}/{KV_HEADS} heads, one sequence:\n\n\
          | tokens | llmctl ms | llmctl TFLOP/s | SDPA ms | SDPA TFLOP/s | llmctl / SDPA time |\n|---:|---:|---:|---:|---:|---:|\n"
     );
     for len in lens {
-        let (ms, tflops) = prefill(&k, &mut rng, len, args.repeats)?;
+        let (ms, tflops) = prefill(k, rng, len, args.repeats)?;
         let reference = sdpa.as_ref().and_then(|s| {
             let r = &s[len.to_string()];
             Some((r["ms"].as_f64()?, r["tflops"].as_f64()?))
@@ -220,7 +347,54 @@ fn main() -> Result<()> {
         };
         let row = format!("| {len} | {ms:.3} | {tflops:.1} | {sms} | {stf} | {ratio} |\n");
         eprint!("{row}");
-        text += &row;
+        *text += &row;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let k = Kernels::new(0)?;
+    let mut rng = TestRng::new(42);
+    let copy = copy_bandwidth(&k, args.repeats)?;
+    let run = |section: &str| args.sections.iter().any(|s| s == section);
+    let mut text = format!(
+        "Device: {} ({}, {} SMs); copy bandwidth {copy:.0} GB/s (device-to-device, read + write)\n",
+        k.device_name, k.arch, k.sm_count
+    );
+    if run("decode") {
+        text += &format!(
+            "\nDecode attention, bf16, head_dim {HEAD_DIM}, {Q_HEADS} query / {KV_HEADS} KV heads, block {BLOCK}:\n\n\
+             | batch x context | partitions | µs | GB/s | of copy BW |\n|---|---:|---:|---:|---:|\n"
+        );
+        for (seqs, ctx) in [(1, 65536), (16, 4096), (64, 1024), (8, 1024)] {
+            let row = decode(&k, &mut rng, seqs, ctx, args.repeats, copy)?;
+            eprintln!("{row}");
+            text += &row;
+            text.push('\n');
+        }
+    }
+    if run("prefill") {
+        prefill_section(&k, &mut rng, &args, &mut text)?;
+    }
+    if run("gemv") {
+        text += "\nFused small-batch projections (gemv.cu), bf16, against a plain cuBLAS GEMM of the \
+             same shape (o and down: `gemv_add`; qkv: `gemv_norm`; gate_up: `gemv_norm_gated`):\n\n\
+             | projection n x k | rows | GEMV µs | GB/s | of copy BW | cuBLAS µs | cuBLAS GB/s | GEMV / cuBLAS time |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n";
+        let blas = CudaBlas::new(k.stream().clone())?;
+        for p in &PROJECTIONS {
+            for rows in [1, 4] {
+                // A failure here is reported in the table, not fatal to the rows above.
+                let row = projection(&k, &blas, &mut rng, p, rows, args.repeats, copy)
+                    .unwrap_or_else(|e| {
+                        format!("| {} {} | {rows} | failed: {e:#} |", p.model, p.name)
+                    });
+                eprintln!("{row}");
+                text += &row;
+                text.push('\n');
+            }
+        }
     }
     println!("{text}");
     if let Some(path) = args.out {
