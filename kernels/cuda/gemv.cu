@@ -12,12 +12,13 @@
 //
 // A warp computes a pair of W rows (plain: 2p and 2p + 1; gated: gate row p and up row
 // p + n / 2, so SiLU-and-mul needs nothing from other warps), its lanes splitting k by 16-byte
-// chunks with GEMV_UNROLL chunks of each row in flight per lane; x (a few KB) comes from L1.
+// chunks with GEMV_UNROLL chunks of each row in flight per lane (a 2048-wide row is one round
+// trip); x (a few KB) comes from L1.
 // grid: (ceil(pairs / GEMV_WARPS)), block: 32 * GEMV_WARPS.
 
 #define GEMV_MAX_ROWS 4
 #define GEMV_WARPS 4
-#define GEMV_UNROLL 4
+#define GEMV_UNROLL 8
 static_assert(GEMV_WARPS >= GEMV_MAX_ROWS, "a warp per row finds the rows' norms");
 
 template <typename T, bool NORM, bool GATED, bool ADD>
@@ -27,6 +28,30 @@ __device__ void gemv(T* __restrict__ out, const T* __restrict__ x, const T* __re
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int chunks = k / VEC;
     const Vec16* xv = reinterpret_cast<const Vec16*>(x);
+
+    const int pairs = GATED ? n / 2 : (n + 1) / 2;
+    const int pair = blockIdx.x * GEMV_WARPS + warp;
+    const bool active = pair < pairs;
+    const int r0 = GATED ? pair : 2 * pair;
+    const int r1 = GATED ? pair + n / 2 : 2 * pair + 1;
+    const bool has_r1 = r1 < n;  // false only for the last row of an odd n
+    const Vec16* w0 = reinterpret_cast<const Vec16*>(w + (i64)r0 * k);
+    const Vec16* w1 = reinterpret_cast<const Vec16*>(w + (i64)(has_r1 ? r1 : r0) * k);
+
+    // This lane's chunks of both rows, GEMV_UNROLL at a time: the first batch is asked for
+    // before the norms below, so its latency overlaps theirs.
+    Vec16 a[GEMV_UNROLL], b[GEMV_UNROLL];
+    auto load = [&](int base) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int c = base + 32 * u;
+            if (c < chunks) {
+                a[u] = w0[c];
+                b[u] = w1[c];
+            }
+        }
+    };
+    if (active) load(lane);
 
     // Each of the first `rows` warps finds its row's 1 / rms.
     __shared__ float inv_rms[GEMV_MAX_ROWS];
@@ -44,29 +69,13 @@ __device__ void gemv(T* __restrict__ out, const T* __restrict__ x, const T* __re
         }
         __syncthreads();
     }
-
-    const int pairs = GATED ? n / 2 : (n + 1) / 2;
-    const int pair = blockIdx.x * GEMV_WARPS + warp;
-    if (pair >= pairs) return;
-    const int r0 = GATED ? pair : 2 * pair;
-    const int r1 = GATED ? pair + n / 2 : 2 * pair + 1;
-    const bool has_r1 = r1 < n;  // false only for the last row of an odd n
-    const Vec16* w0 = reinterpret_cast<const Vec16*>(w + (i64)r0 * k);
-    const Vec16* w1 = reinterpret_cast<const Vec16*>(w + (i64)(has_r1 ? r1 : r0) * k);
+    if (!active) return;
 
     float acc0[GEMV_MAX_ROWS], acc1[GEMV_MAX_ROWS];
 #pragma unroll
     for (int m = 0; m < GEMV_MAX_ROWS; ++m) acc0[m] = acc1[m] = 0.f;
     for (int base = lane; base < chunks; base += 32 * GEMV_UNROLL) {
-        Vec16 a[GEMV_UNROLL], b[GEMV_UNROLL];
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) {
-            const int c = base + 32 * u;
-            if (c < chunks) {
-                a[u] = w0[c];
-                b[u] = w1[c];
-            }
-        }
+        if (base != lane) load(base);
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int c = base + 32 * u;
