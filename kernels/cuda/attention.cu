@@ -79,10 +79,45 @@ struct DecodeShape {
     static_assert(D % VEC == 0, "rows are whole 16-byte chunks");
 };
 
+// Output rows of the `heads` query heads from `h0` of sequence `seq`, merged from their
+// split-KV partitions: each partition's partial output weighted by exp(its max - the max),
+// over the likewise weighted sum. Partials come through L2 (load_cg): other SMs wrote them
+// during this launch. MERGE_BATCH partitions' loads are in flight per thread.
+#define MERGE_BATCH 8
+template <typename T, int D>
+__device__ void merge_partitions(T* __restrict__ out, const float* __restrict__ part_out,
+                                 const float* __restrict__ part_ml, int seq, int h0, int heads,
+                                 int num_q_heads, int parts) {
+    for (int i = threadIdx.x; i < heads * D; i += blockDim.x) {
+        const int h = h0 + i / D, d = i % D;
+        const i64 base = ((i64)seq * num_q_heads + h) * parts;
+        float mx = NEG_INF;
+        for (int p0 = 0; p0 < parts; p0 += MERGE_BATCH) {
+#pragma unroll
+            for (int p = p0; p < p0 + MERGE_BATCH; ++p)
+                if (p < parts) mx = fmaxf(mx, load_cg(part_ml + (base + p) * 2));
+        }
+        float sum = 0.f, o = 0.f;
+        if (mx != NEG_INF) {
+            for (int p0 = 0; p0 < parts; p0 += MERGE_BATCH) {
+#pragma unroll
+                for (int p = p0; p < p0 + MERGE_BATCH; ++p) {
+                    if (p >= parts) break;
+                    const float f = __expf(load_cg(part_ml + (base + p) * 2) - mx);
+                    sum += load_cg(part_ml + (base + p) * 2 + 1) * f;
+                    o += load_cg(part_out + (base + p) * D + d) * f;
+                }
+            }
+        }
+        out[((i64)seq * num_q_heads + h) * D + d] = from_float<T>(sum > 0.f ? o / sum : 0.f);
+    }
+}
+
 // grid: (num_kv_heads * ceil(group / MAX_GROUP), num_seqs, num_partitions); block: 32 * WARPS.
 template <typename T, int D>
 __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
-                       float* __restrict__ part_ml, const T* __restrict__ q, i64 q_stride,
+                       float* __restrict__ part_ml, unsigned* __restrict__ done,
+                       const T* __restrict__ q, i64 q_stride,
                        const T* __restrict__ k_cache, const T* __restrict__ v_cache, Ctx c,
                        const int* __restrict__ context_lens, int num_q_heads,
                        int partition_size, float scale) {
@@ -276,27 +311,24 @@ __device__ void decode(T* __restrict__ out, float* __restrict__ part_out,
             }
         }
     }
-}
+    if (parts == 1) return;
 
-// Combines split-KV partitions. grid: (num_q_heads, num_seqs); block: 128.
-template <typename T, int D>
-__device__ void reduce(T* __restrict__ out, const float* __restrict__ part_out,
-                       const float* __restrict__ part_ml, int num_q_heads, int parts) {
-    const int h = blockIdx.x, seq = blockIdx.y;
-    const i64 base = ((i64)seq * num_q_heads + h) * parts;
-    float mx = NEG_INF;
-    for (int p = 0; p < parts; ++p) mx = fmaxf(mx, part_ml[(base + p) * 2]);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float sum = 0.f, o = 0.f;
-        if (mx != NEG_INF) {
-            for (int p = 0; p < parts; ++p) {
-                const float f = __expf(part_ml[(base + p) * 2] - mx);
-                sum += part_ml[(base + p) * 2 + 1] * f;
-                o += part_out[(base + p) * D + d] * f;
-            }
-        }
-        out[((i64)seq * num_q_heads + h) * D + d] = from_float<T>(sum > 0.f ? o / sum : 0.f);
+    // The last of the partitions of this (sequence, head group) to finish merges them all, so
+    // a split costs no second launch. Each CTA makes its partials visible device-wide before
+    // counting itself done; the merger resets the count for the next launch (a CUDA graph
+    // replays the same counters).
+    __shared__ bool s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* count = done + (i64)seq * gridDim.x + blockIdx.x;
+        s_last = atomicAdd(count, 1u) == (unsigned)parts - 1;
+        if (s_last) *count = 0;
     }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    merge_partitions<T, D>(out, part_out, part_ml, seq, kv_head * group + g0, gn, num_q_heads, parts);
 }
 
 #define ROWS_PER_WARP 4
@@ -606,17 +638,13 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
 
 #define INSTANTIATE(S, T, D)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_decode_##S##_d##D( \
-        T* out, float* part_out, float* part_ml, const T* q, i64 q_stride, const T* k_cache,  \
-        const T* v_cache, const int* block_tables, int max_blocks, int block_size,           \
-        int num_kv_heads, const int* context_lens, int num_q_heads, int partition_size,      \
-        float scale) {                                                                        \
+        T* out, float* part_out, float* part_ml, unsigned* done, const T* q, i64 q_stride,   \
+        const T* k_cache, const T* v_cache, const int* block_tables, int max_blocks,          \
+        int block_size, int num_kv_heads, const int* context_lens, int num_q_heads,           \
+        int partition_size, float scale) {                                                    \
         Ctx c = {block_tables, max_blocks, block_size, num_kv_heads};                         \
-        decode<T, D>(out, part_out, part_ml, q, q_stride, k_cache, v_cache, c, context_lens,  \
-                     num_q_heads, partition_size, scale);                                     \
-    }                                                                                         \
-    extern "C" __global__ void paged_attention_reduce_##S##_d##D(                             \
-        T* out, const float* part_out, const float* part_ml, int num_q_heads, int parts) {    \
-        reduce<T, D>(out, part_out, part_ml, num_q_heads, parts);                             \
+        decode<T, D>(out, part_out, part_ml, done, q, q_stride, k_cache, v_cache, c,          \
+                     context_lens, num_q_heads, partition_size, scale);                       \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, 1) attention_prefill_##S##_d##D( \
         T* out, const T* q, i64 q_stride, const T* k_cache, const T* v_cache,                 \

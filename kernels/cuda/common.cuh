@@ -162,6 +162,18 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// A float from global memory through L2 only (ld.global.cg): for data other CTAs wrote during
+// the same launch, which this SM's L1 may not see.
+__device__ __forceinline__ float load_cg(const float* p) {
+#ifdef LLMCTL_EMULATOR
+    return *p;
+#else
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+    return v;
+#endif
+}
+
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<bf16> { static constexpr bool value = true; };
 

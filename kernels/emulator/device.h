@@ -192,6 +192,15 @@ inline T __shfl_up_sync(unsigned, T v, unsigned delta, int = 32) {
     return emu::exchange(v, [delta](unsigned lane) { return lane >= delta ? lane - delta : lane; });
 }
 
+// Blocks run one after another and threads switch only at barriers: memory is always
+// coherent and an atomic is a plain read-modify-write.
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+
 inline float __uint_as_float(unsigned u) {
     float f;
     memcpy(&f, &u, 4);

@@ -100,6 +100,10 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// Warps per GEMV block (gemv.cu's GEMV_WARPS).
 const GEMV_WARPS: usize = 4;
 
+/// Split decode's counters ([`Kernels`]): the split heuristic splits only grids of fewer than
+/// two CTAs per SM, far below this.
+const SPLIT_COUNTERS: usize = 4096;
+
 /// A decode launch's split of the context ([`Kernels::decode_plan`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -129,6 +133,10 @@ pub struct Kernels {
     pub arch: &'static str,
     pub sm_count: usize,
     pub device_name: String,
+    /// Split decode's per-(sequence, head group) counts of finished partitions: zero between
+    /// launches (the merging CTA resets its count), allocated once so a graph can hold them.
+    /// One stream carries every launch, so launches never share them at once.
+    split_done: CudaSlice<u32>,
 }
 
 impl Kernels {
@@ -153,9 +161,11 @@ impl Kernels {
         unsafe { ctx.disable_event_tracking() };
         // A stream of its own, not the legacy default stream, which cannot capture CUDA graphs.
         let stream = ctx.new_stream()?;
+        let split_done = stream.alloc_zeros::<u32>(SPLIT_COUNTERS)?;
         Ok(Self {
             ctx,
             stream,
+            split_done,
             modules: Mutex::default(),
             functions: Mutex::default(),
             arch,
@@ -845,6 +855,15 @@ impl Kernels {
             part_out.len() >= plan.scratch_len && part_ml.len() >= plan.ml_len,
             || "decode: the split's scratch is too small for its plan".into(),
         )?;
+        shape(
+            plan.partitions == 1 || num_seqs * plan.kv_head_ctas <= SPLIT_COUNTERS,
+            || {
+                format!(
+                    "decode: a split of {} sequences x {} head groups has more than {SPLIT_COUNTERS} counters",
+                    num_seqs, plan.kv_head_ctas
+                )
+            },
+        )?;
         if num_seqs == 0 {
             return Ok(());
         }
@@ -863,6 +882,7 @@ impl Kernels {
             .arg(&mut *out)
             .arg(&mut *part_out)
             .arg(&mut *part_ml)
+            .arg(&self.split_done)
             .arg(q)
             .arg(&stride)
             .arg(cache.k)
@@ -883,19 +903,6 @@ impl Kernels {
                 128,
             ))
         }?;
-        if parts > 1 {
-            let r = self.function::<T>(source::ATTENTION, "paged_attention_reduce", Some(d))?;
-            let p = parts as i32;
-            let mut launch = self.stream.launch_builder(&r);
-            launch
-                .arg(out)
-                .arg(&*part_out)
-                .arg(&*part_ml)
-                .arg(&nq)
-                .arg(&p);
-            // SAFETY: matches `paged_attention_reduce_*`; the scratch was sized for `parts`.
-            unsafe { launch.launch(Self::config((num_q_heads as u32, num_seqs as u32, 1), 128)) }?;
-        }
         Ok(())
     }
 

@@ -297,7 +297,7 @@ pub fn paged_attention(
 /// 16 iterations for an 8-KV-head model. One partition when the grid already fills the GPU (at
 /// least two CTAs per SM) or contexts are at most two partitions; otherwise enough partitions
 /// of at least 64 tokens for four CTAs per SM (as many as the decode kernel's registers let one
-/// SM hold, each with its rows' loads in flight), which `paged_attention_reduce` combines.
+/// SM hold, each with its rows' loads in flight), which the last of them to finish merges.
 pub fn decode_partitions(
     num_seqs: usize,
     kv_head_ctas: usize,

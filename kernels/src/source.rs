@@ -192,11 +192,7 @@ impl Variant {
                 .map(|k| format!("selftest_{k}"))
                 .collect();
             }
-            _ => &[
-                "paged_attention_decode",
-                "paged_attention_reduce",
-                "attention_prefill",
-            ],
+            _ => &["paged_attention_decode", "attention_prefill"],
         };
         names
             .iter()
@@ -226,7 +222,6 @@ mod tests {
             v.entry_points(),
             [
                 "paged_attention_decode_bf16_d128",
-                "paged_attention_reduce_bf16_d128",
                 "attention_prefill_bf16_d128"
             ]
         );
