@@ -97,6 +97,28 @@ const DECODE_MAX_GROUP: usize = 4;
 /// The most input rows the fused projections take (gemv.cu's GEMV_MAX_ROWS): beyond a few
 /// rows a GEMM reads its weights once for many rows and cuBLAS wins.
 pub const GEMV_MAX_ROWS: usize = 4;
+/// What [`Kernels::gemv_norm`] does with its projection.
+pub enum GemvThen<'a, T> {
+    Store,
+    /// `silu(gate) * up` of a `[gate; up]` projection.
+    SiluMul,
+    /// A `[q; k; v]` projection: q and k heads rotated, k and v written to the cache.
+    Rotary(RotaryKv<'a, T>),
+}
+
+/// The rotary rows and cache of [`GemvThen::Rotary`], as [`Kernels::rotary_write_kv`] takes
+/// them: `cos` and `sin` `[rows, head_dim / 2]`, one slot per row (negative: not written).
+pub struct RotaryKv<'a, T> {
+    pub cos: &'a CudaSlice<f32>,
+    pub sin: &'a CudaSlice<f32>,
+    pub num_q_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub k_cache: &'a mut CudaSlice<T>,
+    pub v_cache: &'a mut CudaSlice<T>,
+    pub slots: &'a CudaSlice<i64>,
+}
+
 /// Warps per GEMV block (gemv.cu's GEMV_WARPS).
 const GEMV_WARPS: usize = 4;
 
@@ -569,9 +591,9 @@ impl Kernels {
     }
 
     /// `out = rms_norm(residual) * norm · wᵀ` for the rows of `residual` (each `k` wide, at
-    /// most [`GEMV_MAX_ROWS`]), `w` being `[n, k]`; with `gated`, `w` is `[gate; up]` and
-    /// `out` (`[rows, n / 2]`) gets `silu(gate) * up`. The input norm (and SiLU-and-mul) and a
-    /// projection in one pass over `w` (gemv.cu).
+    /// most [`GEMV_MAX_ROWS`]), `w` being `[n, k]`, then what `then` says: stored as is,
+    /// through SiLU-and-mul, or rotated with its K/V cached. The input norm, the projection and
+    /// what follows it in one pass over `w` (gemv.cu).
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_norm<T: Dtype>(
         &self,
@@ -581,9 +603,11 @@ impl Kernels {
         eps: f32,
         w: &CudaSlice<T>,
         k: usize,
-        gated: bool,
+        then: GemvThen<'_, T>,
     ) -> Result<(), KernelError> {
         let (rows, n) = Self::gemv_shape::<T>("gemv_norm", residual.len(), w.len(), k)?;
+        let gated = matches!(then, GemvThen::SiluMul);
+        let halves = gated || matches!(then, GemvThen::Rotary(_));
         let width = if gated { n / 2 } else { n };
         shape(
             norm.len() == k && (!gated || n.is_multiple_of(2)) && out.len() == rows * width,
@@ -595,13 +619,13 @@ impl Kernels {
                 )
             },
         )?;
-        let name = if gated {
-            "gemv_norm_gated"
-        } else {
-            "gemv_norm"
+        let name = match then {
+            GemvThen::Store => "gemv_norm",
+            GemvThen::SiluMul => "gemv_norm_gated",
+            GemvThen::Rotary(_) => "gemv_norm_rope",
         };
         let f = self.function::<T>(source::GEMV, name, None)?;
-        let (r, n_, k) = (rows as i32, n as i32, k as i32);
+        let (r, n_, k_) = (rows as i32, n as i32, k as i32);
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(out)
@@ -611,9 +635,42 @@ impl Kernels {
             .arg(w)
             .arg(&r)
             .arg(&n_)
-            .arg(&k);
-        // SAFETY: matches `gemv_norm_*` / `gemv_norm_gated_*` in gemv.cu; sizes checked above.
-        unsafe { launch.launch(Self::gemv_config(n, gated)) }?;
+            .arg(&k_);
+        let heads;
+        if let GemvThen::Rotary(rope) = then {
+            let (nq, nkv, d) = (rope.num_q_heads, rope.num_kv_heads, rope.head_dim);
+            let half = d / 2;
+            shape(
+                d.is_multiple_of(2)
+                    && half > 0
+                    && n == (nq + 2 * nkv) * d
+                    && rope.cos.len() == rows * half
+                    && rope.sin.len() == rope.cos.len()
+                    && rope.slots.len() == rows,
+                || {
+                    format!(
+                        "gemv_norm_rope: {n} outputs for {nq} + 2 x {nkv} heads x {d}, {} cos and {} slots for {rows} rows",
+                        rope.cos.len(),
+                        rope.slots.len()
+                    )
+                },
+            )?;
+            Self::check_caches("gemv_norm_rope", rope.k_cache, rope.v_cache, nkv * d)?;
+            heads = [nq as i32, nkv as i32, d as i32];
+            launch
+                .arg(rope.cos)
+                .arg(rope.sin)
+                .arg(&heads[0])
+                .arg(&heads[1])
+                .arg(&heads[2])
+                .arg(rope.k_cache)
+                .arg(rope.v_cache)
+                .arg(rope.slots);
+        }
+        // SAFETY: matches `gemv_norm_*`, `gemv_norm_gated_*` and `gemv_norm_rope_*` in gemv.cu;
+        // sizes checked above (slots are the caller's to keep within the cache, as for
+        // write_kv).
+        unsafe { launch.launch(Self::gemv_config(n, halves)) }?;
         Ok(())
     }
 
@@ -644,9 +701,10 @@ impl Kernels {
         Ok((rows, w_len / k))
     }
 
-    /// A warp per pair of weight rows (gemv.cu).
-    fn gemv_config(n: usize, gated: bool) -> LaunchConfig {
-        let pairs = if gated { n / 2 } else { n.div_ceil(2) };
+    /// A warp per pair of weight rows (gemv.cu); `halves`: pairs split the rows in halves
+    /// (gated, rope) rather than taking neighbours, so an odd last row has no pair.
+    fn gemv_config(n: usize, halves: bool) -> LaunchConfig {
+        let pairs = if halves { n / 2 } else { n.div_ceil(2) };
         Self::config(
             (pairs.div_ceil(GEMV_WARPS) as u32, 1, 1),
             32 * GEMV_WARPS as u32,

@@ -174,7 +174,7 @@ impl Variant {
                 "embed",
             ],
             "sampling" => &["argmax", "top_k"],
-            "gemv" => &["gemv_add", "gemv_norm", "gemv_norm_gated"],
+            "gemv" => &["gemv_add", "gemv_norm", "gemv_norm_gated", "gemv_norm_rope"],
             "emulator_selftest" => {
                 return [
                     "reverse",

@@ -32,10 +32,13 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DriverError, result};
-use llmctl_kernels::cuda::{Dtype, GEMV_MAX_ROWS, KernelError, Kernels, PagedCache, Split};
+use llmctl_kernels::cuda::{
+    Dtype, GEMV_MAX_ROWS, GemvThen, KernelError, Kernels, PagedCache, RotaryKv, Split,
+};
 
 use super::{
-    Backend, Boundary, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch, boundary_op_by_op,
+    Backend, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch, SublayerInput,
+    sublayer_input_op_by_op,
 };
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
@@ -314,7 +317,7 @@ pub struct CudaBackend<T> {
     stream: Arc<CudaStream>,
     pool: Arc<Pool>,
     graphs: Mutex<Graphs<T>>,
-    /// Sublayer boundaries of up to [`GEMV_MAX_ROWS`] rows run as two fused GEMV kernels.
+    /// Sublayer inputs of up to [`GEMV_MAX_ROWS`] rows run as fused GEMV kernels.
     fused_gemv: bool,
     _workspace: CudaSlice<u8>,
     _dtype: std::marker::PhantomData<T>,
@@ -390,13 +393,66 @@ where
         self
     }
 
-    /// Whether the hand-over between sublayers of a step of at most [`GEMV_MAX_ROWS`] tokens
-    /// (small-batch decode) runs as two fused GEMV kernels (projection + residual add, then
-    /// norm + projection + SiLU-and-mul) rather than cuBLAS and separate kernels (on by
-    /// default).
+    /// Whether each sublayer input of a step of at most [`GEMV_MAX_ROWS`] tokens (small-batch
+    /// decode) runs as two fused GEMV kernels (the previous output's projection with the
+    /// residual add; the norm and input projection with SiLU-and-mul, or with rotary and the
+    /// cache write) rather than cuBLAS and separate kernels (on by default).
     pub fn with_fused_gemv(mut self, enabled: bool) -> Self {
         self.fused_gemv = enabled;
         self
+    }
+
+    /// Whether a sublayer input runs as fused GEMVs: on, at most [`GEMV_MAX_ROWS`] rows, rows
+    /// in whole 16-byte chunks, no biases (the kernels take none).
+    fn fuses(
+        &self,
+        residual: &GpuMatrix<T>,
+        input: &SublayerInput<'_, GpuMatrix<T>, GpuMatrix<T>>,
+    ) -> bool {
+        let whole_chunks = |cols: usize| (cols * std::mem::size_of::<T>()).is_multiple_of(16);
+        self.fused_gemv
+            && (1..=GEMV_MAX_ROWS).contains(&residual.rows)
+            && whole_chunks(residual.cols)
+            && input.into.bias.is_none()
+            && input
+                .prev
+                .as_ref()
+                .is_none_or(|(x, out)| whole_chunks(x.cols) && out.bias.is_none())
+    }
+
+    /// A sublayer input as fused GEMVs: `gemv_add` (the previous output's projection into the
+    /// residual stream), then `gemv_norm` with `then` (the norm, the input projection and what
+    /// follows it).
+    fn fused_input(
+        &self,
+        residual: &mut GpuMatrix<T>,
+        input: &SublayerInput<'_, GpuMatrix<T>, GpuMatrix<T>>,
+        then: GemvThen<'_, T>,
+    ) -> GpuMatrix<T> {
+        if let Some((x, out)) = &input.prev {
+            self.kernels
+                .gemv_add(&mut residual.data, &x.data, &out.weight.data, x.cols)
+                .or_die("gemv_add");
+        }
+        let n = input.into.weight.rows;
+        let width = if matches!(then, GemvThen::SiluMul) {
+            n / 2
+        } else {
+            n
+        };
+        let mut out = self.matrix(residual.rows, width);
+        self.kernels
+            .gemv_norm(
+                &mut out.data,
+                &residual.data,
+                &input.norm.data,
+                input.eps,
+                &input.into.weight.data,
+                residual.cols,
+                then,
+            )
+            .or_die("gemv_norm");
+        out
     }
 
     /// Counts of recorded and replayed decode graphs, kept up to date.
@@ -809,40 +865,43 @@ where
         out
     }
 
-    fn sublayer_boundary(
+    fn attention_input(
         &self,
         residual: &mut GpuMatrix<T>,
-        x: &GpuMatrix<T>,
-        b: &Boundary<'_, GpuMatrix<T>>,
+        input: &SublayerInput<'_, GpuMatrix<T>, GpuMatrix<T>>,
+        cache: &mut GpuKvCache<T>,
+        layer: usize,
+        shape: QkvShape,
+        step: &GpuStep,
     ) -> GpuMatrix<T> {
-        // The fused kernels read rows in 16-byte chunks and take no bias.
-        let whole_chunks = |cols: usize| (cols * std::mem::size_of::<T>()).is_multiple_of(16);
-        let fused = self.fused_gemv
-            && (1..=GEMV_MAX_ROWS).contains(&x.rows)
-            && whole_chunks(x.cols)
-            && whole_chunks(residual.cols)
-            && b.out_bias.is_none()
-            && b.into_bias.is_none();
-        if !fused {
-            return boundary_op_by_op(self, residual, x, b);
+        if !self.fuses(residual, input) {
+            let mut qkv = sublayer_input_op_by_op(self, residual, input);
+            self.rotary_write_kv(cache, layer, &mut qkv, shape, step);
+            return qkv;
         }
-        self.kernels
-            .gemv_add(&mut residual.data, &x.data, &b.out.data, x.cols)
-            .or_die("gemv_add");
-        let n = b.into.rows;
-        let mut out = self.matrix(residual.rows, if b.gated { n / 2 } else { n });
-        self.kernels
-            .gemv_norm(
-                &mut out.data,
-                &residual.data,
-                &b.norm.data,
-                b.eps,
-                &b.into.data,
-                residual.cols,
-                b.gated,
-            )
-            .or_die("gemv_norm");
-        out
+        let (k_cache, v_cache) = (&mut cache.k[layer], &mut cache.v[layer]);
+        let rope = RotaryKv {
+            cos: &step.cos,
+            sin: &step.sin,
+            num_q_heads: shape.num_heads,
+            num_kv_heads: shape.num_kv_heads,
+            head_dim: shape.head_dim,
+            k_cache,
+            v_cache,
+            slots: &step.slots,
+        };
+        self.fused_input(residual, input, GemvThen::Rotary(rope))
+    }
+
+    fn mlp_input(
+        &self,
+        residual: &mut GpuMatrix<T>,
+        input: &SublayerInput<'_, GpuMatrix<T>, GpuMatrix<T>>,
+    ) -> GpuMatrix<T> {
+        if !self.fuses(residual, input) {
+            return self.silu_mul(&sublayer_input_op_by_op(self, residual, input));
+        }
+        self.fused_input(residual, input, GemvThen::SiluMul)
     }
 
     fn rotary(&self, qkv: &mut GpuMatrix<T>, shape: QkvShape, step: &GpuStep) {

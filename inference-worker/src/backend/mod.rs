@@ -92,19 +92,24 @@ impl QkvShape {
     }
 }
 
-/// The weights where one sublayer hands over to the next ([`Backend::sublayer_boundary`]).
-pub struct Boundary<'a, W> {
-    /// The ending sublayer's output projection (o or down) and its bias.
-    pub out: &'a W,
-    pub out_bias: Option<&'a W>,
-    /// The next sublayer's input norm.
+/// A projection's weight and bias.
+pub struct Proj<'a, W> {
+    pub weight: &'a W,
+    pub bias: Option<&'a W>,
+}
+
+/// What goes into a sublayer (attention or MLP): the previous sublayer's output through its
+/// output projection, added to the residual stream; then the stream, normed, through this
+/// sublayer's input projection.
+pub struct SublayerInput<'a, A, W> {
+    /// The previous sublayer's output and its output projection (o or down); `None` before
+    /// the first layer, whose residual stream is the embedding.
+    pub prev: Option<(&'a A, Proj<'a, W>)>,
+    /// This sublayer's input norm.
     pub norm: &'a W,
     pub eps: f32,
-    /// The next sublayer's input projection (`[q; k; v]` or `[gate; up]`) and its bias.
-    pub into: &'a W,
-    pub into_bias: Option<&'a W>,
-    /// `into` is `[gate; up]`: the result is `silu(gate) * up`.
-    pub gated: bool,
+    /// This sublayer's input projection (`[q; k; v]` or `[gate; up]`).
+    pub into: Proj<'a, W>,
 }
 
 /// The operations of a Llama-family forward pass. Activations are row-major
@@ -192,18 +197,32 @@ pub trait Backend: Send + Sync + 'static {
         bias: Option<&Self::Weight>,
     ) -> Self::Activations;
 
-    /// Where one sublayer hands over to the next: `residual += x · outᵀ (+ out_bias)`, then
-    /// the next sublayer's input, `rms_norm(residual) * norm · intoᵀ (+ into_bias)`, through
-    /// `silu(gate) * up` when `gated`. By default the separate ops ([`boundary_op_by_op`]); a
-    /// backend may fuse them (the CUDA backend at small batch: two kernels, each reading its
-    /// weight once, instead of three or four launches).
-    fn sublayer_boundary(
+    /// Layer `layer`'s attention input: `input` into its `[q; k; v]`, rotated, with its K and
+    /// V written to the cache. By default the separate ops ([`sublayer_input_op_by_op`], then
+    /// [`Backend::rotary_write_kv`]); a backend may fuse them (the CUDA backend at small batch:
+    /// two kernels, each reading its weight once).
+    fn attention_input(
         &self,
         residual: &mut Self::Activations,
-        x: &Self::Activations,
-        boundary: &Boundary<'_, Self::Weight>,
+        input: &SublayerInput<'_, Self::Activations, Self::Weight>,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        shape: QkvShape,
+        step: &Self::Step,
     ) -> Self::Activations {
-        boundary_op_by_op(self, residual, x, boundary)
+        let mut qkv = sublayer_input_op_by_op(self, residual, input);
+        self.rotary_write_kv(cache, layer, &mut qkv, shape, step);
+        qkv
+    }
+
+    /// An MLP's input: `input` into its `[gate; up]`, then `silu(gate) * up`. By default the
+    /// separate ops; a backend may fuse them (as [`Backend::attention_input`]).
+    fn mlp_input(
+        &self,
+        residual: &mut Self::Activations,
+        input: &SublayerInput<'_, Self::Activations, Self::Weight>,
+    ) -> Self::Activations {
+        self.silu_mul(&sublayer_input_op_by_op(self, residual, input))
     }
 
     /// Rotates the q and k columns of a fused qkv activation in place by the step's rotary rows.
@@ -263,22 +282,22 @@ pub trait Backend: Send + Sync + 'static {
     fn synchronize(&self) {}
 }
 
-/// [`Backend::sublayer_boundary`] as separate ops: [`Backend::linear`],
-/// [`Backend::add_rms_norm`], [`Backend::linear`] and, when gated, [`Backend::silu_mul`].
-pub fn boundary_op_by_op<B: Backend + ?Sized>(
+/// A [`SublayerInput`] as separate ops: the previous output's projection and the fused
+/// residual add and norm ([`Backend::linear`], [`Backend::add_rms_norm`]; the plain
+/// [`Backend::rms_norm`] before the first layer), then the input projection.
+pub fn sublayer_input_op_by_op<B: Backend + ?Sized>(
     backend: &B,
     residual: &mut B::Activations,
-    x: &B::Activations,
-    b: &Boundary<'_, B::Weight>,
+    input: &SublayerInput<'_, B::Activations, B::Weight>,
 ) -> B::Activations {
-    let out = backend.linear(x, b.out, b.out_bias);
-    let hidden = backend.add_rms_norm(residual, &out, b.norm, b.eps);
-    let into = backend.linear(&hidden, b.into, b.into_bias);
-    if b.gated {
-        backend.silu_mul(&into)
-    } else {
-        into
-    }
+    let hidden = match &input.prev {
+        Some((x, out)) => {
+            let delta = backend.linear(x, out.weight, out.bias);
+            backend.add_rms_norm(residual, &delta, input.norm, input.eps)
+        }
+        None => backend.rms_norm(residual, input.norm, input.eps),
+    };
+    backend.linear(&hidden, input.into.weight, input.into.bias)
 }
 
 /// Index of the largest value (the lowest index among equals).

@@ -8,7 +8,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Backend, Boundary, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch};
+use super::{Backend, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch, SublayerInput};
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
 use crate::model::weights::TensorView;
@@ -16,14 +16,15 @@ use crate::model::weights::TensorView;
 /// Time spent in each kind of operation since the last [`Profiled::take`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OpTimes {
-    /// `linear` (the projections and the output head) and `sublayer_boundary` as a whole: the
-    /// projections on either side of a sublayer boundary with the residual add, norm and
-    /// SiLU-and-mul between them, which the CUDA backend fuses into them at small batch.
+    /// `linear` (the output head, the last down projection) and the sublayer inputs as a
+    /// whole (`attention_input`, `mlp_input`: the projections with the residual add, norm,
+    /// SiLU-and-mul, rotary and cache write around them, which the CUDA backend fuses into
+    /// them at small batch).
     pub gemm: Duration,
-    /// `attention` and `write_kv`.
+    /// `attention`.
     pub attention: Duration,
-    /// Step inputs to the device, embedding, the first and last norms, rotary, row gathers,
-    /// argmax, copies to the host.
+    /// Step inputs to the device, embedding, the last norm, row gathers, argmax, copies to the
+    /// host.
     pub other: Duration,
 }
 
@@ -132,15 +133,27 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Kind::Gemm, || self.inner.linear(x, weight, bias))
     }
 
-    fn sublayer_boundary(
+    fn attention_input(
         &self,
         residual: &mut Self::Activations,
-        x: &Self::Activations,
-        boundary: &Boundary<'_, Self::Weight>,
+        input: &SublayerInput<'_, Self::Activations, Self::Weight>,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        shape: QkvShape,
+        step: &Self::Step,
     ) -> Self::Activations {
         self.timed(Kind::Gemm, || {
-            self.inner.sublayer_boundary(residual, x, boundary)
+            self.inner
+                .attention_input(residual, input, cache, layer, shape, step)
         })
+    }
+
+    fn mlp_input(
+        &self,
+        residual: &mut Self::Activations,
+        input: &SublayerInput<'_, Self::Activations, Self::Weight>,
+    ) -> Self::Activations {
+        self.timed(Kind::Gemm, || self.inner.mlp_input(residual, input))
     }
 
     fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, step: &Self::Step) {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::ModelError;
 use super::config::ModelConfig;
 use super::weights::WeightFiles;
-use crate::backend::{Backend, Boundary, QkvShape, RopeRows, StepBatch};
+use crate::backend::{Backend, Proj, QkvShape, RopeRows, StepBatch, SublayerInput};
 
 struct Layer<B: Backend> {
     input_norm: B::Weight,
@@ -170,51 +170,50 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The forward pass over a prepared step: K/V written, and the logits rows if `logits`.
-    /// Between sublayers the residual add, the next norm and (into the MLP) SiLU-and-mul go
-    /// with the projections around them ([`Backend::sublayer_boundary`]), so a backend can fuse
-    /// them.
+    /// Each sublayer's input (the previous sublayer's output projection, the residual add,
+    /// the norm and the input projection, with rotary and the cache write into attention or
+    /// SiLU-and-mul into the MLP) is one backend op, so a backend can fuse it.
     fn pass(&self, cache: &mut B::KvCache, step: &B::Step, logits: bool) -> Option<B::Activations> {
         let b = &self.backend;
         let eps = self.config.rms_norm_eps;
         let shape = self.qkv_shape();
         let mut residual = b.embed(&self.embed, step);
-        let first = &self.layers[0];
-        let hidden = b.rms_norm(&residual, &first.input_norm, eps);
-        let mut qkv = b.linear(&hidden, &first.qkv, first.qkv_bias.as_ref());
+        // The last layer's MLP output, waiting for its down projection.
+        let mut mlp_out: Option<(B::Activations, &Layer<B>)> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            b.rotary_write_kv(cache, i, &mut qkv, shape, step);
+            let input = SublayerInput {
+                prev: mlp_out
+                    .as_ref()
+                    .map(|(act, l)| (act, proj(&l.down, &l.down_bias))),
+                norm: &layer.input_norm,
+                eps,
+                into: proj(&layer.qkv, &layer.qkv_bias),
+            };
+            let qkv = b.attention_input(&mut residual, &input, cache, i, shape, step);
             let attn = b.attention(&qkv, cache, i, shape, step);
-            let into_mlp = Boundary {
-                out: &layer.o,
-                out_bias: layer.o_bias.as_ref(),
+            if !logits && i + 1 == self.layers.len() {
+                // A pass that only writes K/V is done with the last attention.
+                return None;
+            }
+            let input = SublayerInput {
+                prev: Some((&attn, proj(&layer.o, &layer.o_bias))),
                 norm: &layer.post_norm,
                 eps,
-                into: &layer.gate_up,
-                into_bias: layer.gate_up_bias.as_ref(),
-                gated: true,
+                into: proj(&layer.gate_up, &layer.gate_up_bias),
             };
-            let act = b.sublayer_boundary(&mut residual, &attn, &into_mlp);
-            let Some(next) = self.layers.get(i + 1) else {
-                // A pass that only writes K/V is done with the last attention.
-                if !logits {
-                    return None;
-                }
-                let down = b.linear(&act, &layer.down, layer.down_bias.as_ref());
-                let hidden = b.add_rms_norm(&mut residual, &down, &self.norm, eps);
-                let rows = b.logits_rows(&hidden, step);
-                return Some(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None));
-            };
-            let into_attention = Boundary {
-                out: &layer.down,
-                out_bias: layer.down_bias.as_ref(),
-                norm: &next.input_norm,
-                eps,
-                into: &next.qkv,
-                into_bias: next.qkv_bias.as_ref(),
-                gated: false,
-            };
-            qkv = b.sublayer_boundary(&mut residual, &act, &into_attention);
+            mlp_out = Some((b.mlp_input(&mut residual, &input), layer));
         }
-        unreachable!("the last layer returns")
+        let (act, last) = mlp_out.expect("a model has layers");
+        let down = b.linear(&act, &last.down, last.down_bias.as_ref());
+        let hidden = b.add_rms_norm(&mut residual, &down, &self.norm, eps);
+        let rows = b.logits_rows(&hidden, step);
+        Some(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None))
+    }
+}
+
+fn proj<'a, W>(weight: &'a W, bias: &'a Option<W>) -> Proj<'a, W> {
+    Proj {
+        weight,
+        bias: bias.as_ref(),
     }
 }

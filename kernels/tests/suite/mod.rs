@@ -11,7 +11,7 @@
 #![allow(dead_code)]
 
 use cudarc::driver::CudaSlice;
-use llmctl_kernels::cuda::{Dtype, Kernels, PagedCache, Split};
+use llmctl_kernels::cuda::{Dtype, GemvThen, Kernels, PagedCache, RotaryKv, Split};
 use llmctl_kernels::kv_layout::KvLayout;
 use llmctl_kernels::reference::{self, PagedKv, SeqAttention, TestRng};
 
@@ -190,7 +190,7 @@ pub fn gemv<T: Dtype>(k: &Kernels) {
             .collect();
         let product = reference::matmul_t(&normed, &w, width);
         let mut out = poisoned::<T>(k, rows * n);
-        k.gemv_norm(&mut out, &dx, &dnorm, 1e-5, &dw, width, false)
+        k.gemv_norm(&mut out, &dx, &dnorm, 1e-5, &dw, width, GemvThen::Store)
             .unwrap();
         assert_close(
             &what("gemv_norm"),
@@ -204,7 +204,7 @@ pub fn gemv<T: Dtype>(k: &Kernels) {
             let stored: Vec<f32> = product.iter().map(|&v| round(v)).collect();
             let want = reference::silu_mul(&stored, n / 2);
             let mut out = poisoned::<T>(k, rows * n / 2);
-            k.gemv_norm(&mut out, &dx, &dnorm, 1e-5, &dw, width, true)
+            k.gemv_norm(&mut out, &dx, &dnorm, 1e-5, &dw, width, GemvThen::SiluMul)
                 .unwrap();
             assert_close(
                 &what("gemv_norm_gated"),
@@ -214,6 +214,7 @@ pub fn gemv<T: Dtype>(k: &Kernels) {
             );
         }
     }
+    gemv_rope::<T>(k, &mut rng);
     // Shapes the kernels cannot take are errors before any launch.
     let (x, w) = (
         upload::<T>(k, &[0.0; 5 * 64]),
@@ -228,6 +229,102 @@ pub fn gemv<T: Dtype>(k: &Kernels) {
         k.gemv_add(&mut res, &x, &w, 60).is_err() || T::SUFFIX == "f32",
         "60 is not whole 16-byte chunks of 16-bit values"
     );
+}
+
+/// `gemv_norm` into `[q; k; v]` with rotary and the cache write folded in, against the norm,
+/// the projection (rounded as `linear` stores it), `rotary_table` and `write_kv` references:
+/// GQA 4 over 2 heads of 16, 1 to 4 rows, one row's slot negative (not cached).
+fn gemv_rope<T: Dtype>(k: &Kernels, rng: &mut TestRng) {
+    let round = |v: f64| T::from_f32(v as f32).to_f32();
+    let (q_heads, kv_heads, head_dim, width) = (4, 2, 16, 96);
+    let n = (q_heads + 2 * kv_heads) * head_dim;
+    let kv_width = kv_heads * head_dim;
+    for rows in 1..=4 {
+        let scale = 1.0 / (width as f32).sqrt();
+        let w = rounded::<T>(
+            &rng.vec(n * width)
+                .iter()
+                .map(|v| v * scale)
+                .collect::<Vec<_>>(),
+        );
+        let (x, norm) = (
+            rounded::<T>(&rng.vec(rows * width)),
+            rounded::<T>(&rng.vec(width)),
+        );
+        let angles: Vec<f32> = (0..rows * head_dim / 2).map(|i| i as f32 * 0.37).collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let slots: Vec<i64> = [7, -1, 0, 12][..rows].to_vec();
+        let cache_len = 16 * kv_width;
+        let (k_init, v_init) = (
+            rounded::<T>(&rng.vec(cache_len)),
+            rounded::<T>(&rng.vec(cache_len)),
+        );
+        let (mut kc, mut vc) = (upload::<T>(k, &k_init), upload::<T>(k, &v_init));
+        let (d_cos, d_sin) = (
+            k.stream().clone_htod(&cos).unwrap(),
+            k.stream().clone_htod(&sin).unwrap(),
+        );
+        let d_slots = k.stream().clone_htod(&slots).unwrap();
+        let mut out = poisoned::<T>(k, rows * n);
+        let rope = RotaryKv {
+            cos: &d_cos,
+            sin: &d_sin,
+            num_q_heads: q_heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            k_cache: &mut kc,
+            v_cache: &mut vc,
+            slots: &d_slots,
+        };
+        k.gemv_norm(
+            &mut out,
+            &upload::<T>(k, &x),
+            &upload::<T>(k, &norm),
+            1e-5,
+            &upload::<T>(k, &w),
+            width,
+            GemvThen::Rotary(rope),
+        )
+        .unwrap();
+
+        let normed: Vec<f32> = reference::rms_norm(&x, &norm, width, 1e-5)
+            .into_iter()
+            .map(round)
+            .collect();
+        let qkv: Vec<f32> = reference::matmul_t(&normed, &w, width)
+            .into_iter()
+            .map(round)
+            .collect();
+        let rotated = reference::rotary_table(&qkv, n, &cos, &sin, q_heads + kv_heads, head_dim);
+        let what = format!("gemv_norm_rope {} {rows} rows", T::SUFFIX);
+        assert_close(&what, &download(k, &out), &rotated, tol::<T>(false));
+        let stored: Vec<f32> = rotated.iter().map(|&v| round(v)).collect();
+        let (mut want_k, mut want_v) = (k_init.clone(), v_init.clone());
+        let (kq, vq) = (q_heads * head_dim, q_heads * head_dim + kv_width);
+        reference::write_kv(
+            &stored[kq..],
+            &stored[vq..],
+            n,
+            kv_width,
+            &slots,
+            &mut want_k,
+            &mut want_v,
+        );
+        let as64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        assert_close(
+            &format!("{what} k"),
+            &download(k, &kc),
+            &as64(&want_k),
+            tol::<T>(false),
+        );
+        assert_close(
+            &format!("{what} v"),
+            &download(k, &vc),
+            &as64(&want_v),
+            tol::<T>(false),
+        );
+    }
 }
 
 pub fn elementwise<T: Dtype>(k: &Kernels) {

@@ -3,10 +3,10 @@
 //! each sequence's K/V; at batch 1 that reading is the floor, so the roofline is those bytes
 //! over the device's measured copy bandwidth. Reports, per batch size, the step time of a plain
 //! run (on a GPU: decode steps replayed from CUDA graphs, again op by op, and at small batch
-//! again without the fused sublayer-boundary GEMVs), the roofline,
-//! their ratio, and where the step goes (GEMMs, attention with the KV
-//! write, other operations, host-side work), measured in a second run whose backend waits for
-//! the device around each operation (`backend::profiled`), with each component's own roofline.
+//! again without the fused sublayer-input GEMVs), the roofline, their ratio, and where the
+//! step goes (GEMMs with the sublayer inputs around them, attention, other operations,
+//! host-side work), measured in a second run whose backend waits for the device around each
+//! operation (`backend::profiled`), with each component's own roofline.
 //!
 //! `cargo run --release -p llmctl-perf --bin decode_bench -- [--device cpu|cuda:N]
 //!  [--preset small|llama-3.2-1b|llama-3.1-8b] [--batches 1,64] [--context 512] [--record]`
@@ -141,8 +141,8 @@ struct Measured {
     step: f64,
     /// The step time with CUDA graphs off (GPU only).
     op_by_op_step: Option<f64>,
-    /// The step time with the sublayer boundaries on cuBLAS and separate kernels instead of
-    /// the fused GEMVs (GPU, batches the fused path takes).
+    /// The step time with the sublayer inputs on cuBLAS and separate kernels instead of the
+    /// fused GEMVs (GPU, batches the fused path takes).
     unfused_step: Option<f64>,
     ops: OpTimes,
     profiled_step: f64,
@@ -365,11 +365,11 @@ fn main() -> Result<()> {
     }
     table.push_str(
         "\nStep: decode steps replayed from CUDA graphs on a GPU; op-by-op: the same with graphs \
-         off; unfused: graphs on, but each sublayer boundary on cuBLAS and separate residual, \
-         norm and SiLU kernels instead of the fused GEMVs (batches of at most 4). Roofline: \
+         off; unfused: graphs on, but each sublayer input on cuBLAS and separate residual, norm, \
+         rotary/KV-write and SiLU kernels instead of the fused GEMVs (batches of at most 4). Roofline: \
          weights (the embedding's batch rows, or all of it when tied) plus K/V at the mean \
          context, over the copy bandwidth. Breakdown from a second run that waits for the \
-         device around each operation (a fused boundary counts as GEMM); host = that run's \
+         device around each operation (a sublayer input counts as GEMM whole); host = that run's \
          step minus its operations.\n",
     );
     println!("{table}");

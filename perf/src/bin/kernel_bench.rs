@@ -23,7 +23,7 @@ use clap::Parser;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use llmctl_kernels::cuda::{Kernels, PagedCache, Split};
+use llmctl_kernels::cuda::{GemvThen, Kernels, PagedCache, Split};
 use llmctl_kernels::reference::TestRng;
 use llmctl_perf::cuda::{copy_bandwidth, time_ms};
 
@@ -255,7 +255,8 @@ const PROJECTIONS: [Projection; 8] = [
 ];
 
 /// One projection at `rows` rows: the fused GEMV the worker runs there (`gemv_norm`, gated
-/// for `[gate; up]`; `gemv_add` for o and down) against cuBLAS's plain GEMM.
+/// for `[gate; up]`, plain for q/k/v, where the worker's also rotates and caches a few KB;
+/// `gemv_add` for o and down) against cuBLAS's plain GEMM.
 fn projection(
     k: &Kernels,
     blas: &CudaBlas,
@@ -282,7 +283,12 @@ fn projection(
         if add {
             k.gemv_add(&mut residual, &x, w, p.k)?;
         } else {
-            k.gemv_norm(&mut out, &x, &norm, 1e-5, w, p.k, p.gated)?;
+            let then = if p.gated {
+                GemvThen::SiluMul
+            } else {
+                GemvThen::Store
+            };
+            k.gemv_norm(&mut out, &x, &norm, 1e-5, w, p.k, then)?;
         }
         Ok(())
     })?;
@@ -379,7 +385,7 @@ fn main() -> Result<()> {
     }
     if run("gemv") {
         text += "\nFused small-batch projections (gemv.cu), bf16, against a plain cuBLAS GEMM of the \
-             same shape (o and down: `gemv_add`; qkv: `gemv_norm`; gate_up: `gemv_norm_gated`):\n\n\
+             same shape (o and down: `gemv_add`; qkv: `gemv_norm` without the rotary and cache-write epilogue; gate_up: `gemv_norm_gated`):\n\n\
              | projection n x k | rows | GEMV µs | GB/s | of copy BW | cuBLAS µs | cuBLAS GB/s | GEMV / cuBLAS time |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|\n";
         let blas = CudaBlas::new(k.stream().clone())?;
