@@ -8,9 +8,10 @@
 //   gemv_norm_gated: the same through silu(gate) * up  ([gate; up], with the post-attention norm)
 //   gemv_norm_rope:  the same for [q; k; v], rotated, its k and v written to the cache (the
 //                    attention input: input norm, q/k/v, rotary and cache write in one launch)
-// Every intermediate the separate ops store is rounded to T here too (the normed input, the
-// projection before the add or the SiLU), so the fused path differs from them only in the
-// order of the f32 sums.
+// The projection is rounded to T where the separate ops store it (before the add, the SiLU,
+// the rotation); the normed input is not: the product sums w·(x·norm) in f32 and scales by
+// 1 / rms once at the end, which costs a third of the arithmetic per weight byte of rounding
+// each normed element (and is closer to exact than the separate ops, which store it in T).
 //
 // A warp computes a pair of W rows (plain: 2p and 2p + 1; gated: gate row p and up row
 // p + n / 2, so SiLU-and-mul needs nothing from other warps; rope: the rows j and
@@ -116,7 +117,7 @@ __device__ void gemv(T* __restrict__ out, const T* __restrict__ x, const T* __re
                 float s0 = 0.f, s1 = 0.f;
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
-                    const float v = NORM ? to_float(from_float<T>(xf[i] * inv_rms[m] * scale[i])) : xf[i];
+                    const float v = NORM ? xf[i] * scale[i] : xf[i];
                     s0 = fmaf(wa[i], v, s0);
                     s1 = fmaf(wb[i], v, s1);
                 }
@@ -130,8 +131,9 @@ __device__ void gemv(T* __restrict__ out, const T* __restrict__ x, const T* __re
 #pragma unroll
     for (int m = 0; m < GEMV_MAX_ROWS; ++m) {
         if (m >= rows) break;
-        const float y0 = to_float(from_float<T>(warp_sum(acc0[m])));
-        const float y1 = to_float(from_float<T>(warp_sum(acc1[m])));
+        const float f = NORM ? inv_rms[m] : 1.f;
+        const float y0 = to_float(from_float<T>(warp_sum(acc0[m]) * f));
+        const float y1 = to_float(from_float<T>(warp_sum(acc1[m]) * f));
         if (lane != m) continue;
         if (OUT == OUT_GATED) {
             out[(i64)m * (n / 2) + pair] = from_float<T>(y0 / (1.f + __expf(-y0)) * y1);
