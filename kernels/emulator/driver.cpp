@@ -22,6 +22,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -68,8 +70,11 @@ struct Stream {
     bool invalidated = false;        // an operation the capture cannot hold was attempted
 };
 
+// A loaded module: PTX text, or a CUDA binary (CUBIN, an ELF image) whose symbol names are
+// what it defines.
 struct Module {
-    std::string ptx;
+    std::string image;
+    bool elf;
 };
 struct Function {
     std::string name;
@@ -403,20 +408,45 @@ API cuMemsetD8Async(CUdeviceptr p, unsigned char value, size_t n, CUstream s) {
     return submit(s, [=] { return memset8(p, value, n); });
 }
 
+// The bytes of an ELF64 image: up to the end of its furthest section, section header table or
+// program header table.
+static size_t elf_size(const unsigned char* elf) {
+    auto u16 = [elf](size_t at) { uint16_t v; memcpy(&v, elf + at, 2); return (size_t)v; };
+    auto u32 = [elf](size_t at) { uint32_t v; memcpy(&v, elf + at, 4); return (size_t)v; };
+    auto u64 = [elf](size_t at) { uint64_t v; memcpy(&v, elf + at, 8); return (size_t)v; };
+    const size_t phoff = u64(0x20), shoff = u64(0x28);
+    size_t end = std::max(phoff + u16(0x36) * u16(0x38), shoff + u16(0x3A) * u16(0x3C));
+    for (size_t i = 0; i < u16(0x3C); ++i) {
+        const size_t sh = shoff + i * u16(0x3A);
+        const bool nobits = u32(sh + 4) == 8;  // SHT_NOBITS: no bytes in the file
+        if (!nobits) end = std::max(end, u64(sh + 24) + u64(sh + 32));
+    }
+    return end;
+}
+
 API cuModuleLoadData(void** module, const void* image) {
     if (!image) return INVALID_VALUE;
-    *module = new Module{static_cast<const char*>(image)};
+    const unsigned char* bytes = static_cast<const unsigned char*>(image);
+    if (memcmp(bytes, "\x7f" "ELF", 4) == 0) {
+        if (bytes[4] != 2) return INVALID_VALUE;  // ELFCLASS64, as every CUBIN
+        *module = new Module{std::string(reinterpret_cast<const char*>(bytes), elf_size(bytes)), true};
+    } else {
+        *module = new Module{static_cast<const char*>(image), false};
+    }
     return SUCCESS;
 }
 API cuModuleUnload(void* module) {
     delete static_cast<Module*>(module);
     return SUCCESS;
 }
-// A function must be both in the PTX NVRTC produced and in the emulator's build.
+// A function must be both in the module NVRTC produced (an entry of the PTX, a symbol of the
+// CUBIN) and in the emulator's build.
 API cuModuleGetFunction(void** function, void* module, const char* name) {
     GUARD;
-    const std::string& ptx = static_cast<Module*>(module)->ptx;
-    if (ptx.find(std::string(".entry ") + name + "(") == std::string::npos) return NOT_FOUND;
+    const Module* m = static_cast<Module*>(module);
+    const std::string defined = m->elf ? std::string(1, '\0') + name + std::string(1, '\0')
+                                       : std::string(".entry ") + name + "(";
+    if (m->image.find(defined) == std::string::npos) return NOT_FOUND;
     const emu::Kernel* kernel = emu::find_kernel(name);
     if (!kernel) return NOT_FOUND;
     Function* f = new Function{name, kernel};

@@ -1,7 +1,10 @@
-//! NVRTC compilation with an on-disk cache. A program is compiled for one GPU architecture
-//! (`sm_80`, `sm_90`, ...) at first use; the PTX is kept under the cache directory, keyed by a
-//! hash of the source, the architecture and the NVRTC version, so a changed kernel, another GPU
-//! or another NVRTC never picks up a stale file.
+//! NVRTC compilation with an on-disk cache. A program variant is compiled for one GPU
+//! architecture at first use, to machine code (CUBIN) for the device's architecture, which the
+//! driver loads as is, or to PTX, which the driver must compile again when it loads it (about
+//! as long as NVRTC took; the fallback where a CUBIN cannot be built or loaded). The result is
+//! kept under the cache directory, keyed by a hash of the source, the architecture, the format
+//! and the NVRTC version, so a changed kernel, another GPU or another NVRTC never picks up a
+//! stale file.
 //!
 //! The NVRTC library is loaded at run time (cudarc's dynamic loading): the crate builds and its
 //! CPU tests run with no CUDA at all. It must be `libnvrtc.so.13` (CUDA 13.0) on the loader path,
@@ -9,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::{CompileOptions, Ptx, result, sys};
 use sha2::{Digest, Sha256};
 
 use crate::source::Variant;
@@ -86,25 +89,60 @@ pub fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("llmctl-kernels")
 }
 
-/// The cache file for `variant` on `arch` under NVRTC `version`.
-pub fn cache_path(dir: &Path, variant: &Variant, arch: &str, version: (i32, i32)) -> PathBuf {
+/// What a compiled unit is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Machine code for one architecture (`sm_XY`), loaded without compiling.
+    Cubin,
+    /// PTX for a virtual architecture (`compute_XY`), compiled by the driver at load.
+    Ptx,
+}
+
+impl Format {
+    fn extension(self) -> &'static str {
+        match self {
+            Format::Cubin => "cubin",
+            Format::Ptx => "ptx",
+        }
+    }
+}
+
+/// The cache file for `variant` on `arch` (a `compute_XY` name) in `format` under NVRTC
+/// `version`.
+pub fn cache_path(
+    dir: &Path,
+    variant: &Variant,
+    arch: &str,
+    format: Format,
+    version: (i32, i32),
+) -> PathBuf {
     let mut h = Sha256::new();
     h.update(variant.source().as_bytes());
     h.update(arch.as_bytes());
+    h.update(format.extension().as_bytes());
     h.update(format!("nvrtc {}.{}", version.0, version.1).as_bytes());
     let key = hex::encode(&h.finalize()[..8]);
-    dir.join(format!("{}-{arch}-{key}.ptx", variant.label()))
+    dir.join(format!(
+        "{}-{arch}-{key}.{}",
+        variant.label(),
+        format.extension()
+    ))
 }
 
-/// PTX for `variant` on `arch`, from the cache or freshly compiled (and then cached).
-pub fn ptx(variant: &Variant, arch: &'static str) -> Result<Ptx, CompileError> {
+/// The cached bytes of `variant` on `arch` in `format`, or `build`'s (then cached).
+fn cached(
+    variant: &Variant,
+    arch: &'static str,
+    format: Format,
+    build: impl FnOnce() -> Result<Vec<u8>, CompileError>,
+) -> Result<Vec<u8>, CompileError> {
     let version = nvrtc_version()?;
     let dir = cache_dir();
-    let path = cache_path(&dir, variant, arch, version);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok(Ptx::from_src(text));
+    let path = cache_path(&dir, variant, arch, format, version);
+    if let Ok(bytes) = std::fs::read(&path) {
+        return Ok(bytes);
     }
-    let text = compile(variant, arch)?;
+    let bytes = build()?;
     let cache_err = |source| CompileError::Cache {
         path: path.display().to_string(),
         source,
@@ -112,9 +150,97 @@ pub fn ptx(variant: &Variant, arch: &'static str) -> Result<Ptx, CompileError> {
     std::fs::create_dir_all(&dir).map_err(cache_err)?;
     // Write then rename: a concurrent reader sees the whole file or none.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &text).map_err(cache_err)?;
+    std::fs::write(&tmp, &bytes).map_err(cache_err)?;
     std::fs::rename(&tmp, &path).map_err(cache_err)?;
+    Ok(bytes)
+}
+
+/// PTX for `variant` on `arch`, from the cache or freshly compiled (and then cached).
+pub fn ptx(variant: &Variant, arch: &'static str) -> Result<Ptx, CompileError> {
+    let bytes = cached(variant, arch, Format::Ptx, || {
+        compile(variant, arch).map(String::into_bytes)
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| CompileError::Cache {
+        path: variant.label(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
     Ok(Ptx::from_src(text))
+}
+
+/// Machine code for `variant` on the real architecture of `arch` (`compute_90`: `sm_90`),
+/// from the cache or freshly compiled (and then cached); the driver loads it without the JIT
+/// pass PTX needs. It runs only on devices of that architecture's major version and a minor
+/// version at least as high.
+pub fn cubin(variant: &Variant, arch: &'static str) -> Result<Ptx, CompileError> {
+    let bytes = cached(variant, arch, Format::Cubin, || {
+        compile_cubin(variant, arch)
+    })?;
+    Ok(Ptx::from_binary(bytes))
+}
+
+/// Compiles `variant` to machine code for the real architecture of `arch` (no cache).
+pub fn compile_cubin(variant: &Variant, arch: &'static str) -> Result<Vec<u8>, CompileError> {
+    let sm = arch.replace("compute_", "sm_");
+    let options = [
+        "--std=c++17".to_string(),
+        format!("--gpu-architecture={sm}"),
+    ];
+    with_program(variant, arch, &options, |prog, _log| {
+        let mut size = 0usize;
+        // SAFETY: `prog` compiled successfully and is alive; `size` is valid for a write.
+        unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+            .result()
+            .map_err(|e| e.to_string())?;
+        let mut cubin = vec![0u8; size];
+        // SAFETY: `cubin` holds the `size` bytes NVRTC reported.
+        unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) }
+            .result()
+            .map_err(|e| e.to_string())?;
+        Ok(cubin)
+    })
+}
+
+/// Compiles `variant` with NVRTC and `options`, then hands the program and its compile log to
+/// `output` before the program is destroyed; compile errors carry the log.
+fn with_program<R>(
+    variant: &Variant,
+    arch: &'static str,
+    options: &[String],
+    output: impl FnOnce(sys::nvrtcProgram, &str) -> Result<R, String>,
+) -> Result<R, CompileError> {
+    use std::ffi::CString;
+
+    if !nvrtc_available() {
+        return Err(CompileError::NoNvrtc);
+    }
+    let failed = |log: String| CompileError::Compile {
+        unit: variant.label(),
+        arch,
+        log,
+    };
+    let source = CString::new(variant.source()).map_err(|e| failed(e.to_string()))?;
+    let name =
+        CString::new(format!("{}.cu", variant.program.name)).map_err(|e| failed(e.to_string()))?;
+    let prog = result::create_program(&source, Some(&name)).map_err(|e| failed(e.to_string()))?;
+    // SAFETY: `prog` was just created and is destroyed only below, after its last use; the
+    // source and name it refers to outlive it.
+    unsafe {
+        let compiled = result::compile_program(prog, options);
+        let log: String = result::get_program_log(prog)
+            .map(|log| {
+                log.iter()
+                    .take_while(|&&c| c != 0)
+                    .map(|&c| c as u8 as char)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let out = match compiled {
+            Ok(()) => output(prog, &log).map_err(|e| failed(format!("{e}: {log}"))),
+            Err(e) => Err(failed(format!("{e}: {log}"))),
+        };
+        let _ = result::destroy_program(prog);
+        out
+    }
 }
 
 /// Compiles `variant` for `arch` with NVRTC (no cache); returns the PTX text.
@@ -157,45 +283,15 @@ pub fn resources(
     variant: &Variant,
     arch: &'static str,
 ) -> Result<Vec<KernelResources>, CompileError> {
-    use cudarc::nvrtc::result;
-    use std::ffi::CString;
-
-    if !nvrtc_available() {
-        return Err(CompileError::NoNvrtc);
-    }
-    let failed = |log: String| CompileError::Compile {
-        unit: variant.label(),
-        arch,
-        log,
-    };
     let sm = arch.replace("compute_", "sm_");
-    let source = CString::new(variant.source()).map_err(|e| failed(e.to_string()))?;
-    let name =
-        CString::new(format!("{}.cu", variant.program.name)).map_err(|e| failed(e.to_string()))?;
-    let prog = result::create_program(&source, Some(&name)).map_err(|e| failed(e.to_string()))?;
     let options = [
         "--std=c++17".to_string(),
         format!("--gpu-architecture={sm}"),
         "--ptxas-options=-v".to_string(),
     ];
-    // SAFETY: `prog` was just created and is destroyed only below, after its last use; the
-    // source and name it refers to outlive it.
-    let (compiled, log) = unsafe {
-        let compiled = result::compile_program(prog, &options);
-        let log = result::get_program_log(prog);
-        let _ = result::destroy_program(prog);
-        (compiled, log)
-    };
-    let log: String = log
-        .map_err(|e| failed(e.to_string()))?
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8 as char)
-        .collect();
-    if let Err(e) = compiled {
-        return Err(failed(format!("{e}: {log}")));
-    }
-    Ok(parse_ptxas_report(&log))
+    with_program(variant, arch, &options, |_prog, log| {
+        Ok(parse_ptxas_report(log))
+    })
 }
 
 /// Each kernel's resources from ptxas's `-v` report: a kernel's lines follow its

@@ -1,6 +1,7 @@
 //! Launching the kernels on a CUDA device through cudarc. [`Kernels::new`] loads the driver at
-//! run time; each program variant (storage type, head size) is compiled for the device's
-//! architecture (or taken from the cache) and loaded at first use or by [`Kernels::prepare`];
+//! run time; each program variant (storage type, head size) is compiled to machine code for the
+//! device's architecture (or taken from the cache; PTX where that fails) and loaded at first
+//! use or by [`Kernels::prepare`];
 //! each method launches one kernel on the device's stream with the grid its source documents.
 //! Shapes are checked here, before any launch, so a bad call is an error, not a fault on the
 //! device.
@@ -13,7 +14,7 @@ use cudarc::driver::{
     DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
-use crate::compile::{self, CompileError};
+use crate::compile::{self, CompileError, Format};
 use crate::reference::decode_partitions;
 use crate::source::{self, Program, Variant};
 
@@ -159,6 +160,10 @@ pub struct Kernels {
     /// launches (the merging CTA resets its count), allocated once so a graph can hold them.
     /// One stream carries every launch, so launches never share them at once.
     split_done: CudaSlice<u32>,
+    /// Why a variant was loaded from PTX rather than machine code, the first time one was.
+    ptx_fallback: Mutex<Option<String>>,
+    /// The format modules are loaded from: machine code unless PTX is asked for.
+    format: Format,
 }
 
 impl Kernels {
@@ -188,6 +193,11 @@ impl Kernels {
             ctx,
             stream,
             split_done,
+            ptx_fallback: Mutex::default(),
+            format: match std::env::var("LLMCTL_KERNEL_FORMAT").as_deref() {
+                Ok("ptx") => Format::Ptx,
+                _ => Format::Cubin,
+            },
             modules: Mutex::default(),
             functions: Mutex::default(),
             arch,
@@ -210,15 +220,47 @@ impl Kernels {
         Ok(())
     }
 
+    /// `variant`'s module, loaded from machine code for the device's architecture; from PTX
+    /// (which the driver compiles at load) where that cannot be built or loaded, or where
+    /// [`Self::with_format`] asks for it.
     fn module(&self, variant: Variant) -> Result<Arc<CudaModule>, KernelError> {
         let mut modules = self.modules.lock().expect("module cache lock");
         if let Some(m) = modules.get(&variant) {
             return Ok(m.clone());
         }
-        let ptx = compile::ptx(&variant, self.arch)?;
-        let module = self.ctx.load_module(ptx)?;
+        let cubin = if self.format == Format::Ptx {
+            Err("PTX asked for (LLMCTL_KERNEL_FORMAT=ptx)".to_string())
+        } else {
+            compile::cubin(&variant, self.arch)
+                .map_err(|e| e.to_string())
+                .and_then(|image| self.ctx.load_module(image).map_err(|e| e.to_string()))
+        };
+        let module = match cubin {
+            Ok(module) => module,
+            Err(why) => {
+                self.ptx_fallback
+                    .lock()
+                    .expect("fallback lock")
+                    .get_or_insert_with(|| format!("{}: {why}", variant.label()));
+                self.ctx.load_module(compile::ptx(&variant, self.arch)?)?
+            }
+        };
         modules.insert(variant, module.clone());
         Ok(module)
+    }
+
+    /// Loads modules from `format`: machine code (the default) or PTX, which the driver
+    /// compiles at load (also `LLMCTL_KERNEL_FORMAT=ptx`; for a driver that rejects NVRTC's
+    /// machine code, or to compare).
+    pub fn with_format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Why the first variant that fell back to PTX did (`None`: every module loaded so far is
+    /// machine code).
+    pub fn ptx_fallback(&self) -> Option<String> {
+        self.ptx_fallback.lock().expect("fallback lock").clone()
     }
 
     /// Entry point `{name}_{T}` of `program` (attention: `{name}_{T}_d{head_dim}`).

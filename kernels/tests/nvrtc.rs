@@ -3,7 +3,7 @@
 //! default, run by `.ci/run` (which installs the `nvidia-cuda-nvrtc` wheel) with
 //! `cargo test -p llmctl-kernels --test nvrtc -- --ignored`, where a missing library fails.
 
-use llmctl_kernels::compile::{self, CompileError};
+use llmctl_kernels::compile::{self, CompileError, Format};
 use llmctl_kernels::source;
 
 #[test]
@@ -45,25 +45,72 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 
 #[test]
 #[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH; .ci/run installs it and runs this"]
-fn compiled_kernels_are_cached_by_source_arch_and_version() {
+fn compiled_kernels_are_cached_by_source_arch_format_and_version() {
     let dir = std::env::temp_dir().join(format!("llmctl-kernel-cache-{}", std::process::id()));
-    // SAFETY: this test binary's other test does not read the variable.
+    // SAFETY: this test binary's other tests do not read the variable.
     unsafe { std::env::set_var("LLMCTL_KERNEL_CACHE", &dir) };
     let arch = compile::arch_name(9, 0).unwrap();
     let version = compile::nvrtc_version().unwrap();
     let cache = source::CACHE.variant("bf16", None);
-    let path = compile::cache_path(&dir, &cache, arch, version);
+    let path = compile::cache_path(&dir, &cache, arch, Format::Ptx, version);
     assert!(!path.exists());
     let first = compile::ptx(&cache, arch).unwrap().to_src();
     assert!(path.exists(), "{}", path.display());
     assert_eq!(compile::ptx(&cache, arch).unwrap().to_src(), first);
+    // Machine code is another file, read back as written.
+    let cubin_path = compile::cache_path(&dir, &cache, arch, Format::Cubin, version);
+    assert_ne!(cubin_path, path);
+    compile::cubin(&cache, arch).unwrap();
+    let cubin = std::fs::read(&cubin_path).expect("the CUBIN is cached");
+    compile::cubin(&cache, arch).unwrap();
+    assert_eq!(std::fs::read(&cubin_path).unwrap(), cubin);
     // Another architecture is another file.
-    let other = compile::cache_path(&dir, &cache, compile::arch_name(8, 0).unwrap(), version);
+    let other = compile::cache_path(
+        &dir,
+        &cache,
+        compile::arch_name(8, 0).unwrap(),
+        Format::Ptx,
+        version,
+    );
     assert_ne!(other, path);
     // Another storage type is another file.
     let f16 = source::CACHE.variant("f16", None);
-    assert_ne!(compile::cache_path(&dir, &f16, arch, version), path);
+    assert_ne!(
+        compile::cache_path(&dir, &f16, arch, Format::Ptx, version),
+        path
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What the worker loads on a GPU: machine code for sm_80 and sm_90, an ELF image (a CUDA
+/// binary) naming every entry point the launchers look up, so the driver has nothing to JIT.
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH; .ci/run installs it and runs this"]
+fn every_kernel_compiles_to_machine_code_for_sm80_and_sm90() {
+    for arch in [
+        compile::arch_name(8, 0).unwrap(),
+        compile::arch_name(9, 0).unwrap(),
+    ] {
+        for variant in source::ALL.iter().map(|p| p.variant("bf16", Some(128))) {
+            let started = std::time::Instant::now();
+            let cubin = compile::compile_cubin(&variant, arch).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&cubin[..4], b"\x7fELF", "{} for {arch}", variant.label());
+            for entry in variant.entry_points() {
+                let symbol = [&[0u8][..], entry.as_bytes(), &[0u8]].concat();
+                assert!(
+                    cubin.windows(symbol.len()).any(|w| w == symbol),
+                    "{} for {arch}: no symbol {entry}",
+                    variant.label()
+                );
+            }
+            eprintln!(
+                "{} for {arch}: {} KiB of machine code, {:.2} s",
+                variant.label(),
+                cubin.len() / 1024,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 /// Every bf16 and f16 kernel compiled to machine code for sm_80 and sm_90 keeps its values in

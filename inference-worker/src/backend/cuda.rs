@@ -622,10 +622,15 @@ where
                 backend: self.name(),
                 reason: format!("kernels: {e}"),
             })?;
+        let format = self.kernels.ptx_fallback().map_or_else(
+            || "machine code".to_string(),
+            |why| format!("PTX, compiled by the driver at load ({why})"),
+        );
         tracing::info!(
             dtype = T::SUFFIX,
             head_dim = config.head_dim,
             seconds = started.elapsed().as_secs_f64(),
+            format,
             "kernels ready (compiled, or read from the kernel cache)"
         );
         Ok(())

@@ -1,9 +1,11 @@
 //! What a pod with a cold kernel cache compiles before it can serve, on this machine's CPU (no
-//! GPU needed): the four kernel variants one model needs (its storage type and head size, as
+//! GPU needed): the five kernel variants one model needs (its storage type and head size, as
 //! the worker compiles them at start-up) side by side with every variant of every program (what
 //! a start compiled when a program was one unit holding every storage type and head size).
-//! Each is timed to PTX (NVRTC, what the worker caches) and to machine code (PTX plus ptxas, the
-//! work the driver's JIT does when it loads PTX), one unit after another as the worker does.
+//! Each is timed to PTX (NVRTC's front end; what the worker loads where machine code cannot be
+//! built, leaving the driver's JIT to repeat ptxas at every load) and to machine code (PTX
+//! plus ptxas: what the worker compiles, caches and loads as is), one unit after another as
+//! the worker does.
 //!
 //! `cargo run --release -p llmctl-perf --bin kernel_compile_bench -- [--dtype bf16]
 //! [--head-dim 128] [--record]` (needs `libnvrtc.so.13` on `LD_LIBRARY_PATH`).
