@@ -301,31 +301,64 @@ fn gemv_rope<T: Dtype>(k: &Kernels, rng: &mut TestRng) {
         let what = format!("gemv_norm_rope {} {rows} rows", T::SUFFIX);
         assert_close(&what, &download(k, &out), &rotated, tol::<T>(false));
         let stored: Vec<f32> = rotated.iter().map(|&v| round(v)).collect();
-        let (mut want_k, mut want_v) = (k_init.clone(), v_init.clone());
         let (kq, vq) = (q_heads * head_dim, q_heads * head_dim + kv_width);
-        reference::write_kv(
-            &stored[kq..],
-            &stored[vq..],
-            n,
-            kv_width,
-            &slots,
-            &mut want_k,
-            &mut want_v,
-        );
-        let as64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        assert_close(
-            &format!("{what} k"),
-            &download(k, &kc),
-            &as64(&want_k),
-            tol::<T>(false),
-        );
-        assert_close(
-            &format!("{what} v"),
-            &download(k, &vc),
-            &as64(&want_v),
-            tol::<T>(false),
-        );
+        let write = CacheWrite {
+            k_rows: &stored[kq..],
+            v_rows: &stored[vq..],
+            stride: n,
+            width: kv_width,
+            slots: &slots,
+            k_init: &k_init,
+            v_init: &v_init,
+        };
+        let t = tol::<T>(false);
+        assert_cache_write(&what, k, (&kc, &vc), write, (t, t));
     }
+}
+
+/// A cache write as the reference does it: the k and v rows (row stride `stride`, `width`
+/// wide) to their slots over the caches' initial contents.
+struct CacheWrite<'a> {
+    k_rows: &'a [f32],
+    v_rows: &'a [f32],
+    stride: usize,
+    width: usize,
+    slots: &'a [i64],
+    k_init: &'a [f32],
+    v_init: &'a [f32],
+}
+
+/// The device caches against the reference's `write`, k and v each within its tolerance.
+fn assert_cache_write<T: Dtype>(
+    what: &str,
+    k: &Kernels,
+    (kc, vc): (&CudaSlice<T>, &CudaSlice<T>),
+    write: CacheWrite<'_>,
+    (k_tol, v_tol): (Tol, Tol),
+) {
+    let (mut want_k, mut want_v) = (write.k_init.to_vec(), write.v_init.to_vec());
+    reference::write_kv(
+        write.k_rows,
+        write.v_rows,
+        write.stride,
+        write.width,
+        write.slots,
+        &mut want_k,
+        &mut want_v,
+    );
+    let as64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    assert_close(
+        &format!("{what} k"),
+        &download(k, kc),
+        &as64(&want_k),
+        k_tol,
+    );
+    assert_close(
+        &format!("{what} v"),
+        &download(k, vc),
+        &as64(&want_v),
+        v_tol,
+    );
 }
 
 pub fn elementwise<T: Dtype>(k: &Kernels) {
@@ -719,33 +752,21 @@ pub fn cache_write<T: Dtype>(k: &Kernels) {
         &k.stream().clone_htod(&slots).unwrap(),
     )
     .unwrap();
-    let (mut want_k, mut want_v) = (k_init.clone(), v_init.clone());
-    reference::write_kv(
-        &qkv[kq..],
-        &qkv[vq..],
-        stride,
-        width,
-        &slots,
-        &mut want_k,
-        &mut want_v,
-    );
     let exact = Tol {
         atol: 0.0,
         rtol: 0.0,
     };
-    let as64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-    assert_close(
-        &format!("write_kv k {}", T::SUFFIX),
-        &download(k, &kc),
-        &as64(&want_k),
-        exact,
-    );
-    assert_close(
-        &format!("write_kv v {}", T::SUFFIX),
-        &download(k, &vc),
-        &as64(&want_v),
-        exact,
-    );
+    let write = CacheWrite {
+        k_rows: &qkv[kq..],
+        v_rows: &qkv[vq..],
+        stride,
+        width,
+        slots: &slots,
+        k_init: &k_init,
+        v_init: &v_init,
+    };
+    let what = format!("write_kv {}", T::SUFFIX);
+    assert_cache_write(&what, k, (&kc, &vc), write, (exact, exact));
 
     // Rotary and the cache write fused: the q and k heads rotate in place, v stays, and the
     // caches get the rotated k (as stored in T) and v.
@@ -773,28 +794,16 @@ pub fn cache_write<T: Dtype>(k: &Kernels) {
     let what = format!("rotary_write_kv {}", T::SUFFIX);
     assert_close(&what, &download(k, &d_qkv), &rotated, tol::<T>(false));
     let stored = rounded::<T>(&rotated.iter().map(|&v| v as f32).collect::<Vec<_>>());
-    let (mut want_k, mut want_v) = (k_init.clone(), v_init.clone());
-    reference::write_kv(
-        &stored[kq..],
-        &qkv[vq..],
+    let write = CacheWrite {
+        k_rows: &stored[kq..],
+        v_rows: &qkv[vq..],
         stride,
         width,
-        &slots,
-        &mut want_k,
-        &mut want_v,
-    );
-    assert_close(
-        &format!("{what} k"),
-        &download(k, &kc),
-        &as64(&want_k),
-        tol::<T>(false),
-    );
-    assert_close(
-        &format!("{what} v"),
-        &download(k, &vc),
-        &as64(&want_v),
-        exact,
-    );
+        slots: &slots,
+        k_init: &k_init,
+        v_init: &v_init,
+    };
+    assert_cache_write(&what, k, (&kc, &vc), write, (tol::<T>(false), exact));
 }
 
 /// The kernel tests, each `#[ignore = $why]`, on the `Kernels` that `$kernels` opens.
