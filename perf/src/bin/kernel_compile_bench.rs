@@ -90,9 +90,10 @@ fn main() -> Result<()> {
             "# Kernel compilation at a cold start, {}\n\nMachine: {} (NVRTC {:?}, {arch}; no GPU \
              involved)\n\nCommand: `cargo run --release -p llmctl-perf --bin kernel_compile_bench \
              -- --dtype {dtype} --head-dim {} --arch {} --record`\n\nWhat a worker on a pod with a \
-             cold kernel cache compiles before it serves. \"To machine code\" is PTX plus ptxas, \
-             the work the driver's JIT does when it loads PTX. Before, a program was one unit with \
-             every storage type and head size; now the worker compiles the variants its model \
+             cold kernel cache compiles before it serves. \"To machine code\" is PTX plus ptxas: \
+             what the worker compiles, caches and loads (with PTX alone the driver's JIT would \
+             repeat the ptxas part at every load). Before, a program was one unit with every \
+             storage type and head size; now the worker compiles the variants its model \
              needs.\n\n{table}",
             llmctl_perf::today(),
             llmctl_perf::machine(),
