@@ -84,12 +84,49 @@ struct alignas(16) Vec16 {
     unsigned w[4];
 };
 
-// The 16 / sizeof(T) elements of a 16-byte chunk as floats.
+// 16 bytes of global memory that no thread writes during the launch, in one load
+// (ld.global.nc.v4; `src` 16-byte aligned). Converting a chunk element by element straight from
+// a global pointer lets the compiler split it into eight 2-byte loads.
+__device__ __forceinline__ Vec16 load16(const void* src) {
+    Vec16 v;
+#ifdef LLMCTL_EMULATOR
+    memcpy(&v, src, 16);
+#else
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+        : "l"(src));
+#endif
+    return v;
+}
+
+// load16 for data read once (weights): not kept in L1, which keeps what is read again.
+__device__ __forceinline__ Vec16 load16_once(const void* src) {
+    Vec16 v;
+#ifdef LLMCTL_EMULATOR
+    memcpy(&v, src, 16);
+#else
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+        : "l"(src));
+#endif
+    return v;
+}
+
+// The 16 / sizeof(T) elements of a 16-byte chunk as floats, taken from its words by shifts (a
+// chunk read through a T pointer would break type-based aliasing rules once it is a local).
 template <typename T>
 __device__ __forceinline__ void chunk_to_float(const Vec16& raw, float (&out)[16 / sizeof(T)]) {
-    const T* e = reinterpret_cast<const T*>(&raw);
+    if constexpr (sizeof(T) == 4) {
 #pragma unroll
-    for (int i = 0; i < 16 / (int)sizeof(T); ++i) out[i] = to_float(e[i]);
+        for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(raw.w[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            T e;
+            e.bits = (u16)(raw.w[i / 2] >> (16 * (i % 2)));
+            out[i] = to_float(e);
+        }
+    }
 }
 
 // c += A B on the tensor cores (mma.sync m16n8k16, f32 accumulation), one warp together: A is

@@ -17,7 +17,8 @@
 // p + n / 2, so SiLU-and-mul needs nothing from other warps; rope: the rows j and
 // j + head_dim / 2 of a head, the pair rotary turns together), its lanes splitting k by 16-byte
 // chunks with GEMV_UNROLL chunks of each row in flight per lane (a 2048-wide row is one round
-// trip); x (a few KB) comes from L1.
+// trip). Every read is a 16-byte load; W's bypass L1, so x (a few KB, read by every warp) stays
+// there.
 // grid: (ceil(pairs / GEMV_WARPS)), block: 32 * GEMV_WARPS.
 
 #define GEMV_MAX_ROWS 4
@@ -71,8 +72,8 @@ __device__ void gemv(T* __restrict__ out, const T* __restrict__ x, const T* __re
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int c = base + 32 * u;
             if (c < chunks) {
-                a[u] = w0[c];
-                b[u] = w1[c];
+                a[u] = load16_once(w0 + c);
+                b[u] = load16_once(w1 + c);
             }
         }
     };
@@ -85,7 +86,7 @@ __device__ void gemv(T* __restrict__ out, const T* __restrict__ x, const T* __re
             float ss = 0.f;
             for (int c = lane; c < chunks; c += 32) {
                 float v[VEC];
-                chunk_to_float<T>(xv[(i64)warp * chunks + c], v);
+                chunk_to_float<T>(load16(xv + (i64)warp * chunks + c), v);
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) ss += v[i] * v[i];
             }
@@ -108,12 +109,12 @@ __device__ void gemv(T* __restrict__ out, const T* __restrict__ x, const T* __re
             float wa[VEC], wb[VEC], scale[VEC];
             chunk_to_float<T>(a[u], wa);
             chunk_to_float<T>(b[u], wb);
-            if (NORM) chunk_to_float<T>(reinterpret_cast<const Vec16*>(norm_w)[c], scale);
+            if (NORM) chunk_to_float<T>(load16(reinterpret_cast<const Vec16*>(norm_w) + c), scale);
 #pragma unroll
             for (int m = 0; m < GEMV_MAX_ROWS; ++m) {
                 if (m >= rows) break;
                 float xf[VEC];
-                chunk_to_float<T>(xv[(i64)m * chunks + c], xf);
+                chunk_to_float<T>(load16(xv + (i64)m * chunks + c), xf);
                 float s0 = 0.f, s1 = 0.f;
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
