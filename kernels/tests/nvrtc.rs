@@ -152,3 +152,50 @@ fn no_kernel_spills_registers_on_sm80_or_sm90() {
     }
     assert!(spills.is_empty(), "register spills:\n{}", spills.join("\n"));
 }
+
+/// The bandwidth-bound kernels read memory 16 bytes per instruction: decode attention's K/V and
+/// every GEMV operand. A chunk converted element by element straight from a global pointer
+/// compiles to eight 2-byte loads instead, which no functional test notices; this counts the
+/// loads in the PTX of each kernel (bf16, head size 128, compute_90).
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH; .ci/run installs it and runs this"]
+fn bandwidth_bound_kernels_load_sixteen_bytes_at_a_time() {
+    let arch = compile::arch_name(9, 0).unwrap();
+    // (kernel, at least this many 16-byte loads); none may have 2-byte read-only loads.
+    let expect = [
+        ("paged_attention_decode_bf16_d128", 8),
+        ("gemv_add_bf16", 64),
+        ("gemv_norm_bf16", 64),
+        ("gemv_norm_gated_bf16", 64),
+        ("gemv_norm_rope_bf16", 64),
+    ];
+    let mut ptx = String::new();
+    for program in [source::ATTENTION, source::GEMV] {
+        let variant = program.variant("bf16", Some(128));
+        ptx += &compile::compile(&variant, arch).unwrap_or_else(|e| panic!("{e}"));
+    }
+    for (kernel, at_least) in expect {
+        let body = ptx
+            .split(".entry ")
+            .find(|b| b.starts_with(&format!("{kernel}(")))
+            .unwrap_or_else(|| panic!("no entry {kernel}"));
+        let body = body.split("\n}\n").next().unwrap_or(body);
+        let wide_loads = body
+            .lines()
+            .filter(|l| l.contains("ld.global") && l.contains(".v4."))
+            .count();
+        let narrow_nc = body
+            .lines()
+            .filter(|l| l.contains("ld.global.nc") && l.contains(".u16"))
+            .count();
+        eprintln!("{kernel}: {wide_loads} 16-byte global loads, {narrow_nc} 2-byte read-only ones");
+        assert!(
+            wide_loads >= at_least,
+            "{kernel}: {wide_loads} 16-byte global loads, expected at least {at_least}"
+        );
+        assert_eq!(
+            narrow_nc, 0,
+            "{kernel}: 2-byte read-only loads in the hot loop"
+        );
+    }
+}
