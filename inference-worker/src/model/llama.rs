@@ -178,7 +178,7 @@ impl<B: Backend> Llama<B> {
         let eps = self.config.rms_norm_eps;
         let shape = self.qkv_shape();
         let mut residual = b.embed(&self.embed, step);
-        // The last layer's MLP output, waiting for its down projection.
+        // The previous layer's MLP output (and that layer), waiting for its down projection.
         let mut mlp_out: Option<(B::Activations, &Layer<B>)> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let input = SublayerInput {
@@ -190,11 +190,11 @@ impl<B: Backend> Llama<B> {
                 into: proj(&layer.qkv, &layer.qkv_bias),
             };
             let qkv = b.attention_input(&mut residual, &input, cache, i, shape, step);
-            let attn = b.attention(&qkv, cache, i, shape, step);
             if !logits && i + 1 == self.layers.len() {
-                // A pass that only writes K/V is done with the last attention.
+                // A pass that only writes K/V is done once the last layer's are written.
                 return None;
             }
+            let attn = b.attention(&qkv, cache, i, shape, step);
             let input = SublayerInput {
                 prev: Some((&attn, proj(&layer.o, &layer.o_bias))),
                 norm: &layer.post_norm,
