@@ -79,37 +79,63 @@ struct DecodeShape {
     static_assert(D % VEC == 0, "rows are whole 16-byte chunks");
 };
 
-// Output rows of the `heads` query heads from `h0` of sequence `seq`, merged from their
-// split-KV partitions: each partition's partial output weighted by exp(its max - the max),
-// over the likewise weighted sum. Partials come through L2 (load_cg): other SMs wrote them
-// during this launch. MERGE_BATCH partitions' loads are in flight per thread.
+// Output rows of the `heads` (at most WARPS) query heads from `h0` of sequence `seq`, merged
+// from their split-KV partitions, by one CTA: warp g weighs head g's partitions (exp(max_p -
+// max), into shared memory) and sums their weighted row sums; then each thread merges 4
+// columns of a head, MERGE_BATCH partitions' 16-byte loads in flight. Partials come through L2
+// (load_cg*): other SMs wrote them during this launch. At most MERGE_MAX_PARTS partitions
+// (the launcher's plan keeps to it).
 #define MERGE_BATCH 8
+#define MERGE_MAX_PARTS 512
+static_assert(MAX_GROUP <= WARPS, "a warp weighs each head's partitions");
 template <typename T, int D>
 __device__ void merge_partitions(T* __restrict__ out, const float* __restrict__ part_out,
                                  const float* __restrict__ part_ml, int seq, int h0, int heads,
                                  int num_q_heads, int parts) {
-    for (int i = threadIdx.x; i < heads * D; i += blockDim.x) {
-        const int h = h0 + i / D, d = i % D;
-        const i64 base = ((i64)seq * num_q_heads + h) * parts;
+    static_assert(D % 4 == 0, "columns merge four at a time");
+    __shared__ float s_w[MAX_GROUP][MERGE_MAX_PARTS];
+    __shared__ float s_sum[MAX_GROUP];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (warp < heads) {
+        const float* ml = part_ml + ((i64)seq * num_q_heads + h0 + warp) * parts * 2;
         float mx = NEG_INF;
-        for (int p0 = 0; p0 < parts; p0 += MERGE_BATCH) {
-#pragma unroll
-            for (int p = p0; p < p0 + MERGE_BATCH; ++p)
-                if (p < parts) mx = fmaxf(mx, load_cg(part_ml + (base + p) * 2));
+        for (int p = lane; p < parts; p += 32) mx = fmaxf(mx, load_cg(ml + 2 * p));
+        mx = warp_max(mx);
+        float sum = 0.f;
+        for (int p = lane; p < parts; p += 32) {
+            const float w = mx == NEG_INF ? 0.f : __expf(load_cg(ml + 2 * p) - mx);
+            s_w[warp][p] = w;
+            sum += load_cg(ml + 2 * p + 1) * w;
         }
-        float sum = 0.f, o = 0.f;
-        if (mx != NEG_INF) {
-            for (int p0 = 0; p0 < parts; p0 += MERGE_BATCH) {
+        sum = warp_sum(sum);
+        if (lane == 0) s_sum[warp] = sum;
+    }
+    __syncthreads();
+    constexpr int QUADS = D / 4;
+    for (int i = threadIdx.x; i < heads * QUADS; i += blockDim.x) {
+        const int g = i / QUADS, d = (i % QUADS) * 4;
+        const i64 row = (i64)seq * num_q_heads + h0 + g;
+        const float* po = part_out + row * parts * D + d;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int p0 = 0; p0 < parts; p0 += MERGE_BATCH) {
+            float4v v[MERGE_BATCH];
 #pragma unroll
-                for (int p = p0; p < p0 + MERGE_BATCH; ++p) {
-                    if (p >= parts) break;
-                    const float f = __expf(load_cg(part_ml + (base + p) * 2) - mx);
-                    sum += load_cg(part_ml + (base + p) * 2 + 1) * f;
-                    o += load_cg(part_out + (base + p) * D + d) * f;
-                }
+            for (int u = 0; u < MERGE_BATCH; ++u)
+                if (p0 + u < parts) v[u] = load_cg4(po + (i64)(p0 + u) * D);
+#pragma unroll
+            for (int u = 0; u < MERGE_BATCH; ++u) {
+                if (p0 + u >= parts) break;
+                const float w = s_w[g][p0 + u];
+                acc[0] += v[u].x * w;
+                acc[1] += v[u].y * w;
+                acc[2] += v[u].z * w;
+                acc[3] += v[u].w * w;
             }
         }
-        out[((i64)seq * num_q_heads + h) * D + d] = from_float<T>(sum > 0.f ? o / sum : 0.f);
+        const float sum = s_sum[g];
+        T* o = out + row * D + d;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) o[c] = from_float<T>(sum > 0.f ? acc[c] / sum : 0.f);
     }
 }
 
@@ -637,7 +663,7 @@ __device__ void prefill_mma(T* __restrict__ out, const T* __restrict__ q, i64 q_
 }
 
 #define INSTANTIATE(S, T, D)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) paged_attention_decode_##S##_d##D( \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, 4) paged_attention_decode_##S##_d##D( \
         T* out, float* part_out, float* part_ml, unsigned* done, const T* q, i64 q_stride,   \
         const T* k_cache, const T* v_cache, const int* block_tables, int max_blocks,          \
         int block_size, int num_kv_heads, const int* context_lens, int num_q_heads,           \

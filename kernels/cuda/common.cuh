@@ -211,6 +211,23 @@ __device__ __forceinline__ float load_cg(const float* p) {
 #endif
 }
 
+// Four floats through L2 only (ld.global.cg.v4; `p` 16-byte aligned), as load_cg.
+struct float4v {
+    float x, y, z, w;
+};
+__device__ __forceinline__ float4v load_cg4(const float* p) {
+    float4v v;
+#ifdef LLMCTL_EMULATOR
+    memcpy(&v, p, 16);
+#else
+    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p)
+                 : "memory");
+#endif
+    return v;
+}
+
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<bf16> { static constexpr bool value = true; };
 

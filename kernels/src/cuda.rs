@@ -123,6 +123,9 @@ pub struct RotaryKv<'a, T> {
 /// Warps per GEMV block (gemv.cu's GEMV_WARPS).
 const GEMV_WARPS: usize = 4;
 
+/// The most partitions a split decode merges (attention.cu's MERGE_MAX_PARTS).
+const DECODE_MAX_PARTITIONS: usize = 512;
+
 /// Split decode's counters ([`Kernels`]): the split heuristic splits only grids of fewer than
 /// two CTAs per SM, far below this.
 const SPLIT_COUNTERS: usize = 4096;
@@ -869,13 +872,13 @@ impl Kernels {
     ) -> DecodePlan {
         let group = num_q_heads / cache.num_kv_heads.max(1);
         let ctas = cache.num_kv_heads * group.div_ceil(DECODE_MAX_GROUP);
-        let (partitions, partition_size) = match split {
-            Split::Auto => decode_partitions(num_seqs, ctas, max_context, self.sm_count),
-            Split::Partitions(p) => {
-                let p = p.max(1);
-                (p, max_context.max(1).div_ceil(p))
-            }
+        let partitions = match split {
+            Split::Auto => decode_partitions(num_seqs, ctas, max_context, self.sm_count).0,
+            Split::Partitions(p) => p,
         };
+        // The merge weighs at most MERGE_MAX_PARTS partitions (attention.cu).
+        let partitions = partitions.clamp(1, DECODE_MAX_PARTITIONS);
+        let partition_size = max_context.max(1).div_ceil(partitions);
         let slots = num_seqs * num_q_heads * partitions;
         let (scratch_len, ml_len) = if partitions > 1 {
             (slots * cache.head_dim, slots * 2)

@@ -623,7 +623,12 @@ pub fn decode<T: Dtype>(k: &Kernels) {
                     &seqs,
                     scale,
                 );
-                for split in [Split::Partitions(1), Split::Partitions(4), Split::Auto] {
+                // Once, more partitions than a warp has lanes (the merge's weights loop twice).
+                let many = head_dim == 128 && block_size == 16 && kv_heads == 2 && q_heads == 8;
+                let splits = [Split::Partitions(1), Split::Partitions(4), Split::Auto]
+                    .into_iter()
+                    .chain(many.then_some(Split::Partitions(100)));
+                for split in splits {
                     let mut out = poisoned::<T>(k, contexts.len() * q_heads * head_dim);
                     let parts = k
                         .decode_attention(
@@ -650,6 +655,32 @@ pub fn decode<T: Dtype>(k: &Kernels) {
             }
         }
     }
+}
+
+/// A split asks for at most as many partitions as the merge weighs (attention.cu's
+/// MERGE_MAX_PARTS), whatever the caller asks.
+pub fn decode_plan_caps_partitions(k: &Kernels) {
+    let (k_cache, v_cache) = (
+        k.stream().alloc_zeros::<f32>(16 * 128).unwrap(),
+        k.stream().alloc_zeros::<f32>(16 * 128).unwrap(),
+    );
+    let tables = k.stream().alloc_zeros::<i32>(1).unwrap();
+    let lens = k.stream().alloc_zeros::<i32>(1).unwrap();
+    let cache = PagedCache {
+        k: &k_cache,
+        v: &v_cache,
+        block_tables: &tables,
+        max_blocks: 1,
+        context_lens: &lens,
+        block_size: 16,
+        num_kv_heads: 1,
+        head_dim: 128,
+    };
+    let plan = k.decode_plan(1, 4, &cache, 1 << 20, Split::Partitions(10_000));
+    assert_eq!(plan.partitions, 512);
+    assert_eq!(plan.partition_size, (1 << 20) / 512);
+    let auto = k.decode_plan(1, 4, &cache, 1 << 20, Split::Auto);
+    assert!((2..=512).contains(&auto.partitions), "{auto:?}");
 }
 
 pub fn prefill<T: Dtype>(k: &Kernels) {
@@ -845,7 +876,9 @@ macro_rules! kernel_tests {
         #[test]
         #[ignore = $why]
         fn decode_attention_split_and_unsplit_match_the_reference() {
-            for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, decode, k));
+            let k = $kernels;
+            decode_plan_caps_partitions(&k);
+            for_each_dtype(&k, &mut |k, dtype| dispatch!(dtype, decode, k));
         }
 
         #[test]
