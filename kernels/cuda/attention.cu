@@ -8,7 +8,8 @@
 // once (DecodeShape), and each lane keeps an online softmax over its rows, merged across the
 // warp's lanes and then across its four warps. With one partition the CTA writes the
 // normalised output; with several (split-KV, for long contexts and small batches) it writes an
-// unnormalised partial result and its (max, sum), which `paged_attention_reduce` combines.
+// unnormalised partial result and its (max, sum), and the last CTA of the (sequence, head
+// group) to finish merges them (merge_partitions) in the same launch.
 //
 // Prefill: causal attention for packed variable-length sequences whose new tokens' K/V are
 // already in the cache, so cached prefix blocks (prefix-cache hits) are read, never
