@@ -86,28 +86,23 @@ struct alignas(16) Vec16 {
 
 // 16 bytes of global memory that no thread writes during the launch, in one load
 // (ld.global.nc.v4; `src` 16-byte aligned). Converting a chunk element by element straight from
-// a global pointer lets the compiler split it into eight 2-byte loads.
+// a global pointer lets the compiler split it into eight 2-byte loads. ONCE: data read once
+// (weights), not kept in L1, which keeps what is read again.
+template <bool ONCE = false>
 __device__ __forceinline__ Vec16 load16(const void* src) {
     Vec16 v;
 #ifdef LLMCTL_EMULATOR
     memcpy(&v, src, 16);
 #else
-    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
-        : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
-        : "l"(src));
-#endif
-    return v;
-}
-
-// load16 for data read once (weights): not kept in L1, which keeps what is read again.
-__device__ __forceinline__ Vec16 load16_once(const void* src) {
-    Vec16 v;
-#ifdef LLMCTL_EMULATOR
-    memcpy(&v, src, 16);
-#else
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-        : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
-        : "l"(src));
+    if constexpr (ONCE) {
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+            : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+            : "l"(src));
+    } else {
+        asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+            : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+            : "l"(src));
+    }
 #endif
     return v;
 }

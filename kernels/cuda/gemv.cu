@@ -72,8 +72,8 @@ __device__ void gemv(T* __restrict__ out, const T* __restrict__ x, const T* __re
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int c = base + 32 * u;
             if (c < chunks) {
-                a[u] = load16_once(w0 + c);
-                b[u] = load16_once(w1 + c);
+                a[u] = load16<true>(w0 + c);
+                b[u] = load16<true>(w1 + c);
             }
         }
     };
