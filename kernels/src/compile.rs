@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cudarc::nvrtc::{CompileOptions, Ptx, result, sys};
+use cudarc::nvrtc::{Ptx, result, sys};
 use sha2::{Digest, Sha256};
 
 use crate::source::Variant;
@@ -180,12 +180,7 @@ pub fn cubin(variant: &Variant, arch: &'static str) -> Result<Ptx, CompileError>
 
 /// Compiles `variant` to machine code for the real architecture of `arch` (no cache).
 pub fn compile_cubin(variant: &Variant, arch: &'static str) -> Result<Vec<u8>, CompileError> {
-    let sm = arch.replace("compute_", "sm_");
-    let options = [
-        "--std=c++17".to_string(),
-        format!("--gpu-architecture={sm}"),
-    ];
-    with_program(variant, arch, &options, |prog, _log| {
+    with_program(variant, arch, &options(arch, true, &[]), |prog, _log| {
         let mut size = 0usize;
         // SAFETY: `prog` compiled successfully and is alive; `size` is valid for a write.
         unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
@@ -198,6 +193,32 @@ pub fn compile_cubin(variant: &Variant, arch: &'static str) -> Result<Vec<u8>, C
             .map_err(|e| e.to_string())?;
         Ok(cubin)
     })
+}
+
+/// NVRTC's options for `arch` (a virtual `compute_XY`; with `machine_code`, its real
+/// `sm_XY`), then `extra`.
+fn options(arch: &str, machine_code: bool, extra: &[&str]) -> Vec<String> {
+    let target = if machine_code {
+        arch.replace("compute_", "sm_")
+    } else {
+        arch.to_string()
+    };
+    [
+        "--std=c++17".to_string(),
+        format!("--gpu-architecture={target}"),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|o| o.to_string()))
+    .collect()
+}
+
+/// The text of a NUL-terminated buffer NVRTC filled (a log, PTX).
+fn c_text(chars: &[std::ffi::c_char]) -> String {
+    chars
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect()
 }
 
 /// Compiles `variant` with NVRTC and `options`, then hands the program and its compile log to
@@ -226,13 +247,8 @@ fn with_program<R>(
     // source and name it refers to outlive it.
     unsafe {
         let compiled = result::compile_program(prog, options);
-        let log: String = result::get_program_log(prog)
-            .map(|log| {
-                log.iter()
-                    .take_while(|&&c| c != 0)
-                    .map(|&c| c as u8 as char)
-                    .collect()
-            })
+        let log = result::get_program_log(prog)
+            .map(|log| c_text(&log))
             .unwrap_or_default();
         let out = match compiled {
             Ok(()) => output(prog, &log).map_err(|e| failed(format!("{e}: {log}"))),
@@ -245,23 +261,11 @@ fn with_program<R>(
 
 /// Compiles `variant` for `arch` with NVRTC (no cache); returns the PTX text.
 pub fn compile(variant: &Variant, arch: &'static str) -> Result<String, CompileError> {
-    if !nvrtc_available() {
-        return Err(CompileError::NoNvrtc);
-    }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        name: Some(format!("{}.cu", variant.program.name)),
-        ..CompileOptions::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(variant.source(), opts).map_err(|e| {
-        CompileError::Compile {
-            unit: variant.label(),
-            arch,
-            log: e.to_string(),
-        }
-    })?;
-    Ok(ptx.to_src())
+    with_program(variant, arch, &options(arch, false, &[]), |prog, _log| {
+        // SAFETY: `prog` compiled successfully and is alive.
+        let ptx = unsafe { result::get_ptx(prog) }.map_err(|e| e.to_string())?;
+        Ok(c_text(&ptx))
+    })
 }
 
 /// What ptxas reports for one kernel compiled to machine code: registers per thread, bytes
@@ -283,12 +287,7 @@ pub fn resources(
     variant: &Variant,
     arch: &'static str,
 ) -> Result<Vec<KernelResources>, CompileError> {
-    let sm = arch.replace("compute_", "sm_");
-    let options = [
-        "--std=c++17".to_string(),
-        format!("--gpu-architecture={sm}"),
-        "--ptxas-options=-v".to_string(),
-    ];
+    let options = options(arch, true, &["--ptxas-options=-v"]);
     with_program(variant, arch, &options, |_prog, log| {
         Ok(parse_ptxas_report(log))
     })
