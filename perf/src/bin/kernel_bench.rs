@@ -186,144 +186,81 @@ fn sdpa_times(script: &str, lens: &[usize], repeats: usize) -> Result<serde_json
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// A projection shape: `n` outputs of `k` inputs, and whether it is a `[gate; up]` one.
-struct Projection {
-    model: &'static str,
-    name: &'static str,
-    n: usize,
-    k: usize,
-    gated: bool,
+/// What the worker's fused path runs for a projection.
+#[derive(Clone, Copy)]
+enum Fused {
+    /// `gemv_add`: o and down, with the residual add.
+    Add,
+    /// `gemv_norm`: q/k/v after the input norm (the worker's also rotates and caches a few KB).
+    Norm,
+    /// `gemv_norm_gated`: `[gate; up]`, through SiLU-and-mul.
+    Gated,
 }
 
-const PROJECTIONS: [Projection; 8] = [
-    Projection {
-        model: "1B",
-        name: "qkv",
-        n: 3072,
-        k: 2048,
-        gated: false,
-    },
-    Projection {
-        model: "1B",
-        name: "o",
-        n: 2048,
-        k: 2048,
-        gated: false,
-    },
-    Projection {
-        model: "1B",
-        name: "gate_up",
-        n: 16384,
-        k: 2048,
-        gated: true,
-    },
-    Projection {
-        model: "1B",
-        name: "down",
-        n: 2048,
-        k: 8192,
-        gated: false,
-    },
-    Projection {
-        model: "8B",
-        name: "qkv",
-        n: 6144,
-        k: 4096,
-        gated: false,
-    },
-    Projection {
-        model: "8B",
-        name: "o",
-        n: 4096,
-        k: 4096,
-        gated: false,
-    },
-    Projection {
-        model: "8B",
-        name: "gate_up",
-        n: 28672,
-        k: 4096,
-        gated: true,
-    },
-    Projection {
-        model: "8B",
-        name: "down",
-        n: 4096,
-        k: 14336,
-        gated: false,
-    },
+/// (model, projection, n outputs, k inputs, fused kernel) at the presets' shapes.
+const PROJECTIONS: [(&str, &str, usize, usize, Fused); 8] = [
+    ("1B", "qkv", 3072, 2048, Fused::Norm),
+    ("1B", "o", 2048, 2048, Fused::Add),
+    ("1B", "gate_up", 16384, 2048, Fused::Gated),
+    ("1B", "down", 2048, 8192, Fused::Add),
+    ("8B", "qkv", 6144, 4096, Fused::Norm),
+    ("8B", "o", 4096, 4096, Fused::Add),
+    ("8B", "gate_up", 28672, 4096, Fused::Gated),
+    ("8B", "down", 4096, 14336, Fused::Add),
 ];
 
-/// One projection at `rows` rows: the fused GEMV the worker runs there (`gemv_norm`, gated
-/// for `[gate; up]`, plain for q/k/v, where the worker's also rotates and caches a few KB;
-/// `gemv_add` for o and down) against cuBLAS's plain GEMM.
+/// One projection at `rows` rows: the fused GEMV the worker runs there against cuBLAS's plain
+/// GEMM.
 fn projection(
     k: &Kernels,
     blas: &CudaBlas,
     rng: &mut TestRng,
-    p: &Projection,
+    (n, width, fused): (usize, usize, Fused),
     rows: usize,
     repeats: usize,
-    copy_gbs: f64,
-) -> Result<String> {
+) -> Result<(f64, f64)> {
     // Enough copies of the weight to exceed a Hopper L2 (50 MB) several times.
-    let bytes = p.n * p.k * 2;
-    let copies = (256usize << 20).div_ceil(bytes).max(2);
+    let copies = (256usize << 20).div_ceil(n * width * 2).max(2);
     let weights = (0..copies)
-        .map(|_| random(k, rng, p.n * p.k))
+        .map(|_| random(k, rng, n * width))
         .collect::<Result<Vec<_>>>()?;
-    let x = random(k, rng, rows * p.k)?;
-    let norm = random(k, rng, p.k)?;
-    let width = if p.gated { p.n / 2 } else { p.n };
-    let mut out = k.stream().alloc_zeros::<bf16>(rows * width)?;
-    let mut residual = random(k, rng, rows * p.n)?;
-    let add = matches!(p.name, "o" | "down");
+    let x = random(k, rng, rows * width)?;
+    let norm = random(k, rng, width)?;
+    let out_width = if matches!(fused, Fused::Gated) {
+        n / 2
+    } else {
+        n
+    };
+    let mut out = k.stream().alloc_zeros::<bf16>(rows * out_width)?;
+    let mut residual = random(k, rng, rows * n)?;
     let gemv = time_ms(k, repeats, |i| {
         let w = &weights[i % copies];
-        if add {
-            k.gemv_add(&mut residual, &x, w, p.k)?;
-        } else {
-            let then = if p.gated {
-                GemvThen::SiluMul
-            } else {
-                GemvThen::Store
-            };
-            k.gemv_norm(&mut out, &x, &norm, 1e-5, w, p.k, then)?;
+        match fused {
+            Fused::Add => k.gemv_add(&mut residual, &x, w, width)?,
+            Fused::Norm => k.gemv_norm(&mut out, &x, &norm, 1e-5, w, width, GemvThen::Store)?,
+            Fused::Gated => k.gemv_norm(&mut out, &x, &norm, 1e-5, w, width, GemvThen::SiluMul)?,
         }
         Ok(())
     })?;
-    let mut gemm_out = k.stream().alloc_zeros::<bf16>(rows * p.n)?;
+    let mut gemm_out = k.stream().alloc_zeros::<bf16>(rows * n)?;
     let cublas = time_ms(k, repeats, |i| {
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
             transb: cublasOperation_t::CUBLAS_OP_N,
-            m: p.n as i32,
+            m: n as i32,
             n: rows as i32,
-            k: p.k as i32,
+            k: width as i32,
             alpha: bf16::ONE,
-            lda: p.k as i32,
-            ldb: p.k as i32,
+            lda: width as i32,
+            ldb: width as i32,
             beta: bf16::ZERO,
-            ldc: p.n as i32,
+            ldc: n as i32,
         };
-        // SAFETY: the buffers hold n·k, rows·k and rows·n elements as the config says.
+        // SAFETY: the buffers hold n·width, rows·width and rows·n elements as the config says.
         unsafe { blas.gemm(cfg, &weights[i % copies], &x, &mut gemm_out) }?;
         Ok(())
     })?;
-    let gbs = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
-    Ok(format!(
-        "| {} {} {}x{} | {rows} | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.2} |",
-        p.model,
-        p.name,
-        p.n,
-        p.k,
-        gemv * 1e3,
-        gbs(gemv),
-        100.0 * gbs(gemv) / copy_gbs,
-        cublas * 1e3,
-        gbs(cublas),
-        gemv / cublas,
-    ))
+    Ok((gemv, cublas))
 }
 
 /// Prefill attention at 1k to 16k tokens, with PyTorch's SDPA when `--sdpa` names its script.
@@ -389,13 +326,29 @@ fn main() -> Result<()> {
              | projection n x k | rows | GEMV µs | GB/s | of copy BW | cuBLAS µs | cuBLAS GB/s | GEMV / cuBLAS time |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|\n";
         let blas = CudaBlas::new(k.stream().clone())?;
-        for p in &PROJECTIONS {
+        for (model, name, n, width, fused) in PROJECTIONS {
             for rows in [1, 4] {
+                let gbs = |ms: f64| (n * width * 2) as f64 / (ms * 1e-3) / 1e9;
                 // A failure here is reported in the table, not fatal to the rows above.
-                let row = projection(&k, &blas, &mut rng, p, rows, args.repeats, copy)
-                    .unwrap_or_else(|e| {
-                        format!("| {} {} | {rows} | failed: {e:#} |", p.model, p.name)
-                    });
+                let row = match projection(
+                    &k,
+                    &blas,
+                    &mut rng,
+                    (n, width, fused),
+                    rows,
+                    args.repeats,
+                ) {
+                    Ok((gemv, cublas)) => format!(
+                        "| {model} {name} {n}x{width} | {rows} | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.2} |",
+                        gemv * 1e3,
+                        gbs(gemv),
+                        100.0 * gbs(gemv) / copy,
+                        cublas * 1e3,
+                        gbs(cublas),
+                        gemv / cublas,
+                    ),
+                    Err(e) => format!("| {model} {name} | {rows} | failed: {e:#} |"),
+                };
                 eprintln!("{row}");
                 text += &row;
                 text.push('\n');
