@@ -12,6 +12,10 @@
 #                           # /tmp/llmctl-models: 2.5 and 16 GB, written on every core the first time)
 #   perf/gpu/run.sh serve   # on the GPU machine: serving throughput at 64 concurrent streams
 #                           # for the same presets (the worker runs on cuda:0)
+#   perf/gpu/run.sh all [S] # on the GPU machine: all of the above in one call of at most S
+#                           # seconds (default 540), most wanted first, each part under its own
+#                           # time limit, so a short device lease still brings back the first
+#                           # numbers; see all() for the order
 #
 # With the device tool: run `perf/gpu/run.sh build` here, then run `bash perf/gpu/run.sh run`
 # there with carry = ["perf/gpu/bin"]. NVRTC 13 and cuBLAS 13 are found in PyTorch's nvidia-*
@@ -90,13 +94,16 @@ per_preset() {
     return $status
 }
 
+# The decode and serving benchmarks' arguments (before --preset, --models and --out).
+DECODE=(--device cuda --batches 1,64 --context 512 --steps 32)
+SERVE=(--device cuda --concurrency 64 --num-requests 256 --prompt-len 128:512 --output-len 128:256)
+
 decode() {
-    per_preset decode "$BIN/decode_bench" --device cuda --batches 1,64 --context 512 --steps 32
+    per_preset decode "$BIN/decode_bench" "${DECODE[@]}"
 }
 
 serve() {
-    per_preset serve "$BIN/serve_bench" --device cuda --concurrency 64 --num-requests 256 \
-        --prompt-len 128:512 --output-len 128:256
+    per_preset serve "$BIN/serve_bench" "${SERVE[@]}"
 }
 
 run() {
@@ -114,10 +121,65 @@ run() {
     return $status
 }
 
+# Everything in one device call, most wanted first: correctness of the kernels, the 1B decode
+# step against its roofline (issue 7's first number), the kernel benchmark's decode and GEMV
+# parts, the worker's CUDA tests, prefill beside SDPA, then the 8B decode step and serving.
+# Each part runs under `timeout` (its own cap, or what is left before the deadline) and is
+# skipped once too little is left, so whatever finished comes back. Three files in $OUT:
+# results.md (device, each part's table, and a line per part with its exit status and time),
+# tests.log and all.log (everything else the parts printed).
+all() {
+    local out="${OUT:-perf/gpu/out}" models="${MODELS:-/tmp/llmctl-models}"
+    local deadline=$(($(date +%s) + ${1:-540})) status=0 table=/tmp/llmctl-gpu-table.md
+    mkdir -p "$out"
+    cuda_env
+    local results="$out/results.md" log="$out/all.log"
+    {
+        echo "# GPU run, $(date -u +%Y-%m-%d)"
+        echo
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    } >"$results"
+    # part CAP NAME COMMAND...: runs COMMAND with --out $table when NAME ends in .md, and adds
+    # the table to results.md.
+    part() {
+        local cap=$1 name=$2 left
+        shift 2
+        left=$((deadline - $(date +%s)))
+        if ((left < 20)); then
+            echo "- $name: skipped, ${left}s left" >>"$results"
+            return
+        fi
+        ((cap < left)) || cap=$left
+        local started rc=0
+        started=$(date +%s)
+        rm -f "$table"
+        echo "== $name (cap ${cap}s)" >>"$log"
+        if [[ $name == *.md ]]; then
+            timeout -k 10 "$cap" "$@" --out "$table" >>"$log" 2>&1 || rc=$?
+            { echo; echo "## $name"; echo; cat "$table" 2>/dev/null; } >>"$results"
+        else
+            timeout -k 10 "$cap" "$@" >>"$out/$name" 2>&1 || rc=$?
+        fi
+        ((rc == 0)) || status=1
+        echo "- $name: exit $rc after $(($(date +%s) - started))s (cap ${cap}s)" >>"$results"
+    }
+    local p1b=(--preset llama-3.2-1b --models "$models") p8b=(--preset llama-3.1-8b --models "$models")
+    part 180 tests.log "$BIN/kernels-gpu-tests" --ignored --test-threads=1
+    part 150 decode-llama-3.2-1b.md "$BIN/decode_bench" "${DECODE[@]}" "${p1b[@]}"
+    part 90 kernels-decode-gemv.md "$BIN/kernel_bench" --sections decode,gemv
+    part 90 tests.log "$BIN/worker-cuda-tests" --ignored --test-threads=1
+    part 120 kernels-prefill.md "$BIN/kernel_bench" --sections prefill --sdpa perf/gpu/sdpa_bench.py
+    part 240 decode-llama-3.1-8b.md "$BIN/decode_bench" "${DECODE[@]}" "${p8b[@]}"
+    part 180 serve-llama-3.2-1b.md "$BIN/serve_bench" "${SERVE[@]}" "${p1b[@]}"
+    cat "$results"
+    return $status
+}
+
 case "${1:-}" in
     build) build ;;
     run) run ;;
     decode) decode ;;
     serve) serve ;;
-    *) echo "usage: $0 build|run|decode|serve" >&2; exit 2 ;;
+    all) all "${2:-540}" ;;
+    *) echo "usage: $0 build|run|decode|serve|all [seconds]" >&2; exit 2 ;;
 esac
