@@ -311,13 +311,16 @@ impl Backend for CpuBackend {
         out
     }
 
-    fn logits_rows(&self, x: &Matrix, step: &CpuStep) -> Matrix {
+    fn keep_logits_rows(&self, x: &mut Matrix, step: &CpuStep) {
         let rows = &step.batch.logits_rows;
-        let mut out = Matrix::zeros(rows.len(), x.cols);
-        for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {
+        if rows.iter().copied().eq(0..x.rows) {
+            return;
+        }
+        let mut kept = Matrix::zeros(rows.len(), x.cols);
+        for (dst, &r) in kept.data.chunks_exact_mut(x.cols).zip(rows) {
             dst.copy_from_slice(x.row(r));
         }
-        out
+        *x = kept;
     }
 
     fn argmax_rows(&self, x: &Matrix) -> Vec<u32> {

@@ -241,6 +241,8 @@ pub struct GpuStep {
     /// Query row offsets, `num_seqs + 1` entries.
     cu_q: DeviceBuf<i32>,
     logits_rows: DeviceBuf<u32>,
+    /// The logits rows are every row, in order (a decode step, padded or not).
+    every_row_logits: bool,
     /// One new token per sequence, in order: the decode kernel's case.
     decode: bool,
     /// The longest context; sizes decode's split (a graph's split is sized by its block
@@ -705,6 +707,7 @@ where
         sin.resize(sin.len() + pad * rope.half, 0.0);
         let mut rows: Vec<u32> = batch.logits_rows.iter().map(|&r| r as u32).collect();
         rows.extend((rows.len() as u32..).take(pad));
+        let every_row_logits = rows.iter().copied().eq(0..tokens.len() as u32);
 
         let mut packed = Packed::default();
         let tokens_at = packed.push(&tokens);
@@ -748,6 +751,7 @@ where
             context_lens: inputs.view(lens_at.0, lens_at.1),
             cu_q: inputs.view(cu_q_at.0, cu_q_at.1),
             logits_rows: inputs.view(rows_at.0, rows_at.1),
+            every_row_logits,
             decode,
             max_context: seqs.iter().map(|s| s.context_len).max().unwrap_or(1),
             max_q: seqs.iter().map(|s| s.query_len).max().unwrap_or(0),
@@ -909,6 +913,17 @@ where
         self.fused_input(residual, input, GemvThen::SiluMul)
     }
 
+    fn output_head(
+        &self,
+        residual: &mut GpuMatrix<T>,
+        input: &SublayerInput<'_, GpuMatrix<T>, GpuMatrix<T>>,
+    ) -> GpuMatrix<T> {
+        if !self.fuses(residual, input) {
+            return sublayer_input_op_by_op(self, residual, input);
+        }
+        self.fused_input(residual, input, GemvThen::Store)
+    }
+
     fn rotary(&self, qkv: &mut GpuMatrix<T>, shape: QkvShape, step: &GpuStep) {
         self.kernels
             .rotary_table(
@@ -1049,12 +1064,15 @@ where
         out
     }
 
-    fn logits_rows(&self, x: &GpuMatrix<T>, step: &GpuStep) -> GpuMatrix<T> {
-        let mut out = self.matrix(step.logits_rows.len(), x.cols);
+    fn keep_logits_rows(&self, x: &mut GpuMatrix<T>, step: &GpuStep) {
+        if step.every_row_logits {
+            return;
+        }
+        let mut kept = self.matrix(step.logits_rows.len(), x.cols);
         self.kernels
-            .embed(&mut out.data, &x.data, &step.logits_rows, x.cols)
+            .embed(&mut kept.data, &x.data, &step.logits_rows, x.cols)
             .or_die("gathering logits rows");
-        out
+        *x = kept;
     }
 
     fn argmax_rows(&self, x: &GpuMatrix<T>) -> Vec<u32> {

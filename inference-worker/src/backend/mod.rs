@@ -112,8 +112,6 @@ pub struct SublayerInput<'a, A, W> {
     pub into: Proj<'a, W>,
 }
 
-/// The operations of a Llama-family forward pass. Activations are row-major
-/// `[rows, cols]` matrices, one row per token.
 /// Steps a backend recorded for replay and steps it replayed (CUDA graphs); zero for a backend
 /// that runs every step op by op.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -122,6 +120,8 @@ pub struct ReplayCounts {
     pub replayed: u64,
 }
 
+/// The operations of a Llama-family forward pass. Activations are row-major
+/// `[rows, cols]` matrices, one row per token.
 pub trait Backend: Send + Sync + 'static {
     type Activations: Send;
     type Weight: Send + Sync;
@@ -225,6 +225,18 @@ pub trait Backend: Send + Sync + 'static {
         self.silu_mul(&sublayer_input_op_by_op(self, residual, input))
     }
 
+    /// The output head: the last MLP's output through its down projection into the residual
+    /// stream, the final norm (`input.norm`) and the output head (`input.into`: `lm_head`, or
+    /// the tied embedding table), giving logits. By default the separate ops; a backend may
+    /// fuse them (as [`Backend::attention_input`]).
+    fn output_head(
+        &self,
+        residual: &mut Self::Activations,
+        input: &SublayerInput<'_, Self::Activations, Self::Weight>,
+    ) -> Self::Activations {
+        sublayer_input_op_by_op(self, residual, input)
+    }
+
     /// Rotates the q and k columns of a fused qkv activation in place by the step's rotary rows.
     fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, step: &Self::Step);
 
@@ -267,9 +279,10 @@ pub trait Backend: Send + Sync + 'static {
     /// `silu(gate) * up` for a fused `[gate | up]` activation.
     fn silu_mul(&self, gate_up: &Self::Activations) -> Self::Activations;
 
-    /// The step's logits rows of `x`, in order (a backend that pads steps to fixed shapes may
-    /// add rows after them; the model drops those).
-    fn logits_rows(&self, x: &Self::Activations, step: &Self::Step) -> Self::Activations;
+    /// Keeps only the step's logits rows of `x`, in order (a backend that pads steps to fixed
+    /// shapes may keep rows after them; the model drops those). Leaves `x` as it is when those
+    /// rows are all of its rows, in order (a decode step).
+    fn keep_logits_rows(&self, x: &mut Self::Activations, step: &Self::Step);
 
     /// Copies an activation to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Activations) -> Vec<f32>;

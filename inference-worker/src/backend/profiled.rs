@@ -156,6 +156,14 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Kind::Gemm, || self.inner.mlp_input(residual, input))
     }
 
+    fn output_head(
+        &self,
+        residual: &mut Self::Activations,
+        input: &SublayerInput<'_, Self::Activations, Self::Weight>,
+    ) -> Self::Activations {
+        self.timed(Kind::Gemm, || self.inner.output_head(residual, input))
+    }
+
     fn rotary(&self, qkv: &mut Self::Activations, shape: QkvShape, step: &Self::Step) {
         self.timed(Kind::Other, || self.inner.rotary(qkv, shape, step))
     }
@@ -190,8 +198,8 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Kind::Other, || self.inner.silu_mul(gate_up))
     }
 
-    fn logits_rows(&self, x: &Self::Activations, step: &Self::Step) -> Self::Activations {
-        self.timed(Kind::Other, || self.inner.logits_rows(x, step))
+    fn keep_logits_rows(&self, x: &mut Self::Activations, step: &Self::Step) {
+        self.timed(Kind::Other, || self.inner.keep_logits_rows(x, step))
     }
 
     fn to_host(&self, x: &Self::Activations) -> Vec<f32> {

@@ -172,7 +172,8 @@ impl<B: Backend> Llama<B> {
     /// The forward pass over a prepared step: K/V written, and the logits rows if `logits`.
     /// Each sublayer's input (the previous sublayer's output projection, the residual add,
     /// the norm and the input projection, with rotary and the cache write into attention or
-    /// SiLU-and-mul into the MLP) is one backend op, so a backend can fuse it.
+    /// SiLU-and-mul into the MLP) is one backend op, so a backend can fuse it; so is the
+    /// output head (the last down projection, the final norm and `lm_head`).
     fn pass(&self, cache: &mut B::KvCache, step: &B::Step, logits: bool) -> Option<B::Activations> {
         let b = &self.backend;
         let eps = self.config.rms_norm_eps;
@@ -194,7 +195,14 @@ impl<B: Backend> Llama<B> {
                 // A pass that only writes K/V is done once the last layer's are written.
                 return None;
             }
-            let attn = b.attention(&qkv, cache, i, shape, step);
+            let mut attn = b.attention(&qkv, cache, i, shape, step);
+            if i + 1 == self.layers.len() {
+                // Past the last attention only the logits rows matter: the last o projection,
+                // MLP and the output head run on those rows alone (at the end of a prompt, one
+                // row per sequence instead of every prompt token).
+                b.keep_logits_rows(&mut attn, step);
+                b.keep_logits_rows(&mut residual, step);
+            }
             let input = SublayerInput {
                 prev: Some((&attn, proj(&layer.o, &layer.o_bias))),
                 norm: &layer.post_norm,
@@ -204,10 +212,16 @@ impl<B: Backend> Llama<B> {
             mlp_out = Some((b.mlp_input(&mut residual, &input), layer));
         }
         let (act, last) = mlp_out.expect("a model has layers");
-        let down = b.linear(&act, &last.down, last.down_bias.as_ref());
-        let hidden = b.add_rms_norm(&mut residual, &down, &self.norm, eps);
-        let rows = b.logits_rows(&hidden, step);
-        Some(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed), None))
+        let head = SublayerInput {
+            prev: Some((&act, proj(&last.down, &last.down_bias))),
+            norm: &self.norm,
+            eps,
+            into: Proj {
+                weight: self.lm_head.as_ref().unwrap_or(&self.embed),
+                bias: None,
+            },
+        };
+        Some(b.output_head(&mut residual, &head))
     }
 }
 

@@ -191,22 +191,25 @@ fn sdpa_times(script: &str, lens: &[usize], repeats: usize) -> Result<serde_json
 enum Fused {
     /// `gemv_add`: o and down, with the residual add.
     Add,
-    /// `gemv_norm`: q/k/v after the input norm (the worker's also rotates and caches a few KB).
+    /// `gemv_norm`: q/k/v after the input norm (the worker's also rotates and caches a few KB),
+    /// and the output head after the final norm.
     Norm,
     /// `gemv_norm_gated`: `[gate; up]`, through SiLU-and-mul.
     Gated,
 }
 
 /// (model, projection, n outputs, k inputs, fused kernel) at the presets' shapes.
-const PROJECTIONS: [(&str, &str, usize, usize, Fused); 8] = [
+const PROJECTIONS: [(&str, &str, usize, usize, Fused); 10] = [
     ("1B", "qkv", 3072, 2048, Fused::Norm),
     ("1B", "o", 2048, 2048, Fused::Add),
     ("1B", "gate_up", 16384, 2048, Fused::Gated),
     ("1B", "down", 2048, 8192, Fused::Add),
+    ("1B", "lm_head", 128256, 2048, Fused::Norm),
     ("8B", "qkv", 6144, 4096, Fused::Norm),
     ("8B", "o", 4096, 4096, Fused::Add),
     ("8B", "gate_up", 28672, 4096, Fused::Gated),
     ("8B", "down", 4096, 14336, Fused::Add),
+    ("8B", "lm_head", 128256, 4096, Fused::Norm),
 ];
 
 /// One projection at `rows` rows: the fused GEMV the worker runs there against cuBLAS's plain
