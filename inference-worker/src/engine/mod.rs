@@ -370,24 +370,29 @@ impl<B: Backend> Engine<B> {
             seq.registered = seq.registered.max(full);
         }
 
-        let vocab = self.model.config.vocab_size;
-        let mut outputs = Vec::with_capacity(to_sample.len());
-        for (row, sid) in to_sample.into_iter().enumerate() {
-            let params = self.seqs[&sid].params.clone();
-            let end_tokens = self.end_tokens(&params);
-            let sampled = match &picked {
-                Picked::Tokens(tokens) => Sampled {
-                    token: tokens[row],
+        let end_tokens: Vec<Vec<u32>> = to_sample
+            .iter()
+            .map(|sid| self.end_tokens(&self.seqs[sid].params))
+            .collect();
+        let sampled = match picked {
+            Picked::Tokens(tokens) => tokens
+                .into_iter()
+                .map(|token| Sampled {
+                    token,
                     logprobs: None,
-                },
-                Picked::Logits(logits) => {
-                    let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
-                    self.sample(sid, &mut row_logits, &params, &end_tokens)
-                }
-            };
-            outputs.push(self.advance(sid, sampled, &params, &end_tokens));
-        }
-        outputs
+                })
+                .collect(),
+            Picked::Logits(mut logits) => self.sample(&to_sample, &mut logits, &end_tokens),
+        };
+        to_sample
+            .into_iter()
+            .zip(sampled)
+            .zip(&end_tokens)
+            .map(|((sid, sampled), end_tokens)| {
+                let params = self.seqs[&sid].params.clone();
+                self.advance(sid, sampled, &params, end_tokens)
+            })
+            .collect()
     }
 
     /// Tokens that end `params`' sequences: its stop ids, and EOS unless ignored.
@@ -399,25 +404,35 @@ impl<B: Backend> Engine<B> {
         end_tokens
     }
 
-    /// Samples the next token of `sid` (its `params` and `end_tokens`) from its logits row.
+    /// Samples the next token of each of `sids` (with its `end_tokens`) from its row of
+    /// `logits`, the rows in parallel. Each sequence's random stream is lent to its row and
+    /// returned.
     fn sample(
         &mut self,
-        sid: SeqId,
+        sids: &[SeqId],
         logits: &mut [f32],
-        params: &SamplingParams,
-        end_tokens: &[u32],
-    ) -> Sampled {
-        let seq = self.seqs.get_mut(&sid).expect("sampled sequences exist");
-        sampler::sample(
-            logits,
-            &SampleContext {
-                params,
-                prompt: &seq.tokens[..seq.prompt_len],
-                output: &seq.tokens[seq.prompt_len..],
-                end_tokens,
-            },
-            &mut seq.rng,
-        )
+        end_tokens: &[Vec<u32>],
+    ) -> Vec<Sampled> {
+        let mut rngs: Vec<Rng> = sids.iter().map(|sid| self.seqs[sid].rng.clone()).collect();
+        let contexts: Vec<SampleContext<'_>> = sids
+            .iter()
+            .zip(end_tokens)
+            .map(|(sid, end_tokens)| {
+                let seq = &self.seqs[sid];
+                SampleContext {
+                    params: &seq.params,
+                    prompt: &seq.tokens[..seq.prompt_len],
+                    output: &seq.tokens[seq.prompt_len..],
+                    end_tokens,
+                }
+            })
+            .collect();
+        let vocab = self.model.config.vocab_size;
+        let sampled = sampler::sample_rows(logits, vocab, &contexts, &mut rngs);
+        for (sid, rng) in sids.iter().zip(rngs) {
+            self.seqs.get_mut(sid).expect("sampled sequences exist").rng = rng;
+        }
+        sampled
     }
 
     /// Appends the sampled token to `sid`, applies stop rules, and retires it when finished.

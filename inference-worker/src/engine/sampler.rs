@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+
 use super::params::SamplingParams;
 use crate::rng::Rng;
 
@@ -91,12 +93,39 @@ pub fn sample(logits: &mut [f32], ctx: &SampleContext<'_>, rng: &mut Rng) -> Sam
     Sampled { token, logprobs }
 }
 
+/// Samples each row of a step: `logits` holds `contexts.len()` rows `vocab` wide, row `i`
+/// sampled with `contexts[i]` from its sequence's random stream `rngs[i]`. Rows run in
+/// parallel; each draws only from its own stream, so the tokens do not depend on the threads.
+pub fn sample_rows(
+    logits: &mut [f32],
+    vocab: usize,
+    contexts: &[SampleContext<'_>],
+    rngs: &mut [Rng],
+) -> Vec<Sampled> {
+    logits
+        .par_chunks_mut(vocab)
+        .zip(contexts)
+        .zip(rngs)
+        .map(|((row, ctx), rng)| sample(row, ctx, rng))
+        .collect()
+}
+
 pub use crate::backend::argmax;
 
 fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let max = row_max(logits);
+    let sum: f64 = logits.iter().map(|&l| weight(l, max, 1.0)).sum();
     max + sum.ln() as f32
+}
+
+fn row_max(logits: &[f32]) -> f32 {
+    logits.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `exp((l - max) / temperature)`: a logit's unnormalised probability. In f32 (the logits'
+/// own precision; a sum over them is taken in f64).
+fn weight(l: f32, max: f32, temperature: f32) -> f64 {
+    ((l - max) / temperature).exp() as f64
 }
 
 /// The `k` largest logits' indices, largest first (ties by lower index).
@@ -115,45 +144,92 @@ fn top_k_indices(logits: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
+/// Candidates ranked at first when no top-k bounds them: most nuclei of a language model's
+/// distribution fit, and ranking them is cheap next to a whole vocabulary's sort.
+const FIRST_CANDIDATES: usize = 1024;
+
+/// A draw at `p`'s temperature from the tokens top-k, top-p and min-p keep. Top-p and min-p
+/// apply to the distribution over the top k (over the whole vocabulary without a top-k); the
+/// kept tokens are drawn from most likely first. Without any of the three the draw goes over
+/// the vocabulary in token order, with nothing ranked.
 fn draw(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
-    let k = if p.top_k == 0 {
-        logits.len()
-    } else {
-        p.top_k.min(logits.len())
-    };
-    let candidates = top_k_indices(logits, k);
-    let max = logits[candidates[0] as usize];
-    let mut probs: Vec<f64> = candidates
-        .iter()
-        .map(|&t| (((logits[t as usize] - max) / p.temperature) as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|q| *q /= total);
-    // Nucleus: the smallest prefix (most likely first) whose mass reaches top_p.
-    let mut keep = probs.len();
-    if p.top_p < 1.0 {
-        let mut mass = 0.0;
-        for (i, q) in probs.iter().enumerate() {
-            mass += q;
-            if mass >= p.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
+    let n = logits.len();
+    let k = if p.top_k == 0 { n } else { p.top_k.min(n) };
+    if k == n && p.top_p >= 1.0 && p.min_p <= 0.0 {
+        return draw_in_token_order(logits, p.temperature, rng);
+    }
+    let max = row_max(logits);
+    // Without a top-k the probabilities are over the whole vocabulary, and only as many
+    // tokens are ranked as it takes to find where top-p or min-p cuts.
+    let vocab_mass = (k == n).then(|| {
+        logits
+            .iter()
+            .map(|&l| weight(l, max, p.temperature))
+            .sum::<f64>()
+    });
+    let mut ranked = k.min(FIRST_CANDIDATES);
+    loop {
+        let candidates = top_k_indices(logits, ranked);
+        let mut probs: Vec<f64> = candidates
+            .iter()
+            .map(|&t| weight(logits[t as usize], max, p.temperature))
+            .collect();
+        let total = vocab_mass.unwrap_or_else(|| probs.iter().sum());
+        probs.iter_mut().for_each(|q| *q /= total);
+        // Nucleus: the smallest prefix (most likely first) whose mass reaches top_p.
+        let nucleus = (p.top_p < 1.0)
+            .then(|| {
+                let mut mass = 0.0;
+                probs.iter().position(|q| {
+                    mass += q;
+                    mass >= p.top_p as f64
+                })
+            })
+            .flatten()
+            .map(|i| i + 1);
+        let above_min_p = (p.min_p > 0.0).then(|| {
+            let floor = probs[0] * p.min_p as f64;
+            probs.iter().take_while(|&&q| q >= floor).count().max(1)
+        });
+        let cut_inside = nucleus.is_some() || above_min_p.is_some_and(|c| c < ranked);
+        if ranked < k && !cut_inside {
+            ranked = (ranked * 4).min(k);
+            continue;
         }
+        let keep = [nucleus, above_min_p]
+            .into_iter()
+            .flatten()
+            .fold(ranked, usize::min);
+        let mass: f64 = probs[..keep].iter().sum();
+        let mut u = rng.uniform() * mass;
+        for (i, q) in probs[..keep].iter().enumerate() {
+            if u < *q {
+                return candidates[i];
+            }
+            u -= q;
+        }
+        return candidates[keep - 1];
     }
-    if p.min_p > 0.0 {
-        let floor = probs[0] * p.min_p as f64;
-        keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
-    }
-    let mass: f64 = probs[..keep].iter().sum();
-    let mut u = rng.uniform() * mass;
-    for (i, q) in probs[..keep].iter().enumerate() {
-        if u < *q {
-            return candidates[i];
+}
+
+/// A draw at `temperature` from the whole vocabulary, walking it in token order.
+fn draw_in_token_order(logits: &[f32], temperature: f32, rng: &mut Rng) -> u32 {
+    let max = row_max(logits);
+    let total: f64 = logits.iter().map(|&l| weight(l, max, temperature)).sum();
+    let mut u = rng.uniform() * total;
+    let mut last = 0;
+    for (t, &l) in logits.iter().enumerate() {
+        let q = weight(l, max, temperature);
+        if u < q {
+            return t as u32;
+        }
+        if q > 0.0 {
+            last = t;
         }
         u -= q;
     }
-    candidates[keep - 1]
+    // Rounding left `u` past the end: the last token with any weight.
+    last as u32
 }
 
 #[cfg(test)]
@@ -265,5 +341,106 @@ mod tests {
         assert!(
             (0..50).all(|_| sample(&mut logits.clone(), &ctx(&p, &[]), &mut rng).token == top5[0])
         );
+    }
+
+    #[test]
+    fn an_untruncated_draw_follows_the_softmax() {
+        let logits = [1.0f32, 0.0, 2.0, -1.0, 0.5];
+        let p = SamplingParams {
+            temperature: 0.8,
+            ..Default::default()
+        };
+        let n = 40_000;
+        let mut counts = [0usize; 5];
+        let mut rng = Rng::new(5);
+        for _ in 0..n {
+            counts[sample(&mut logits.to_vec(), &ctx(&p, &[]), &mut rng).token as usize] += 1;
+        }
+        let z: f64 = logits.iter().map(|&l| (l as f64 / 0.8).exp()).sum();
+        for (t, &c) in counts.iter().enumerate() {
+            let q = (logits[t] as f64 / 0.8).exp() / z;
+            let sigma = (n as f64 * q * (1.0 - q)).sqrt();
+            assert!(
+                (c as f64 - n as f64 * q).abs() < 5.0 * sigma,
+                "token {t}: {c} draws of {n}, expected {:.0}",
+                n as f64 * q
+            );
+        }
+    }
+
+    #[test]
+    fn top_p_and_min_p_reach_past_the_first_ranked_candidates() {
+        // 5000 equal logits: top_p 0.4999 keeps the 2500 best-ranked (ties rank by lower id),
+        // more than the first candidates ranked; min_p 0.5 keeps every token.
+        let logits = vec![0.0f32; 5000];
+        for (p, kept) in [
+            (
+                SamplingParams {
+                    temperature: 1.0,
+                    top_p: 0.4999,
+                    ..Default::default()
+                },
+                2500,
+            ),
+            (
+                SamplingParams {
+                    temperature: 1.0,
+                    min_p: 0.5,
+                    ..Default::default()
+                },
+                5000,
+            ),
+        ] {
+            let mut rng = Rng::new(9);
+            let drawn: Vec<u32> = (0..2000)
+                .map(|_| sample(&mut logits.clone(), &ctx(&p, &[]), &mut rng).token)
+                .collect();
+            assert!(drawn.iter().all(|&t| (t as usize) < kept));
+            let beyond = drawn
+                .iter()
+                .filter(|&&t| t as usize >= FIRST_CANDIDATES)
+                .count();
+            // Uniform over `kept`: about (kept - 1024) / kept of the draws.
+            assert!(
+                beyond > 2000 * (kept - FIRST_CANDIDATES) / kept / 2,
+                "{beyond} of 2000 draws past the first {FIRST_CANDIDATES} of {kept}"
+            );
+        }
+    }
+
+    #[test]
+    fn rows_sampled_together_equal_rows_sampled_one_by_one() {
+        let vocab = 300;
+        let mut rng = Rng::new(3);
+        let logits: Vec<f32> = (0..8 * vocab).map(|_| rng.normal() as f32).collect();
+        let params = [
+            SamplingParams {
+                temperature: 1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 0.7,
+                top_p: 0.8,
+                top_k: 40,
+                ..Default::default()
+            },
+        ];
+        let contexts: Vec<SampleContext<'_>> =
+            (0..8).map(|i| ctx(&params[i % 2], &[1, 2])).collect();
+        let seeds = || (0..8).map(Rng::new).collect::<Vec<_>>();
+        let mut together_rngs = seeds();
+        let together = sample_rows(&mut logits.clone(), vocab, &contexts, &mut together_rngs);
+        let mut rngs = seeds();
+        let one_by_one: Vec<Sampled> = logits
+            .chunks(vocab)
+            .zip(&contexts)
+            .zip(&mut rngs)
+            .map(|((row, c), r)| sample(&mut row.to_vec(), c, r))
+            .collect();
+        assert_eq!(together, one_by_one);
+        // Each stream advanced as far as when sampled alone.
+        for (mut a, mut b) in together_rngs.into_iter().zip(rngs) {
+            assert_eq!(a.next_u64(), b.next_u64());
+        }
     }
 }
