@@ -730,3 +730,51 @@ fn greedy_steps_take_the_backends_argmax_and_match_the_sampler() {
         assert_eq!(c.finish, sampled[key].finish, "{key:?}");
     }
 }
+
+#[test]
+fn seeded_draws_where_the_logits_are_match_the_host_sampler() {
+    // Rows whose parameters leave the logits as they are get their tokens from the backend
+    // (a softmax draw, the argmax, or a top-k's candidates); asking for logprobs sends every
+    // row through the host sampler instead. The same seeds must give the same tokens.
+    let run = |logprobs: Option<usize>| {
+        let mut e = engine(blocks(64));
+        let params = [
+            SamplingParams {
+                temperature: 0.8,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.2,
+                top_k: 20,
+                top_p: 0.9,
+                min_p: 0.01,
+                ..Default::default()
+            },
+            SamplingParams::greedy(),
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 5,
+                ..Default::default()
+            },
+        ];
+        for (id, p) in params.into_iter().enumerate() {
+            let p = SamplingParams {
+                max_tokens: 16,
+                ignore_eos: true,
+                seed: Some(100 + id as u64),
+                logprobs,
+                ..p
+            };
+            e.add_request(id as u64, prompt(id as u64 + 3, 5 + id), p)
+                .unwrap();
+        }
+        drain(&mut e)
+    };
+    let device = run(None);
+    let host = run(Some(0));
+    assert_eq!(device.len(), 4);
+    for (key, c) in &device {
+        assert_eq!(c.tokens.len(), 16, "{key:?}");
+        assert_eq!(c.tokens, host[key].tokens, "{key:?}");
+    }
+}

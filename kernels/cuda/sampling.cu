@@ -1,5 +1,6 @@
-// Sampling helpers over logits rows: argmax, and top-k (values and token ids, best first).
-// Order: higher value first, ties to the lower token id; NaN counts as -infinity.
+// Sampling over logits rows: argmax, top-k (values and token ids, best first), and a draw
+// from each row's softmax. Order: higher value first, ties to the lower token id; NaN counts
+// as -infinity.
 
 struct Best {
     float v;
@@ -20,6 +21,29 @@ __device__ __forceinline__ Best warp_best(Best b) {
         if (ahead(other, b)) b = other;
     }
     return b;
+}
+
+// Inclusive prefix sum of `v` over the warp's lanes, in double.
+__device__ __forceinline__ double prefix_sum(float v, int lane) {
+    double s = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const double other = __shfl_up_sync(0xffffffffu, s, o);
+        if (lane >= o) s += other;
+    }
+    return s;
+}
+
+__device__ __forceinline__ int warp_min_int(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ int warp_max_int(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
 }
 
 // The best element of the row ranked after `after` (pass i = -1 for "no bound").
@@ -90,6 +114,100 @@ __device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __r
     }
 }
 
+// Tokens per tile of softmax_draw; a row has at most DRAW_MAX_TILES tiles (vocab <= 1M).
+#define DRAW_TILE 1024
+#define DRAW_MAX_TILES 1024
+
+__device__ __forceinline__ float finite_or_neg_inf(float v) { return v != v ? NEG_INF : v; }
+
+// Row r's token: the argmax where temperature[r] is 0; otherwise a draw from its softmax at
+// that temperature, walking the vocabulary in token order: the first token whose cumulative
+// weight exp((l - max) / t) exceeds u[r] times the row's total (u uniform in [0, 1), drawn on
+// the host from the sequence's own random stream). The host sampler's untruncated draw, up to
+// summation order; if rounding leaves the target past the end, the last token with weight.
+// Tile masses first (a warp per tile, coalesced), then warp 0 finds the tile and the token in
+// it by prefix sums. grid: (rows), block: 1024.
+template <typename T>
+__device__ void softmax_draw(const T* __restrict__ logits, int vocab,
+                             const float* __restrict__ temperature, const double* __restrict__ u,
+                             int* __restrict__ out) {
+    __shared__ float tile_mass[DRAW_MAX_TILES];
+    __shared__ float scratch[32];
+    const T* row = logits + (i64)blockIdx.x * vocab;
+    const float t = temperature[blockIdx.x];
+    if (t <= 0.f) {
+        Best none;
+        none.v = 0.f;
+        none.i = -1;
+        const Best b = block_best(row, vocab, none);
+        if (threadIdx.x == 0) out[blockIdx.x] = b.i < vocab ? b.i : 0;
+        return;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, finite_or_neg_inf(to_float(row[j])));
+    mx = warp_max(mx);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = mx;
+    __syncthreads();
+    mx = NEG_INF;
+    for (int w = 0; w < warps; ++w) mx = fmaxf(mx, scratch[w]);
+    const float inv_t = 1.f / t;
+    const int tiles = (vocab + DRAW_TILE - 1) / DRAW_TILE;
+    // Every logit -inf or NaN: nothing has weight.
+    const bool empty = mx == NEG_INF;
+    for (int tile = warp; tile < tiles && !empty; tile += warps) {
+        float m = 0.f;
+        for (int i = lane; i < DRAW_TILE; i += 32) {
+            const int j = tile * DRAW_TILE + i;
+            if (j < vocab) m += __expf((finite_or_neg_inf(to_float(row[j])) - mx) * inv_t);
+        }
+        m = warp_sum(m);
+        if (lane == 0) tile_mass[tile] = m;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    if (empty) {
+        if (lane == 0) out[blockIdx.x] = 0;
+        return;
+    }
+    double total = 0.0;
+    for (int tile = lane; tile < tiles; tile += 32) total += tile_mass[tile];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    // The tile holding the target, and the mass before it; past the end (rounding), the last
+    // tile with mass, searched for its last token with weight.
+    double target = u[blockIdx.x] * total, before = 0.0;
+    int found = tiles, last = 0;
+    for (int base = 0; base < tiles; base += 32) {
+        const int tile = base + lane;
+        const float m = tile < tiles ? tile_mass[tile] : 0.f;
+        const double incl = before + prefix_sum(m, lane);
+        found = warp_min_int(incl > target && tile < tiles ? tile : tiles);
+        last = warp_max_int(m > 0.f ? tile : last);
+        if (found < tiles) {
+            before = __shfl_sync(0xffffffffu, incl - m, found - base);
+            break;
+        }
+        before = __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (found == tiles) {
+        found = last;
+        target = (double)__int_as_float(0x7f800000u);
+    }
+    int token = -1, last_token = found * DRAW_TILE;
+    for (int i = 0; i < DRAW_TILE && token < 0; i += 32) {
+        const int j = found * DRAW_TILE + i + lane;
+        const float w = j < vocab ? __expf((finite_or_neg_inf(to_float(row[j])) - mx) * inv_t) : 0.f;
+        const double incl = before + prefix_sum(w, lane);
+        const int first = warp_min_int(incl > target && j < vocab ? j : 0x7fffffff);
+        last_token = warp_max_int(w > 0.f ? j : last_token);
+        if (first != 0x7fffffff) token = first;
+        before = __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) out[blockIdx.x] = token >= 0 ? token : last_token;
+}
+
 #define INSTANTIATE(S, T)                                                                     \
     extern "C" __global__ void argmax_##S(const T* logits, int vocab, int* out) {             \
         argmax<T>(logits, vocab, out);                                                        \
@@ -97,4 +215,9 @@ __device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __r
     extern "C" __global__ void top_k_##S(const T* logits, int vocab, int k, float* values,    \
                                          int* ids) {                                          \
         top_k<T>(logits, vocab, k, values, ids);                                              \
+    }                                                                                         \
+    extern "C" __global__ void softmax_draw_##S(const T* logits, int vocab,                   \
+                                                const float* temperature, const double* u,    \
+                                                int* out) {                                   \
+        softmax_draw<T>(logits, vocab, temperature, u, out);                                  \
     }

@@ -98,6 +98,11 @@ const DECODE_MAX_GROUP: usize = 4;
 /// The most input rows the fused projections take (gemv.cu's GEMV_MAX_ROWS): beyond a few
 /// rows a GEMM reads its weights once for many rows and cuBLAS wins.
 pub const GEMV_MAX_ROWS: usize = 4;
+
+/// The widest vocabulary [`Kernels::softmax_draw`] takes (sampling.cu's DRAW_TILE times
+/// DRAW_MAX_TILES).
+pub const SOFTMAX_DRAW_MAX_VOCAB: usize = 1024 * 1024;
+
 /// What [`Kernels::gemv_norm`] does with its projection.
 pub enum GemvThen<'a, T> {
     Store,
@@ -820,6 +825,48 @@ impl Kernels {
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(logits).arg(&v).arg(&kk).arg(values).arg(ids);
         // SAFETY: matches `top_k_*` in sampling.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((rows as u32, 1, 1), 1024)) }?;
+        Ok(())
+    }
+
+    /// Row `r`'s token in `out[r]` for the first `out.len()` rows of `logits` (`vocab`
+    /// wide): the argmax where `temperature[r]` is 0, else a draw from the row's softmax at
+    /// that temperature with the uniform `u[r]`, walking the vocabulary in token order
+    /// (sampling.cu). The host sampler's untruncated draw, found where the logits are.
+    pub fn softmax_draw<T: Dtype>(
+        &self,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        temperature: &CudaSlice<f32>,
+        u: &CudaSlice<f64>,
+        out: &mut CudaSlice<i32>,
+    ) -> Result<(), KernelError> {
+        let rows = out.len();
+        shape(
+            vocab > 0
+                && vocab <= SOFTMAX_DRAW_MAX_VOCAB
+                && logits.len() >= rows * vocab
+                && logits.len().is_multiple_of(vocab)
+                && temperature.len() == rows
+                && u.len() == rows,
+            || {
+                format!(
+                    "softmax_draw: {} logits in rows of {vocab} (at most \
+                     {SOFTMAX_DRAW_MAX_VOCAB}), {} temperatures and {} uniforms for {rows} rows",
+                    logits.len(),
+                    temperature.len(),
+                    u.len()
+                )
+            },
+        )?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.function::<T>(source::SAMPLING, "softmax_draw", None)?;
+        let v = vocab as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(logits).arg(&v).arg(temperature).arg(u).arg(out);
+        // SAFETY: matches `softmax_draw_*` in sampling.cu; sizes checked above.
         unsafe { launch.launch(Self::config((rows as u32, 1, 1), 1024)) }?;
         Ok(())
     }

@@ -219,6 +219,26 @@ pub fn top_k(logits: &[f32], vocab: usize, k: usize) -> (Vec<f32>, Vec<i32>) {
     (values, ids)
 }
 
+/// The running sum of each token's softmax weight `exp((l - max) / temperature)` in token
+/// order (NaN and -inf weigh nothing): entry `i` is the mass of tokens `0..=i`, the last the
+/// row's total. A draw with uniform `u` takes the first token whose entry exceeds `u` times the
+/// total.
+pub fn softmax_cumulative(row: &[f32], temperature: f32) -> Vec<f64> {
+    let max = row
+        .iter()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let mut sum = 0.0;
+    row.iter()
+        .map(|&v| {
+            if !v.is_nan() && v != f32::NEG_INFINITY {
+                sum += ((v as f64 - max) / temperature as f64).exp();
+            }
+            sum
+        })
+        .collect()
+}
+
 /// One sequence of an attention batch: `q_len` query rows from row `q_start` of the packed
 /// queries, the last `q_len` of its `context_len` tokens (whose K/V are all in the cache).
 #[derive(Clone, Debug)]

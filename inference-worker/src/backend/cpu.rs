@@ -323,8 +323,16 @@ impl Backend for CpuBackend {
         *x = kept;
     }
 
-    fn argmax_rows(&self, x: &Matrix) -> Vec<u32> {
-        x.data.chunks(x.cols.max(1)).map(super::argmax).collect()
+    fn shape(&self, x: &Matrix) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn draw_rows(&self, x: &Matrix, temperature: &[f32], u: &[f64]) -> Vec<u32> {
+        super::draw_rows_on_host(&x.data, x.cols, temperature, u)
+    }
+
+    fn top_k_rows(&self, x: &Matrix, rows: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
+        super::top_k_rows_on_host(&x.data, x.cols, rows, k)
     }
 
     fn to_host(&self, x: &Matrix) -> Vec<f32> {

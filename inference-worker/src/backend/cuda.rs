@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DriverError, result};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DeviceRepr, DriverError, result};
 use llmctl_kernels::cuda::{
     Dtype, GEMV_MAX_ROWS, GemvThen, KernelError, Kernels, PagedCache, RotaryKv, Split,
 };
@@ -470,6 +470,19 @@ where
             .or_die("allocating activations");
         // SAFETY: the pool's buffer holds `class` >= len * size_of::<U>() bytes.
         unsafe { DeviceBuf::from_raw(&self.stream, ptr, len, Home::Pool(self.pool.clone(), class)) }
+    }
+
+    /// `values` in a buffer from the pool.
+    fn upload<U: DeviceRepr>(&self, values: &[U]) -> DeviceBuf<U> {
+        let mut buf = self.alloc::<U>(values.len());
+        self.stream
+            .memcpy_htod(values, &mut *buf)
+            .or_die("copying to the device");
+        buf
+    }
+
+    fn download<U: DeviceRepr + Default + Clone>(&self, buf: &DeviceBuf<U>) -> Vec<U> {
+        self.stream.clone_dtoh(&**buf).or_die("copying to the host")
     }
 
     fn matrix(&self, rows: usize, cols: usize) -> GpuMatrix<T> {
@@ -1075,17 +1088,42 @@ where
         *x = kept;
     }
 
-    fn argmax_rows(&self, x: &GpuMatrix<T>) -> Vec<u32> {
-        let mut ids = self.alloc::<i32>(x.rows);
+    fn shape(&self, x: &GpuMatrix<T>) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn draw_rows(&self, x: &GpuMatrix<T>, temperature: &[f32], u: &[f64]) -> Vec<u32> {
+        let rows = temperature.len();
+        let mut ids = self.alloc::<i32>(rows);
+        if temperature.iter().all(|&t| t == 0.0) {
+            // Greedy rows need no inputs.
+            self.kernels
+                .argmax(&x.first_rows(rows).data, x.cols, &mut ids)
+                .or_die("argmax");
+        } else {
+            let mut packed = Packed::default();
+            let t_at = packed.push(temperature);
+            let u_at = packed.push(u);
+            let inputs = self.upload(&packed.bytes);
+            let (t, u) = (
+                inputs.view::<f32>(t_at.0, t_at.1),
+                inputs.view::<f64>(u_at.0, u_at.1),
+            );
+            self.kernels
+                .softmax_draw(&x.data, x.cols, &t, &u, &mut ids)
+                .or_die("softmax_draw");
+        }
+        self.download(&ids).into_iter().map(|i| i as u32).collect()
+    }
+
+    fn top_k_rows(&self, x: &GpuMatrix<T>, rows: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
+        let mut values = self.alloc::<f32>(rows * k);
+        let mut ids = self.alloc::<i32>(rows * k);
         self.kernels
-            .argmax(&x.data, x.cols, &mut ids)
-            .or_die("argmax");
-        self.stream
-            .clone_dtoh(&*ids)
-            .or_die("copying argmax ids to the host")
-            .into_iter()
-            .map(|i| i as u32)
-            .collect()
+            .top_k(&x.first_rows(rows).data, x.cols, k, &mut values, &mut ids)
+            .or_die("top_k");
+        let ids = self.download(&ids).into_iter().map(|i| i as u32).collect();
+        (self.download(&values), ids)
     }
 
     fn to_host(&self, x: &GpuMatrix<T>) -> Vec<f32> {

@@ -287,8 +287,23 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies an activation to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Activations) -> Vec<f32>;
 
-    /// Each row's largest value's column (the lowest among equals), computed where `x` lives.
-    fn argmax_rows(&self, x: &Self::Activations) -> Vec<u32>;
+    /// `(rows, cols)` of an activation.
+    fn shape(&self, x: &Self::Activations) -> (usize, usize);
+
+    /// A token for each of the first `temperature.len()` rows of logits `x`, found where `x`
+    /// lives: the row's argmax ([`argmax`]) where the temperature is 0, else a draw from its
+    /// softmax at that temperature with the uniform `u[row]` ([`softmax_draw`]). By default on
+    /// a host copy.
+    fn draw_rows(&self, x: &Self::Activations, temperature: &[f32], u: &[f64]) -> Vec<u32> {
+        draw_rows_on_host(&self.to_host(x), self.shape(x).1, temperature, u)
+    }
+
+    /// The `k` best logits of each of the first `rows` rows of `x` and their tokens, best
+    /// first ([`top_k`]), found where `x` lives: `rows × k` values and `rows × k` tokens. By
+    /// default on a host copy.
+    fn top_k_rows(&self, x: &Self::Activations, rows: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
+        top_k_rows_on_host(&self.to_host(x), self.shape(x).1, rows, k)
+    }
 
     /// Waits until every operation issued so far has finished (a device runs them
     /// asynchronously; on the CPU they are done when they return).
@@ -322,4 +337,90 @@ pub fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// [`Backend::draw_rows`] over host logits, rows `vocab` wide.
+pub fn draw_rows_on_host(logits: &[f32], vocab: usize, temperature: &[f32], u: &[f64]) -> Vec<u32> {
+    logits
+        .chunks(vocab)
+        .zip(temperature.iter().zip(u))
+        .map(|(row, (&t, &u))| {
+            if t == 0.0 {
+                argmax(row)
+            } else {
+                softmax_draw(row, t, u)
+            }
+        })
+        .collect()
+}
+
+/// [`Backend::top_k_rows`] over host logits, rows `vocab` wide.
+pub fn top_k_rows_on_host(
+    logits: &[f32],
+    vocab: usize,
+    rows: usize,
+    k: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let (mut values, mut tokens) = (Vec::new(), Vec::new());
+    for row in logits.chunks(vocab).take(rows) {
+        let best = top_k(row, k);
+        values.extend(best.iter().map(|&t| row[t as usize]));
+        tokens.extend(best);
+    }
+    (values, tokens)
+}
+
+/// The indices of the `k` largest values, largest first (the lower index first among equals).
+pub fn top_k(values: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let by_value = |a: &u32, b: &u32| {
+        values[*b as usize]
+            .total_cmp(&values[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, by_value);
+        idx.truncate(k);
+    }
+    idx.sort_by(by_value);
+    idx
+}
+
+/// `exp((l - max) / temperature)`: a logit's softmax weight relative to the row's largest
+/// (NaN weighs nothing). In f32, the logits' own precision (sums over weights are taken in
+/// f64).
+pub fn softmax_weight(l: f32, max: f32, temperature: f32) -> f64 {
+    if l.is_nan() {
+        return 0.0;
+    }
+    ((l - max) / temperature).exp() as f64
+}
+
+/// The largest of `values` (-inf for none).
+pub fn max_value(values: &[f32]) -> f32 {
+    values.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// A draw from the softmax of `values` at `temperature` with the uniform `u` in [0, 1), walking
+/// the values in order: the first whose running weight exceeds `u` times the total (if
+/// rounding leaves the target past the end, the last with any weight).
+pub fn softmax_draw(values: &[f32], temperature: f32, u: f64) -> u32 {
+    let max = max_value(values);
+    let total: f64 = values
+        .iter()
+        .map(|&l| softmax_weight(l, max, temperature))
+        .sum();
+    let mut target = u * total;
+    let mut last = 0;
+    for (t, &l) in values.iter().enumerate() {
+        let q = softmax_weight(l, max, temperature);
+        if target < q {
+            return t as u32;
+        }
+        if q > 0.0 {
+            last = t;
+        }
+        target -= q;
+    }
+    last as u32
 }

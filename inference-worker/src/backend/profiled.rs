@@ -206,8 +206,16 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Kind::Other, || self.inner.to_host(x))
     }
 
-    fn argmax_rows(&self, x: &Self::Activations) -> Vec<u32> {
-        self.timed(Kind::Other, || self.inner.argmax_rows(x))
+    fn shape(&self, x: &Self::Activations) -> (usize, usize) {
+        self.inner.shape(x)
+    }
+
+    fn draw_rows(&self, x: &Self::Activations, temperature: &[f32], u: &[f64]) -> Vec<u32> {
+        self.timed(Kind::Other, || self.inner.draw_rows(x, temperature, u))
+    }
+
+    fn top_k_rows(&self, x: &Self::Activations, rows: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
+        self.timed(Kind::Other, || self.inner.top_k_rows(x, rows, k))
     }
 
     fn synchronize(&self) {

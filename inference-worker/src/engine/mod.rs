@@ -345,16 +345,20 @@ impl<B: Backend> Engine<B> {
             }
         }
 
-        // When the argmax decides every row, the backend finds it where the logits are.
-        let greedy = !to_sample.is_empty()
-            && to_sample.iter().all(|sid| {
+        // Rows whose tokens depend on the raw logits alone are found where the logits are;
+        // one row that needs the host sampler brings every row's logits to the host.
+        let vocab = self.model.config.vocab_size;
+        let draws: Vec<Draw> = to_sample
+            .iter()
+            .map(|sid| {
                 let seq = &self.seqs[sid];
-                seq.params.argmax_decides(seq.tokens.len() - seq.prompt_len)
-            });
-        let picked = if greedy {
-            Picked::Tokens(self.model.forward_argmax(&mut self.cache, &batch))
-        } else {
+                Draw::of(&seq.params, seq.tokens.len() - seq.prompt_len, vocab)
+            })
+            .collect();
+        let picked = if draws.iter().any(|d| matches!(d, Draw::Host)) {
             Picked::Logits(self.model.forward(&mut self.cache, &batch))
+        } else {
+            self.forward_drawn(&batch, &to_sample, &draws)
         };
         self.stats.steps += 1;
 
@@ -393,6 +397,61 @@ impl<B: Backend> Engine<B> {
                 self.advance(sid, sampled, &params, end_tokens)
             })
             .collect()
+    }
+
+    /// The step's forward pass with each row's token found where the logits are (every row's
+    /// draw is [`Draw::Device`] or [`Draw::TopK`]): uniforms for the device's draws come from
+    /// each sequence's stream first, and rows with a top-k draw on the host from their
+    /// candidates after, so a seeded sequence consumes its stream as the host sampler would.
+    fn forward_drawn(&mut self, batch: &StepBatch, sids: &[SeqId], draws: &[Draw]) -> Picked {
+        let temperature: Vec<f32> = draws
+            .iter()
+            .map(|d| match d {
+                Draw::Device { temperature } => *temperature,
+                _ => 0.0,
+            })
+            .collect();
+        let u: Vec<f64> = sids
+            .iter()
+            .zip(&temperature)
+            .map(|(sid, &t)| {
+                let seq = self.seqs.get_mut(sid).expect("sampled sequences exist");
+                if t > 0.0 { seq.rng.uniform() } else { 0.0 }
+            })
+            .collect();
+        let widest = draws
+            .iter()
+            .filter_map(|d| match d {
+                Draw::TopK(k) => Some(*k),
+                _ => None,
+            })
+            .max();
+        let backend = &self.model.backend;
+        let (mut tokens, candidates) = self
+            .model
+            .forward_with(&mut self.cache, batch, |logits| {
+                let tokens = backend.draw_rows(logits, &temperature, &u);
+                let candidates = widest.map(|k| (k, backend.top_k_rows(logits, sids.len(), k)));
+                (tokens, candidates)
+            })
+            .unwrap_or_default();
+        if let Some((widest, (values, ids))) = candidates {
+            for (row, (sid, draw)) in sids.iter().zip(draws).enumerate() {
+                let Draw::TopK(k) = *draw else { continue };
+                let seq = self.seqs.get_mut(sid).expect("sampled sequences exist");
+                let at = row * widest;
+                let pick = sampler::draw_ranked(
+                    &values[at..at + k],
+                    &seq.params,
+                    None,
+                    true,
+                    seq.rng.uniform(),
+                )
+                .expect("a complete ranking always draws");
+                tokens[row] = ids[at + pick];
+            }
+        }
+        Picked::Tokens(tokens)
     }
 
     /// Tokens that end `params`' sequences: its stop ids, and EOS unless ignored.
@@ -501,4 +560,43 @@ fn fresh_seed(seq: SeqId) -> u64 {
 enum Picked {
     Logits(Vec<f32>),
     Tokens(Vec<u32>),
+}
+
+/// The most candidates a row's top-k draw takes from the device; a larger top-k samples on the
+/// host (the device's top-k makes one pass over the row per candidate).
+const DEVICE_TOP_K: usize = 64;
+
+/// Where a row's next token is found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Draw {
+    /// Where the logits are: the argmax (temperature 0) or a draw from the whole softmax.
+    Device { temperature: f32 },
+    /// From the row's best `k` logits, brought to the host (top-p and min-p cut among them).
+    TopK(usize),
+    /// From the whole row on the host: penalties, bias, `min_tokens`, logprobs, top-p or
+    /// min-p without a top-k, or a top-k above [`DEVICE_TOP_K`].
+    Host,
+}
+
+impl Draw {
+    fn of(params: &SamplingParams, generated: usize, vocab: usize) -> Self {
+        if !params.logits_decide(generated) {
+            return Draw::Host;
+        }
+        if params.is_greedy() {
+            return Draw::Device { temperature: 0.0 };
+        }
+        let top_k = if params.top_k >= vocab {
+            0
+        } else {
+            params.top_k
+        };
+        match top_k {
+            0 if params.top_p >= 1.0 && params.min_p <= 0.0 => Draw::Device {
+                temperature: params.temperature,
+            },
+            1..=DEVICE_TOP_K => Draw::TopK(top_k),
+            _ => Draw::Host,
+        }
+    }
 }

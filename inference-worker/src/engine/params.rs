@@ -106,12 +106,11 @@ impl SamplingParams {
         self.temperature == 0.0 || self.top_k == 1
     }
 
-    /// The next token is the plain argmax of the logits: greedy, nothing that changes the
-    /// logits (penalties, bias, an end token still forbidden by `min_tokens` after
-    /// `generated` tokens) and no logprobs to report.
-    pub fn argmax_decides(&self, generated: usize) -> bool {
-        self.is_greedy()
-            && self.repetition_penalty == 1.0
+    /// The next token depends on the raw logits alone (so it can be found where they are):
+    /// nothing changes them (penalties, bias, an end token still forbidden by `min_tokens`
+    /// after `generated` tokens) and no logprobs are reported.
+    pub fn logits_decide(&self, generated: usize) -> bool {
+        self.repetition_penalty == 1.0
             && self.presence_penalty == 0.0
             && self.frequency_penalty == 0.0
             && self.logit_bias.is_empty()

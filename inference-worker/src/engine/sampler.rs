@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 
 use super::params::SamplingParams;
+use crate::backend::{argmax, max_value, softmax_draw, softmax_weight, top_k};
 use crate::rng::Rng;
 
 /// A token and its log-probability.
@@ -80,11 +81,11 @@ pub fn sample(logits: &mut [f32], ctx: &SampleContext<'_>, rng: &mut Rng) -> Sam
     let token = if p.is_greedy() {
         argmax(logits)
     } else {
-        draw(logits, p, rng)
+        draw(logits, p, rng.uniform())
     };
     let logprobs = p.logprobs.map(|k| {
         let lse = log_sum_exp(logits);
-        let top = top_k_indices(logits, k).into_iter().map(|t| TokenLogprob {
+        let top = top_k(logits, k).into_iter().map(|t| TokenLogprob {
             token: t,
             logprob: logits[t as usize] - lse,
         });
@@ -110,126 +111,97 @@ pub fn sample_rows(
         .collect()
 }
 
-pub use crate::backend::argmax;
-
 fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = row_max(logits);
-    let sum: f64 = logits.iter().map(|&l| weight(l, max, 1.0)).sum();
+    let max = max_value(logits);
+    let sum: f64 = logits.iter().map(|&l| softmax_weight(l, max, 1.0)).sum();
     max + sum.ln() as f32
-}
-
-fn row_max(logits: &[f32]) -> f32 {
-    logits.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// `exp((l - max) / temperature)`: a logit's unnormalised probability. In f32 (the logits'
-/// own precision; a sum over them is taken in f64).
-fn weight(l: f32, max: f32, temperature: f32) -> f64 {
-    ((l - max) / temperature).exp() as f64
-}
-
-/// The `k` largest logits' indices, largest first (ties by lower index).
-fn top_k_indices(logits: &[f32], k: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let by_logit = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k, by_logit);
-        idx.truncate(k);
-    }
-    idx.sort_by(by_logit);
-    idx
 }
 
 /// Candidates ranked at first when no top-k bounds them: most nuclei of a language model's
 /// distribution fit, and ranking them is cheap next to a whole vocabulary's sort.
 const FIRST_CANDIDATES: usize = 1024;
 
-/// A draw at `p`'s temperature from the tokens top-k, top-p and min-p keep. Top-p and min-p
-/// apply to the distribution over the top k (over the whole vocabulary without a top-k); the
-/// kept tokens are drawn from most likely first. Without any of the three the draw goes over
-/// the vocabulary in token order, with nothing ranked.
-fn draw(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
+/// A draw at `p`'s temperature with the uniform `u` from the tokens top-k, top-p and min-p
+/// keep. Without any of the three the draw walks the vocabulary in token order
+/// ([`softmax_draw`]), with nothing ranked; otherwise see [`draw_ranked`].
+fn draw(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
     let n = logits.len();
     let k = if p.top_k == 0 { n } else { p.top_k.min(n) };
     if k == n && p.top_p >= 1.0 && p.min_p <= 0.0 {
-        return draw_in_token_order(logits, p.temperature, rng);
+        return softmax_draw(logits, p.temperature, u);
     }
-    let max = row_max(logits);
     // Without a top-k the probabilities are over the whole vocabulary, and only as many
     // tokens are ranked as it takes to find where top-p or min-p cuts.
     let vocab_mass = (k == n).then(|| {
+        let max = max_value(logits);
         logits
             .iter()
-            .map(|&l| weight(l, max, p.temperature))
+            .map(|&l| softmax_weight(l, max, p.temperature))
             .sum::<f64>()
     });
     let mut ranked = k.min(FIRST_CANDIDATES);
     loop {
-        let candidates = top_k_indices(logits, ranked);
-        let mut probs: Vec<f64> = candidates
-            .iter()
-            .map(|&t| weight(logits[t as usize], max, p.temperature))
-            .collect();
-        let total = vocab_mass.unwrap_or_else(|| probs.iter().sum());
-        probs.iter_mut().for_each(|q| *q /= total);
-        // Nucleus: the smallest prefix (most likely first) whose mass reaches top_p.
-        let nucleus = (p.top_p < 1.0)
-            .then(|| {
-                let mut mass = 0.0;
-                probs.iter().position(|q| {
-                    mass += q;
-                    mass >= p.top_p as f64
-                })
-            })
-            .flatten()
-            .map(|i| i + 1);
-        let above_min_p = (p.min_p > 0.0).then(|| {
-            let floor = probs[0] * p.min_p as f64;
-            probs.iter().take_while(|&&q| q >= floor).count().max(1)
-        });
-        let cut_inside = nucleus.is_some() || above_min_p.is_some_and(|c| c < ranked);
-        if ranked < k && !cut_inside {
-            ranked = (ranked * 4).min(k);
-            continue;
+        let candidates = top_k(logits, ranked);
+        let values: Vec<f32> = candidates.iter().map(|&t| logits[t as usize]).collect();
+        if let Some(i) = draw_ranked(&values, p, vocab_mass, ranked == k, u) {
+            return candidates[i];
         }
-        let keep = [nucleus, above_min_p]
-            .into_iter()
-            .flatten()
-            .fold(ranked, usize::min);
-        let mass: f64 = probs[..keep].iter().sum();
-        let mut u = rng.uniform() * mass;
-        for (i, q) in probs[..keep].iter().enumerate() {
-            if u < *q {
-                return candidates[i];
-            }
-            u -= q;
-        }
-        return candidates[keep - 1];
+        ranked = (ranked * 4).min(k);
     }
 }
 
-/// A draw at `temperature` from the whole vocabulary, walking it in token order.
-fn draw_in_token_order(logits: &[f32], temperature: f32, rng: &mut Rng) -> u32 {
-    let max = row_max(logits);
-    let total: f64 = logits.iter().map(|&l| weight(l, max, temperature)).sum();
-    let mut u = rng.uniform() * total;
-    let mut last = 0;
-    for (t, &l) in logits.iter().enumerate() {
-        let q = weight(l, max, temperature);
-        if u < q {
-            return t as u32;
-        }
-        if q > 0.0 {
-            last = t;
-        }
-        u -= q;
+/// A draw with the uniform `u` among ranked candidates, given by their logits (`values`, most
+/// likely first): the index of the drawn one. Probabilities at `p`'s temperature are over the
+/// candidates, or, with `vocab_mass` (the softmax mass of the whole vocabulary relative to its
+/// best logit, `values[0]`), over the vocabulary. Top-p keeps the smallest prefix whose mass
+/// reaches `top_p`, min-p the candidates at least `min_p` times as likely as the best; the kept
+/// ones are drawn from most likely first. `None` when the cut may lie below the candidates
+/// (`complete` false: more tokens rank below them).
+pub fn draw_ranked(
+    values: &[f32],
+    p: &SamplingParams,
+    vocab_mass: Option<f64>,
+    complete: bool,
+    u: f64,
+) -> Option<usize> {
+    let max = values[0];
+    let mut probs: Vec<f64> = values
+        .iter()
+        .map(|&l| softmax_weight(l, max, p.temperature))
+        .collect();
+    let total = vocab_mass.unwrap_or_else(|| probs.iter().sum());
+    probs.iter_mut().for_each(|q| *q /= total);
+    let nucleus = (p.top_p < 1.0)
+        .then(|| {
+            let mut mass = 0.0;
+            probs.iter().position(|q| {
+                mass += q;
+                mass >= p.top_p as f64
+            })
+        })
+        .flatten()
+        .map(|i| i + 1);
+    let above_min_p = (p.min_p > 0.0).then(|| {
+        let floor = probs[0] * p.min_p as f64;
+        probs.iter().take_while(|&&q| q >= floor).count().max(1)
+    });
+    let cut_inside = nucleus.is_some() || above_min_p.is_some_and(|c| c < probs.len());
+    if !complete && !cut_inside {
+        return None;
     }
-    // Rounding left `u` past the end: the last token with any weight.
-    last as u32
+    let keep = [nucleus, above_min_p]
+        .into_iter()
+        .flatten()
+        .fold(probs.len(), usize::min);
+    let mass: f64 = probs[..keep].iter().sum();
+    let mut target = u * mass;
+    for (i, q) in probs[..keep].iter().enumerate() {
+        if target < *q {
+            return Some(i);
+        }
+        target -= q;
+    }
+    Some(keep - 1)
 }
 
 #[cfg(test)]
@@ -304,7 +276,7 @@ mod tests {
             top_k: 5,
             ..Default::default()
         };
-        let top5 = top_k_indices(&logits, 5);
+        let top5 = top_k(&logits, 5);
         let run = |seed| {
             let mut rng = Rng::new(seed);
             (0..200)

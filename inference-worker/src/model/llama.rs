@@ -136,21 +136,23 @@ impl<B: Backend> Llama<B> {
     /// `batch.logits_rows`, row-major `[logits_rows.len(), vocab_size]`.
     pub fn forward(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Vec<f32> {
         let mut logits = self
-            .logits(cache, batch)
-            .map_or_else(Vec::new, |l| self.backend.to_host(&l));
+            .forward_with(cache, batch, |l| self.backend.to_host(l))
+            .unwrap_or_default();
         logits.truncate(batch.logits_rows.len() * self.config.vocab_size);
         logits
     }
 
-    /// Like [`Self::forward`], but returns each logits row's argmax (greedy decoding), found
-    /// where the logits are: one id per row crosses to the host instead of a vocabulary's
-    /// worth of floats.
-    pub fn forward_argmax(&self, cache: &mut B::KvCache, batch: &StepBatch) -> Vec<u32> {
-        let mut ids = self
-            .logits(cache, batch)
-            .map_or_else(Vec::new, |l| self.backend.argmax_rows(&l));
-        ids.truncate(batch.logits_rows.len());
-        ids
+    /// Like [`Self::forward`], but hands the logits, where the backend holds them, to `read`
+    /// (which may find tokens there: [`Backend::draw_rows`], [`Backend::top_k_rows`]) instead
+    /// of copying them out. `None` for a step without logits rows. The logits may have more
+    /// rows than asked (a backend that pads steps), the asked ones first.
+    pub fn forward_with<R>(
+        &self,
+        cache: &mut B::KvCache,
+        batch: &StepBatch,
+        read: impl FnOnce(&B::Activations) -> R,
+    ) -> Option<R> {
+        self.logits(cache, batch).map(|l| read(&l))
     }
 
     /// The logits of `batch.logits_rows` where the backend holds them (`None` without rows);

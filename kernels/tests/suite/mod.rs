@@ -11,7 +11,9 @@
 #![allow(dead_code)]
 
 use cudarc::driver::CudaSlice;
-use llmctl_kernels::cuda::{Dtype, GemvThen, Kernels, PagedCache, RotaryKv, Split};
+use llmctl_kernels::cuda::{
+    Dtype, GemvThen, Kernels, PagedCache, RotaryKv, SOFTMAX_DRAW_MAX_VOCAB, Split,
+};
 use llmctl_kernels::kv_layout::KvLayout;
 use llmctl_kernels::reference::{self, PagedKv, SeqAttention, TestRng};
 
@@ -505,6 +507,53 @@ pub fn sampling<T: Dtype>(k: &Kernels) {
         "top_k values {}",
         T::SUFFIX
     );
+
+    // softmax_draw: temperature 0 is the argmax; otherwise the drawn token is where u times
+    // the row's softmax mass falls in its running sum (within rounding: 1e-5 of the total),
+    // for u from 0 to just below 1, on the rows above (ties, a NaN, a partial last tile).
+    for (temperature, us) in [
+        (0.0f32, [0.5f64; 5]),
+        (1.0, [0.0, 0.25, 0.5, 0.75, 0.999_999]),
+        (0.5, [0.9, 0.1, 0.3, 0.000_01, 0.6]),
+        (3.0, [0.42, 0.97, 0.01, 0.5, 0.2]),
+    ] {
+        let t = k.stream().clone_htod(&[temperature; 5]).unwrap();
+        let u = k.stream().clone_htod(&us).unwrap();
+        let mut drawn = k.stream().alloc_zeros::<i32>(rows).unwrap();
+        k.softmax_draw(&d, vocab, &t, &u, &mut drawn).unwrap();
+        let drawn = k.stream().clone_dtoh(&drawn).unwrap();
+        if temperature == 0.0 {
+            assert_eq!(
+                drawn,
+                reference::argmax(&logits, vocab),
+                "softmax_draw at 0"
+            );
+            continue;
+        }
+        for (r, (row, (&tok, &u))) in logits.chunks(vocab).zip(drawn.iter().zip(&us)).enumerate() {
+            let cum = reference::softmax_cumulative(row, temperature);
+            let total = *cum.last().unwrap();
+            let tok = tok as usize;
+            let before = if tok == 0 { 0.0 } else { cum[tok - 1] };
+            let slack = 1e-5 * total;
+            assert!(
+                cum[tok] > before && before - slack <= u * total && u * total <= cum[tok] + slack,
+                "softmax_draw {} row {r} at t {temperature}, u {u}: token {tok} spans [{before}, {}] of {total}",
+                T::SUFFIX,
+                cum[tok]
+            );
+        }
+    }
+    // Shapes: a row count other than the temperatures', a vocabulary past the kernel's tiles.
+    let t = k.stream().clone_htod(&[1.0f32; 4]).unwrap();
+    let u = k.stream().clone_htod(&[0.5f64; 5]).unwrap();
+    let mut drawn = k.stream().alloc_zeros::<i32>(rows).unwrap();
+    assert!(k.softmax_draw(&d, vocab, &t, &u, &mut drawn).is_err());
+    let t = k.stream().clone_htod(&[1.0f32; 5]).unwrap();
+    assert!(
+        k.softmax_draw(&d, SOFTMAX_DRAW_MAX_VOCAB + 1, &t, &u, &mut drawn)
+            .is_err()
+    );
 }
 
 /// A random paged cache with `contexts.len()` sequences, blocks handed out in scrambled order.
@@ -863,7 +912,7 @@ macro_rules! kernel_tests {
 
         #[test]
         #[ignore = $why]
-        fn argmax_and_top_k_match_the_reference() {
+        fn argmax_top_k_and_softmax_draw_match_the_reference() {
             for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, sampling, k));
         }
 

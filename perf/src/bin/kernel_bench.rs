@@ -11,7 +11,10 @@
 //! - the fused small-batch projections (gemv.cu) on the Llama-3.2-1B and Llama-3.1-8B
 //!   projection shapes at 1 and 4 rows: weight bandwidth against the copy bandwidth, side by
 //!   side with a plain cuBLAS GEMM of the same shape (which does less: no norm, residual or
-//!   SiLU). Weights rotate through copies larger than L2.
+//!   SiLU). Weights rotate through copies larger than L2;
+//! - sampling over a 128,256-token vocabulary at 1 and 64 rows: the argmax, a softmax draw and
+//!   a top-50 where the logits are (what the worker runs instead of copying logits out), beside
+//!   the copy of the same logits to (pageable) host memory that they save.
 //!
 //! Times are medians over `--repeats` runs, after a warm-up, with device events.
 //! `perf/gpu/run.sh` builds this on a build machine and runs it on the GPU machine.
@@ -37,8 +40,12 @@ struct Args {
     /// Write the table to this file as well.
     #[arg(long)]
     out: Option<String>,
-    /// Which parts to run: `decode`, `prefill`, `gemv`.
-    #[arg(long, value_delimiter = ',', default_value = "decode,prefill,gemv")]
+    /// Which parts to run: `decode`, `prefill`, `gemv`, `sampling`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "decode,prefill,gemv,sampling"
+    )]
     sections: Vec<String>,
 }
 
@@ -266,6 +273,39 @@ fn projection(
     Ok((gemv, cublas))
 }
 
+/// Llama-3's vocabulary.
+const VOCAB: usize = 128_256;
+
+/// A table row: the sampling kernels over `rows` rows of logits, and their copy to the host.
+fn sampling(k: &Kernels, rng: &mut TestRng, rows: usize, repeats: usize) -> Result<String> {
+    let logits = random(k, rng, rows * VOCAB)?;
+    let mut ids = k.stream().alloc_zeros::<i32>(rows)?;
+    let argmax = time_ms(k, repeats, |_| Ok(k.argmax(&logits, VOCAB, &mut ids)?))?;
+    let t = k.stream().clone_htod(&vec![1.0f32; rows])?;
+    let u = k.stream().clone_htod(&vec![0.5f64; rows])?;
+    let draw = time_ms(k, repeats, |_| {
+        Ok(k.softmax_draw(&logits, VOCAB, &t, &u, &mut ids)?)
+    })?;
+    let (mut values, mut top) = (
+        k.stream().alloc_zeros::<f32>(rows * 50)?,
+        k.stream().alloc_zeros::<i32>(rows * 50)?,
+    );
+    let top_k = time_ms(k, repeats, |_| {
+        Ok(k.top_k(&logits, VOCAB, 50, &mut values, &mut top)?)
+    })?;
+    let mut host = vec![bf16::ZERO; rows * VOCAB];
+    let to_host = time_ms(k, repeats, |_| {
+        Ok(k.stream().memcpy_dtoh(&logits, &mut host)?)
+    })?;
+    Ok(format!(
+        "| {rows} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        argmax * 1e3,
+        draw * 1e3,
+        top_k * 1e3,
+        to_host * 1e3
+    ))
+}
+
 /// Prefill attention at 1k to 16k tokens, with PyTorch's SDPA when `--sdpa` names its script.
 fn prefill_section(k: &Kernels, rng: &mut TestRng, args: &Args, text: &mut String) -> Result<()> {
     let lens = [1024, 2048, 4096, 8192, 16384];
@@ -356,6 +396,18 @@ fn main() -> Result<()> {
                 text += &row;
                 text.push('\n');
             }
+        }
+    }
+    if run("sampling") {
+        text += &format!(
+            "\nSampling over {VOCAB} logits (bf16) per row, where the logits are, beside copying them to the host:\n\n\
+             | rows | argmax µs | softmax draw µs | top-50 µs | logits to host µs |\n|---:|---:|---:|---:|---:|\n"
+        );
+        for rows in [1, 64] {
+            let row = sampling(&k, &mut rng, rows, args.repeats)?;
+            eprintln!("{row}");
+            text += &row;
+            text.push('\n');
         }
     }
     println!("{text}");
