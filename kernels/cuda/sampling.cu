@@ -209,15 +209,16 @@ __device__ void softmax_draw(const T* __restrict__ logits, int vocab,
 }
 
 #define INSTANTIATE(S, T)                                                                     \
-    extern "C" __global__ void argmax_##S(const T* logits, int vocab, int* out) {             \
+    extern "C" __global__ void __launch_bounds__(1024)                                        \
+        argmax_##S(const T* logits, int vocab, int* out) {                                    \
         argmax<T>(logits, vocab, out);                                                        \
     }                                                                                         \
-    extern "C" __global__ void top_k_##S(const T* logits, int vocab, int k, float* values,    \
-                                         int* ids) {                                          \
+    extern "C" __global__ void __launch_bounds__(1024)                                        \
+        top_k_##S(const T* logits, int vocab, int k, float* values, int* ids) {               \
         top_k<T>(logits, vocab, k, values, ids);                                              \
     }                                                                                         \
-    extern "C" __global__ void softmax_draw_##S(const T* logits, int vocab,                   \
-                                                const float* temperature, const double* u,    \
-                                                int* out) {                                   \
+    extern "C" __global__ void __launch_bounds__(1024)                                        \
+        softmax_draw_##S(const T* logits, int vocab, const float* temperature, const double* u,\
+                         int* out) {                                                          \
         softmax_draw<T>(logits, vocab, temperature, u, out);                                  \
     }

@@ -1001,9 +1001,24 @@ impl Kernels {
             num_seqs == 0 || q.len() >= (num_seqs - 1) * q_stride + num_q_heads * d,
             || "decode: q is too small".into(),
         )?;
+        // The plan is checked against this launch, not only against itself: a plan made for
+        // another batch or head count would send the split's writes past its scratch.
+        let parts = plan.partitions;
+        let group = num_q_heads / cache.num_kv_heads.max(1);
+        let slots = num_seqs * num_q_heads * parts;
         shape(
-            part_out.len() >= plan.scratch_len && part_ml.len() >= plan.ml_len,
-            || "decode: the split's scratch is too small for its plan".into(),
+            (1..=DECODE_MAX_PARTITIONS).contains(&parts)
+                && plan.kv_head_ctas == cache.num_kv_heads * group.div_ceil(DECODE_MAX_GROUP)
+                && (parts == 1 || (part_out.len() >= slots * d && part_ml.len() >= slots * 2)),
+            || {
+                format!(
+                    "decode: a plan of {parts} partitions and {} head-group CTAs does not fit \
+                     {num_seqs} sequences x {num_q_heads} heads with scratch of {} and {}",
+                    plan.kv_head_ctas,
+                    part_out.len(),
+                    part_ml.len()
+                )
+            },
         )?;
         shape(
             plan.partitions == 1 || num_seqs * plan.kv_head_ctas <= SPLIT_COUNTERS,
@@ -1017,7 +1032,6 @@ impl Kernels {
         if num_seqs == 0 {
             return Ok(());
         }
-        let parts = plan.partitions;
         let f = self.function::<T>(source::ATTENTION, "paged_attention_decode", Some(d))?;
         let (stride, max_blocks, bs, nkv, nq, psize) = (
             q_stride as i64,

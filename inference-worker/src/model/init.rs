@@ -156,6 +156,11 @@ impl Preset {
         }
     }
 
+    /// The size its tokenizer is built to (the BPE vocabulary the special tokens join).
+    pub fn tokenizer_vocab(self) -> usize {
+        self.shape().vocab_target
+    }
+
     /// Parameters of the model this preset writes when its tokenizer has `tokenizer_vocab`
     /// tokens (shape-faithful presets have a fixed embedding size whatever the tokenizer).
     pub fn parameter_count(self, tokenizer_vocab: usize) -> usize {

@@ -12,7 +12,7 @@
 
 use cudarc::driver::CudaSlice;
 use llmctl_kernels::cuda::{
-    Dtype, GemvThen, Kernels, PagedCache, RotaryKv, SOFTMAX_DRAW_MAX_VOCAB, Split,
+    DecodePlan, Dtype, GemvThen, Kernels, PagedCache, RotaryKv, SOFTMAX_DRAW_MAX_VOCAB, Split,
 };
 use llmctl_kernels::kv_layout::KvLayout;
 use llmctl_kernels::reference::{self, PagedKv, SeqAttention, TestRng};
@@ -730,6 +730,40 @@ pub fn decode_plan_caps_partitions(k: &Kernels) {
     assert_eq!(plan.partition_size, (1 << 20) / 512);
     let auto = k.decode_plan(1, 4, &cache, 1 << 20, Split::Auto);
     assert!((2..=512).contains(&auto.partitions), "{auto:?}");
+
+    // A plan is checked against the launch that uses it: one made for a single sequence does
+    // not fit two (the split would write past its scratch), nor one edited past the cap.
+    let (tables2, lens2) = (
+        k.stream().alloc_zeros::<i32>(2).unwrap(),
+        k.stream().alloc_zeros::<i32>(2).unwrap(),
+    );
+    let two = PagedCache {
+        block_tables: &tables2,
+        context_lens: &lens2,
+        ..cache
+    };
+    let q = k.stream().alloc_zeros::<f32>(2 * 4 * 128).unwrap();
+    let mut out = k.stream().alloc_zeros::<f32>(2 * 4 * 128).unwrap();
+    let mut launch = |plan: &DecodePlan| {
+        let mut part_out = k.stream().alloc_zeros::<f32>(plan.scratch_len).unwrap();
+        let mut part_ml = k.stream().alloc_zeros::<f32>(plan.ml_len).unwrap();
+        k.decode_attention_planned(
+            &mut out,
+            &q.slice(..),
+            4 * 128,
+            &two,
+            4,
+            1.0,
+            plan,
+            &mut part_out,
+            &mut part_ml,
+        )
+    };
+    assert!(launch(&k.decode_plan(1, 4, &cache, 64, Split::Partitions(4))).is_err());
+    let mut fits = k.decode_plan(2, 4, &two, 64, Split::Partitions(4));
+    launch(&fits).unwrap();
+    fits.partitions = 600;
+    assert!(launch(&fits).is_err());
 }
 
 pub fn prefill<T: Dtype>(k: &Kernels) {

@@ -100,6 +100,12 @@ fn main() -> Result<()> {
     if args.as_worker {
         llmctl_inference_worker::init_logging();
         let model = args.model.context("--as-worker needs --model")?;
+        // The benchmark holds this process's stdin: when it ends, however it ends (a timeout's
+        // signal included), stdin closes and the worker goes with it.
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
         return server::run(WorkerArgs {
             model,
             host: "127.0.0.1".into(),
@@ -134,7 +140,7 @@ async fn bench(args: Args) -> Result<()> {
             .to_owned(),
         None => {
             let (child, addr) = start_worker(&args)?;
-            worker = Some(child);
+            worker = Some(WorkerProcess(child));
             addr
         }
     };
@@ -144,6 +150,13 @@ async fn bench(args: Args) -> Result<()> {
         format!("{}-seed1", args.preset.name())
     };
     wait_ready(&addr).await?;
+    // Prompt ids come from the tokenizer's ordinary tokens, clear of the special ones at the
+    // top (4000 of the small preset's 4096; a server at --url is assumed to have as many).
+    let ordinary = if args.url.is_some() {
+        4000
+    } else {
+        args.preset.tokenizer_vocab() * 125 / 128
+    };
 
     // A fresh workload per load level: reusing prompts would turn later levels into
     // prefix-cache hits.
@@ -154,8 +167,10 @@ async fn bench(args: Args) -> Result<()> {
                 .map(|_| {
                     let plen = prompt_range.0 + rng.below(prompt_range.1 - prompt_range.0 + 1);
                     let olen = output_range.0 + rng.below(output_range.1 - output_range.0 + 1);
-                    // Random ids from the ordinary vocabulary (the small preset has 4096 tokens).
-                    ((0..plen).map(|_| rng.below(4000) as u32).collect(), olen)
+                    (
+                        (0..plen).map(|_| rng.below(ordinary) as u32).collect(),
+                        olen,
+                    )
                 })
                 .collect(),
         )
@@ -224,11 +239,18 @@ async fn bench(args: Args) -> Result<()> {
         let path = llmctl_perf::record(&format!("serve-{kind}"), &text)?;
         eprintln!("recorded {}", path.display());
     }
-    if let Some(mut child) = worker {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(worker);
     Ok(())
+}
+
+/// The started worker, stopped when the benchmark ends, by an error too.
+struct WorkerProcess(Child);
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn start_worker(args: &Args) -> Result<(Child, String)> {
@@ -243,6 +265,7 @@ fn start_worker(args: &Args) -> Result<(Child, String)> {
         .arg("--model")
         .arg(&dir)
         .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         // Warnings and errors (why a worker failed to load) show with the benchmark's own.
         .stderr(Stdio::inherit())
