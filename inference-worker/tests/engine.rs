@@ -756,6 +756,24 @@ fn seeded_draws_where_the_logits_are_match_the_host_sampler() {
                 top_k: 5,
                 ..Default::default()
             },
+            // Top-p and min-p without a top-k: cuts among the device's first candidates
+            // (top_p 0.05 and min_p 0.8 of this flat random model keep a few tokens) and one
+            // below them (top_p 0.9 keeps hundreds), which brings the whole row over.
+            SamplingParams {
+                temperature: 0.9,
+                top_p: 0.05,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                min_p: 0.8,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.9,
+                ..Default::default()
+            },
         ];
         for (id, p) in params.into_iter().enumerate() {
             let p = SamplingParams {
@@ -772,7 +790,7 @@ fn seeded_draws_where_the_logits_are_match_the_host_sampler() {
     };
     let device = run(None);
     let host = run(Some(0));
-    assert_eq!(device.len(), 4);
+    assert_eq!(device.len(), 7);
     for (key, c) in &device {
         assert_eq!(c.tokens.len(), 16, "{key:?}");
         assert_eq!(c.tokens, host[key].tokens, "{key:?}");

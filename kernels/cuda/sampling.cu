@@ -114,11 +114,46 @@ __device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __r
     }
 }
 
+__device__ __forceinline__ float finite_or_neg_inf(float v) { return v != v ? NEG_INF : v; }
+
+// The row's largest logit (NaN as -inf); every thread gets it. `scratch`: a float per warp.
+template <typename T>
+__device__ float block_row_max(const T* __restrict__ row, int vocab, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, finite_or_neg_inf(to_float(row[j])));
+    mx = warp_max(mx);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = mx;
+    __syncthreads();
+    mx = NEG_INF;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, scratch[w]);
+    return mx;
+}
+
+// Row r's softmax mass at temperature[r] (> 0) relative to its largest logit: the sum of
+// exp((l - max) / t), NaN and -inf weighing nothing (0 for a row without a finite logit). A
+// top-p or min-p cut drawn on the host from the row's best candidates needs it to be a cut
+// over the whole vocabulary. grid: (rows), block: 1024.
+template <typename T>
+__device__ void softmax_mass(const T* __restrict__ logits, int vocab,
+                             const float* __restrict__ temperature, float* __restrict__ mass) {
+    __shared__ float scratch[32];
+    const T* row = logits + (i64)blockIdx.x * vocab;
+    const float mx = block_row_max(row, vocab, scratch);
+    const float inv_t = 1.f / temperature[blockIdx.x];
+    float m = 0.f;
+    if (mx != NEG_INF) {
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x)
+            m += __expf((finite_or_neg_inf(to_float(row[j])) - mx) * inv_t);
+    }
+    m = block_sum(m, scratch);
+    if (threadIdx.x == 0) mass[blockIdx.x] = m;
+}
+
 // Tokens per tile of softmax_draw; a row has at most DRAW_MAX_TILES tiles (vocab <= 1M).
 #define DRAW_TILE 1024
 #define DRAW_MAX_TILES 1024
-
-__device__ __forceinline__ float finite_or_neg_inf(float v) { return v != v ? NEG_INF : v; }
 
 // Row r's token: the argmax where temperature[r] is 0; otherwise a draw from its softmax at
 // that temperature, walking the vocabulary in token order: the first token whose cumulative
@@ -144,14 +179,7 @@ __device__ void softmax_draw(const T* __restrict__ logits, int vocab,
         return;
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    float mx = NEG_INF;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, finite_or_neg_inf(to_float(row[j])));
-    mx = warp_max(mx);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = mx;
-    __syncthreads();
-    mx = NEG_INF;
-    for (int w = 0; w < warps; ++w) mx = fmaxf(mx, scratch[w]);
+    const float mx = block_row_max(row, vocab, scratch);
     const float inv_t = 1.f / t;
     const int tiles = (vocab + DRAW_TILE - 1) / DRAW_TILE;
     // Every logit -inf or NaN: nothing has weight.
@@ -221,4 +249,8 @@ __device__ void softmax_draw(const T* __restrict__ logits, int vocab,
         softmax_draw_##S(const T* logits, int vocab, const float* temperature, const double* u,\
                          int* out) {                                                          \
         softmax_draw<T>(logits, vocab, temperature, u, out);                                  \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(1024)                                        \
+        softmax_mass_##S(const T* logits, int vocab, const float* temperature, float* mass) { \
+        softmax_mass<T>(logits, vocab, temperature, mass);                                    \
     }

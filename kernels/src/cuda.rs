@@ -871,6 +871,43 @@ impl Kernels {
         Ok(())
     }
 
+    /// Row `r`'s softmax mass at `temperature[r]` (> 0) relative to its largest logit,
+    /// `sum exp((l - max) / t)`, into `mass[r]` for the first `mass.len()` rows of `logits`
+    /// (`vocab` wide): what a top-p or min-p cut among a row's best candidates needs to be a
+    /// cut over the whole vocabulary (sampling.cu).
+    pub fn softmax_mass<T: Dtype>(
+        &self,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        temperature: &CudaSlice<f32>,
+        mass: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let rows = mass.len();
+        shape(
+            vocab > 0
+                && logits.len() >= rows * vocab
+                && logits.len().is_multiple_of(vocab)
+                && temperature.len() == rows,
+            || {
+                format!(
+                    "softmax_mass: {} logits in rows of {vocab}, {} temperatures for {rows} rows",
+                    logits.len(),
+                    temperature.len()
+                )
+            },
+        )?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.function::<T>(source::SAMPLING, "softmax_mass", None)?;
+        let v = vocab as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(logits).arg(&v).arg(temperature).arg(mass);
+        // SAFETY: matches `softmax_mass_*` in sampling.cu; sizes checked above.
+        unsafe { launch.launch(Self::config((rows as u32, 1, 1), 1024)) }?;
+        Ok(())
+    }
+
     fn check_attention<T>(
         cache: &PagedCache<'_, T>,
         num_seqs: usize,

@@ -331,6 +331,10 @@ impl Backend for CpuBackend {
         super::draw_rows_on_host(&x.data, x.cols, temperature, u)
     }
 
+    fn softmax_mass_rows(&self, x: &Matrix, temperature: &[f32]) -> Vec<f64> {
+        super::softmax_mass_rows_on_host(&x.data, x.cols, temperature)
+    }
+
     fn top_k_rows(&self, x: &Matrix, rows: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
         super::top_k_rows_on_host(&x.data, x.cols, rows, k)
     }

@@ -1116,6 +1116,14 @@ where
         self.download(&ids).into_iter().map(|i| i as u32).collect()
     }
 
+    fn softmax_mass_rows(&self, x: &GpuMatrix<T>, temperature: &[f32]) -> Vec<f64> {
+        let mut mass = self.alloc::<f32>(temperature.len());
+        self.kernels
+            .softmax_mass(&x.data, x.cols, &self.upload(temperature), &mut mass)
+            .or_die("softmax_mass");
+        self.download(&mass).into_iter().map(f64::from).collect()
+    }
+
     fn top_k_rows(&self, x: &GpuMatrix<T>, rows: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
         let mut values = self.alloc::<f32>(rows * k);
         let mut ids = self.alloc::<i32>(rows * k);

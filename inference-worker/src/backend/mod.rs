@@ -298,6 +298,13 @@ pub trait Backend: Send + Sync + 'static {
         draw_rows_on_host(&self.to_host(x), self.shape(x).1, temperature, u)
     }
 
+    /// The softmax mass of each of the first `temperature.len()` rows of logits `x` at that
+    /// temperature (> 0), relative to the row's largest logit ([`softmax_mass`]), found where
+    /// `x` lives. By default on a host copy.
+    fn softmax_mass_rows(&self, x: &Self::Activations, temperature: &[f32]) -> Vec<f64> {
+        softmax_mass_rows_on_host(&self.to_host(x), self.shape(x).1, temperature)
+    }
+
     /// The `k` best logits of each of the first `rows` rows of `x` and their tokens, best
     /// first ([`top_k`]), found where `x` lives: `rows × k` values and `rows × k` tokens. By
     /// default on a host copy.
@@ -354,6 +361,15 @@ pub fn draw_rows_on_host(logits: &[f32], vocab: usize, temperature: &[f32], u: &
         .collect()
 }
 
+/// [`Backend::softmax_mass_rows`] over host logits, rows `vocab` wide.
+pub fn softmax_mass_rows_on_host(logits: &[f32], vocab: usize, temperature: &[f32]) -> Vec<f64> {
+    logits
+        .chunks(vocab)
+        .zip(temperature)
+        .map(|(row, &t)| softmax_mass(row, t))
+        .collect()
+}
+
 /// [`Backend::top_k_rows`] over host logits, rows `vocab` wide.
 pub fn top_k_rows_on_host(
     logits: &[f32],
@@ -401,16 +417,22 @@ pub fn max_value(values: &[f32]) -> f32 {
     values.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// The softmax mass of `values` at `temperature` relative to the largest,
+/// `sum exp((v - max) / temperature)`.
+pub fn softmax_mass(values: &[f32], temperature: f32) -> f64 {
+    let max = max_value(values);
+    values
+        .iter()
+        .map(|&l| softmax_weight(l, max, temperature))
+        .sum()
+}
+
 /// A draw from the softmax of `values` at `temperature` with the uniform `u` in [0, 1), walking
 /// the values in order: the first whose running weight exceeds `u` times the total (if
 /// rounding leaves the target past the end, the last with any weight).
 pub fn softmax_draw(values: &[f32], temperature: f32, u: f64) -> u32 {
     let max = max_value(values);
-    let total: f64 = values
-        .iter()
-        .map(|&l| softmax_weight(l, max, temperature))
-        .sum();
-    let mut target = u * total;
+    let mut target = u * softmax_mass(values, temperature);
     let mut last = 0;
     for (t, &l) in values.iter().enumerate() {
         let q = softmax_weight(l, max, temperature);

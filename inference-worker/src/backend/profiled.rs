@@ -214,6 +214,10 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Kind::Other, || self.inner.draw_rows(x, temperature, u))
     }
 
+    fn softmax_mass_rows(&self, x: &Self::Activations, temperature: &[f32]) -> Vec<f64> {
+        self.timed(Kind::Other, || self.inner.softmax_mass_rows(x, temperature))
+    }
+
     fn top_k_rows(&self, x: &Self::Activations, rows: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
         self.timed(Kind::Other, || self.inner.top_k_rows(x, rows, k))
     }

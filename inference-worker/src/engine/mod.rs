@@ -399,59 +399,86 @@ impl<B: Backend> Engine<B> {
             .collect()
     }
 
-    /// The step's forward pass with each row's token found where the logits are (every row's
-    /// draw is [`Draw::Device`] or [`Draw::TopK`]): uniforms for the device's draws come from
-    /// each sequence's stream first, and rows with a top-k draw on the host from their
-    /// candidates after, so a seeded sequence consumes its stream as the host sampler would.
+    /// The step's forward pass with each row's token found where the logits are (no row's
+    /// draw is [`Draw::Host`]). Each sampled row's uniform comes from its sequence's stream
+    /// before the pass, one per token as the host sampler draws it, so a seeded sequence gets
+    /// the same tokens either way.
     fn forward_drawn(&mut self, batch: &StepBatch, sids: &[SeqId], draws: &[Draw]) -> Picked {
-        let temperature: Vec<f32> = draws
-            .iter()
-            .map(|d| match d {
-                Draw::Device { temperature } => *temperature,
-                _ => 0.0,
-            })
-            .collect();
         let u: Vec<f64> = sids
             .iter()
-            .zip(&temperature)
-            .map(|(sid, &t)| {
+            .zip(draws)
+            .map(|(sid, draw)| {
                 let seq = self.seqs.get_mut(sid).expect("sampled sequences exist");
-                if t > 0.0 { seq.rng.uniform() } else { 0.0 }
+                match draw {
+                    Draw::Device { temperature } if *temperature == 0.0 => 0.0,
+                    _ => seq.rng.uniform(),
+                }
             })
             .collect();
+        let temperature = |f: fn(&Draw) -> bool| -> Vec<f32> {
+            draws
+                .iter()
+                .zip(sids)
+                .map(|(d, sid)| {
+                    if f(d) {
+                        self.seqs[sid].params.temperature
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        // Softmax draws (and the argmax, at 0) by the device; the others take the argmax
+        // there and replace it below.
+        let drawn_t = temperature(|d| matches!(d, Draw::Device { .. }));
+        let nucleus_t = temperature(|d| matches!(d, Draw::Nucleus));
+        let nucleus = draws.contains(&Draw::Nucleus);
+        let vocab = self.model.config.vocab_size;
         let widest = draws
             .iter()
             .filter_map(|d| match d {
                 Draw::TopK(k) => Some(*k),
-                _ => None,
+                Draw::Nucleus => Some(DEVICE_TOP_K),
+                Draw::Device { .. } | Draw::Host => None,
             })
-            .max();
+            .max()
+            .map(|k| k.min(vocab));
+        let params: Vec<&SamplingParams> = sids.iter().map(|sid| &*self.seqs[sid].params).collect();
         let backend = &self.model.backend;
-        let (mut tokens, candidates) = self
-            .model
-            .forward_with(&mut self.cache, batch, |logits| {
-                let tokens = backend.draw_rows(logits, &temperature, &u);
-                let candidates = widest.map(|k| (k, backend.top_k_rows(logits, sids.len(), k)));
-                (tokens, candidates)
-            })
-            .unwrap_or_default();
-        if let Some((widest, (values, ids))) = candidates {
-            for (row, (sid, draw)) in sids.iter().zip(draws).enumerate() {
-                let Draw::TopK(k) = *draw else { continue };
-                let seq = self.seqs.get_mut(sid).expect("sampled sequences exist");
+        let tokens = self.model.forward_with(&mut self.cache, batch, |logits| {
+            let mut tokens = backend.draw_rows(logits, &drawn_t, &u);
+            let Some(widest) = widest else {
+                return tokens;
+            };
+            let (values, ids) = backend.top_k_rows(logits, sids.len(), widest);
+            let mass = nucleus.then(|| backend.softmax_mass_rows(logits, &nucleus_t));
+            // Rows whose top-p or min-p cut lies below their candidates: whole rows, once.
+            let mut host: Option<Vec<f32>> = None;
+            for (row, draw) in draws.iter().enumerate() {
                 let at = row * widest;
-                let pick = sampler::draw_ranked(
+                let (k, vocab_mass) = match draw {
+                    Draw::TopK(k) => (*k, None),
+                    Draw::Nucleus => (widest, mass.as_ref().map(|m| m[row])),
+                    Draw::Device { .. } | Draw::Host => continue,
+                };
+                let complete = vocab_mass.is_none() || widest == vocab;
+                tokens[row] = match sampler::draw_ranked(
                     &values[at..at + k],
-                    &seq.params,
-                    None,
-                    true,
-                    seq.rng.uniform(),
-                )
-                .expect("a complete ranking always draws");
-                tokens[row] = ids[at + pick];
+                    params[row],
+                    vocab_mass,
+                    complete,
+                    u[row],
+                ) {
+                    Some(pick) => ids[at + pick],
+                    None => {
+                        let host = host.get_or_insert_with(|| backend.to_host(logits));
+                        sampler::draw(&host[row * vocab..(row + 1) * vocab], params[row], u[row])
+                    }
+                };
             }
-        }
-        Picked::Tokens(tokens)
+            tokens
+        });
+        Picked::Tokens(tokens.unwrap_or_default())
     }
 
     /// Tokens that end `params`' sequences: its stop ids, and EOS unless ignored.
@@ -562,8 +589,9 @@ enum Picked {
     Tokens(Vec<u32>),
 }
 
-/// The most candidates a row's top-k draw takes from the device; a larger top-k samples on the
-/// host (the device's top-k makes one pass over the row per candidate).
+/// The most candidates a row's draw takes from the device (a top-k up to this, or the first
+/// candidates of a top-p or min-p cut); a larger top-k samples on the host (the device's top-k
+/// makes one pass over the row per candidate).
 const DEVICE_TOP_K: usize = 64;
 
 /// Where a row's next token is found.
@@ -573,8 +601,12 @@ enum Draw {
     Device { temperature: f32 },
     /// From the row's best `k` logits, brought to the host (top-p and min-p cut among them).
     TopK(usize),
-    /// From the whole row on the host: penalties, bias, `min_tokens`, logprobs, top-p or
-    /// min-p without a top-k, or a top-k above [`DEVICE_TOP_K`].
+    /// Top-p or min-p without a top-k: from the row's best [`DEVICE_TOP_K`] logits and its
+    /// softmax mass, brought to the host; the whole row follows only when the cut lies below
+    /// them.
+    Nucleus,
+    /// From the whole row on the host: penalties, bias, `min_tokens`, logprobs, or a top-k
+    /// above [`DEVICE_TOP_K`].
     Host,
 }
 
@@ -595,6 +627,7 @@ impl Draw {
             0 if params.top_p >= 1.0 && params.min_p <= 0.0 => Draw::Device {
                 temperature: params.temperature,
             },
+            0 => Draw::Nucleus,
             1..=DEVICE_TOP_K => Draw::TopK(top_k),
             _ => Draw::Host,
         }

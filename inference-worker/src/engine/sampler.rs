@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 
 use super::params::SamplingParams;
-use crate::backend::{argmax, max_value, softmax_draw, softmax_weight, top_k};
+use crate::backend::{argmax, max_value, softmax_draw, softmax_mass, softmax_weight, top_k};
 use crate::rng::Rng;
 
 /// A token and its log-probability.
@@ -124,7 +124,7 @@ const FIRST_CANDIDATES: usize = 1024;
 /// A draw at `p`'s temperature with the uniform `u` from the tokens top-k, top-p and min-p
 /// keep. Without any of the three the draw walks the vocabulary in token order
 /// ([`softmax_draw`]), with nothing ranked; otherwise see [`draw_ranked`].
-fn draw(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
+pub fn draw(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
     let n = logits.len();
     let k = if p.top_k == 0 { n } else { p.top_k.min(n) };
     if k == n && p.top_p >= 1.0 && p.min_p <= 0.0 {
@@ -132,13 +132,7 @@ fn draw(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
     }
     // Without a top-k the probabilities are over the whole vocabulary, and only as many
     // tokens are ranked as it takes to find where top-p or min-p cuts.
-    let vocab_mass = (k == n).then(|| {
-        let max = max_value(logits);
-        logits
-            .iter()
-            .map(|&l| softmax_weight(l, max, p.temperature))
-            .sum::<f64>()
-    });
+    let vocab_mass = (k == n).then(|| softmax_mass(logits, p.temperature));
     let mut ranked = k.min(FIRST_CANDIDATES);
     loop {
         let candidates = top_k(logits, ranked);

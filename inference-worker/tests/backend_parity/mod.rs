@@ -138,13 +138,15 @@ fn continuations<B: Backend>(
     got
 }
 
-/// Seeded draws where the logits are: a softmax draw at temperature 0.8 and a top-k of 10,
-/// alternating by case.
+/// Seeded draws where the logits are, by case in turn: a softmax draw at temperature 0.8, a
+/// top-k of 10, and a top-p of 0.5 (from the device's candidates, or the whole row when the
+/// cut lies below them).
 fn seeded(case: usize) -> SamplingParams {
-    let softmax = case.is_multiple_of(2);
+    let (temperature, top_k, top_p) = [(0.8, 0, 1.0), (1.0, 10, 1.0), (1.0, 0, 0.5)][case % 3];
     SamplingParams {
-        temperature: if softmax { 0.8 } else { 1.0 },
-        top_k: if softmax { 0 } else { 10 },
+        temperature,
+        top_k,
+        top_p,
         seed: Some(7 + case as u64),
         ..Default::default()
     }
@@ -253,8 +255,8 @@ fn compare(
 /// near-tie of these random models: in f32. Decode steps run three ways: replayed from CUDA
 /// graphs (batches of 1 to 3 sequences, padded to buckets of 1, 2 and 4), op by op, and
 /// replayed with the sublayer boundaries on cuBLAS and separate kernels instead of the fused
-/// GEMVs. Seeded continuations drawn on the device (a softmax draw, a top-k's candidates)
-/// equal the CPU backend's: a draw flips only if its target falls within rounding (~1e-6 of
+/// GEMVs. Seeded continuations drawn on the device (a softmax draw, a top-k's or a top-p's
+/// candidates) equal the CPU backend's: a draw flips only if its target falls within rounding (~1e-6 of
 /// the mass) of a token's edge.
 fn greedy_matches<T: GpuDtype>(name: &str, dir: &Path, cases: &[(Vec<u32>, Vec<u32>)])
 where

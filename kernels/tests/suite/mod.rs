@@ -544,6 +544,22 @@ pub fn sampling<T: Dtype>(k: &Kernels) {
             );
         }
     }
+    // softmax_mass: each row's total of the running sums above, within rounding.
+    let t = k.stream().clone_htod(&[0.7f32; 5]).unwrap();
+    let mut mass = k.stream().alloc_zeros::<f32>(rows).unwrap();
+    k.softmax_mass(&d, vocab, &t, &mut mass).unwrap();
+    for (r, (row, &got)) in logits
+        .chunks(vocab)
+        .zip(&k.stream().clone_dtoh(&mass).unwrap())
+        .enumerate()
+    {
+        let want = *reference::softmax_cumulative(row, 0.7).last().unwrap();
+        assert!(
+            (got as f64 - want).abs() <= 1e-5 * want,
+            "softmax_mass {} row {r}: {got} vs {want}",
+            T::SUFFIX
+        );
+    }
     // Shapes: a row count other than the temperatures', a vocabulary past the kernel's tiles.
     let t = k.stream().clone_htod(&[1.0f32; 4]).unwrap();
     let u = k.stream().clone_htod(&[0.5f64; 5]).unwrap();
@@ -946,7 +962,7 @@ macro_rules! kernel_tests {
 
         #[test]
         #[ignore = $why]
-        fn argmax_top_k_and_softmax_draw_match_the_reference() {
+        fn sampling_kernels_match_the_reference() {
             for_each_dtype(&$kernels, &mut |k, dtype| dispatch!(dtype, sampling, k));
         }
 
