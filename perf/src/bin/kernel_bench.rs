@@ -12,9 +12,9 @@
 //!   projection shapes at 1 and 4 rows: weight bandwidth against the copy bandwidth, side by
 //!   side with a plain cuBLAS GEMM of the same shape (which does less: no norm, residual or
 //!   SiLU). Weights rotate through copies larger than L2;
-//! - sampling over a 128,256-token vocabulary at 1 and 64 rows: the argmax, a softmax draw and
-//!   a top-50 where the logits are (what the worker runs instead of copying logits out), beside
-//!   the copy of the same logits to (pageable) host memory that they save.
+//! - sampling over a 128,256-token vocabulary at 1 and 64 rows: the argmax, a softmax draw, the
+//!   softmax mass and a top-64 where the logits are (what the worker runs instead of copying
+//!   logits out), beside the copy of the same logits to (pageable) host memory that they save.
 //!
 //! Times are medians over `--repeats` runs, after a warm-up, with device events.
 //! `perf/gpu/run.sh` builds this on a build machine and runs it on the GPU machine.
@@ -286,21 +286,26 @@ fn sampling(k: &Kernels, rng: &mut TestRng, rows: usize, repeats: usize) -> Resu
     let draw = time_ms(k, repeats, |_| {
         Ok(k.softmax_draw(&logits, VOCAB, &t, &u, &mut ids)?)
     })?;
+    let mut mass = k.stream().alloc_zeros::<f32>(rows)?;
+    let softmax_mass = time_ms(k, repeats, |_| {
+        Ok(k.softmax_mass(&logits, VOCAB, &t, &mut mass)?)
+    })?;
     let (mut values, mut top) = (
-        k.stream().alloc_zeros::<f32>(rows * 50)?,
-        k.stream().alloc_zeros::<i32>(rows * 50)?,
+        k.stream().alloc_zeros::<f32>(rows * 64)?,
+        k.stream().alloc_zeros::<i32>(rows * 64)?,
     );
     let top_k = time_ms(k, repeats, |_| {
-        Ok(k.top_k(&logits, VOCAB, 50, &mut values, &mut top)?)
+        Ok(k.top_k(&logits, VOCAB, 64, &mut values, &mut top)?)
     })?;
     let mut host = vec![bf16::ZERO; rows * VOCAB];
     let to_host = time_ms(k, repeats, |_| {
         Ok(k.stream().memcpy_dtoh(&logits, &mut host)?)
     })?;
     Ok(format!(
-        "| {rows} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        "| {rows} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
         argmax * 1e3,
         draw * 1e3,
+        softmax_mass * 1e3,
         top_k * 1e3,
         to_host * 1e3
     ))
@@ -401,7 +406,7 @@ fn main() -> Result<()> {
     if run("sampling") {
         text += &format!(
             "\nSampling over {VOCAB} logits (bf16) per row, where the logits are, beside copying them to the host:\n\n\
-             | rows | argmax µs | softmax draw µs | top-50 µs | logits to host µs |\n|---:|---:|---:|---:|---:|\n"
+             | rows | argmax µs | softmax draw µs | softmax mass µs | top-64 µs | logits to host µs |\n|---:|---:|---:|---:|---:|---:|\n"
         );
         for rows in [1, 64] {
             let row = sampling(&k, &mut rng, rows, args.repeats)?;
