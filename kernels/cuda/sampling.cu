@@ -93,12 +93,10 @@ __device__ void argmax(const T* __restrict__ logits, int vocab, int* __restrict_
     if (threadIdx.x == 0) out[blockIdx.x] = b.i < vocab ? b.i : 0;
 }
 
-// k passes over the row, each finding the next best: O(k * vocab) reads, meant for the small k
-// of top-k sampling (up to a few hundred). grid: (rows), block: 1024.
+// top_k's fallback: k passes over the row, each finding the next best (O(k * vocab) reads).
 template <typename T>
-__device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __restrict__ values,
-                      int* __restrict__ ids) {
-    const T* row = logits + (i64)blockIdx.x * vocab;
+__device__ void top_k_by_passes(const T* __restrict__ row, int vocab, int k,
+                                float* __restrict__ values, int* __restrict__ ids) {
     Best prev;
     prev.v = 0.f;
     prev.i = -1;
@@ -106,8 +104,8 @@ __device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __r
         const Best b = block_best(row, vocab, prev);
         if (threadIdx.x == 0) {
             const bool found = b.i < vocab;
-            values[(i64)blockIdx.x * k + n] = found ? b.v : NEG_INF;
-            ids[(i64)blockIdx.x * k + n] = found ? b.i : -1;
+            values[n] = found ? b.v : NEG_INF;
+            ids[n] = found ? b.i : -1;
         }
         prev = b;
         if (b.i >= vocab) prev.i = 0x7fffffff;
@@ -129,6 +127,81 @@ __device__ float block_row_max(const T* __restrict__ row, int vocab, float* scra
     mx = NEG_INF;
     for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, scratch[w]);
     return mx;
+}
+
+// Candidates top_k ranks in shared memory; margins below the row's best it tries for the band
+// holding the k best: 0.25 * 2^m logits for m < TOPK_MARGINS (0.25 to 128).
+#define TOPK_CANDIDATES 2048
+#define TOPK_MARGINS 10
+__device__ __forceinline__ float top_k_margin(int m) { return 0.25f * (float)(1 << m); }
+
+// The k best of each row (value, id), best first; missing entries (k > vocab) are (-inf, -1).
+// Three passes over the row: its best value M; how many values lie within each of a few
+// margins of M (0.25 to 128); the values within the smallest margin that holds at least k,
+// appended to shared memory, where each candidate's rank is counted against the others (ties
+// to the lower id). The band holds every one of the k best, so the result is exact; when no
+// band holds k within TOPK_CANDIDATES values (a flat top, fewer than k finite values), it
+// falls back to k passes. grid: (rows), block: 1024.
+template <typename T>
+__device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __restrict__ values,
+                      int* __restrict__ ids) {
+    __shared__ float scratch[32];
+    __shared__ float cand_v[TOPK_CANDIDATES];
+    __shared__ int cand_i[TOPK_CANDIDATES];
+    __shared__ unsigned count;
+    const T* row = logits + (i64)blockIdx.x * vocab;
+    values += (i64)blockIdx.x * k;
+    ids += (i64)blockIdx.x * k;
+    const float mx = block_row_max(row, vocab, scratch);
+    float floor = NEG_INF;
+    if (mx != NEG_INF) {
+        int within[TOPK_MARGINS];
+#pragma unroll
+        for (int m = 0; m < TOPK_MARGINS; ++m) within[m] = 0;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            const float v = finite_or_neg_inf(to_float(row[j]));
+#pragma unroll
+            for (int m = 0; m < TOPK_MARGINS; ++m) within[m] += v >= mx - top_k_margin(m);
+        }
+#pragma unroll
+        for (int m = 0; m < TOPK_MARGINS; ++m) {
+            const float n = block_sum((float)within[m], scratch);
+            if (floor == NEG_INF && n >= (float)k && n <= (float)TOPK_CANDIDATES)
+                floor = mx - top_k_margin(m);
+        }
+    }
+    if (floor == NEG_INF) {
+        top_k_by_passes(row, vocab, k, values, ids);
+        return;
+    }
+    if (threadIdx.x == 0) count = 0;
+    __syncthreads();
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float v = finite_or_neg_inf(to_float(row[j]));
+        if (v >= floor) {
+            const unsigned at = atomicAdd(&count, 1u);
+            cand_v[at] = v;
+            cand_i[at] = j;
+        }
+    }
+    __syncthreads();
+    const int n = (int)count;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        Best me;
+        me.v = cand_v[c];
+        me.i = cand_i[c];
+        int rank = 0;
+        for (int o = 0; o < n; ++o) {
+            Best other;
+            other.v = cand_v[o];
+            other.i = cand_i[o];
+            rank += ahead(other, me);
+        }
+        if (rank < k) {
+            values[rank] = me.v;
+            ids[rank] = me.i;
+        }
+    }
 }
 
 // Row r's softmax mass at temperature[r] (> 0) relative to its largest logit: the sum of

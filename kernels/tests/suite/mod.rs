@@ -478,10 +478,13 @@ pub fn sampling<T: Dtype>(k: &Kernels) {
             .map(|v| v * 10.0)
             .collect::<Vec<_>>(),
     );
-    // Ties and a NaN: the lower id wins, NaN ranks last.
+    // Ties and a NaN: the lower id wins, NaN ranks last. Row 1's two far-ahead values leave
+    // fewer than k within top_k's widest band, and row 4 is flat (every value ties), so both
+    // take top_k's fallback; the others its banded path.
     logits[vocab + 10] = 50.0;
     logits[vocab + 20] = 50.0;
     logits[2 * vocab] = f32::NAN;
+    logits[4 * vocab..].fill(1.5);
     let d = upload::<T>(k, &logits);
     let mut am = k.stream().alloc_zeros::<i32>(rows).unwrap();
     k.argmax(&d, vocab, &mut am).unwrap();

@@ -12,8 +12,8 @@
 //!   projection shapes at 1 and 4 rows: weight bandwidth against the copy bandwidth, side by
 //!   side with a plain cuBLAS GEMM of the same shape (which does less: no norm, residual or
 //!   SiLU). Weights rotate through copies larger than L2;
-//! - sampling over a 128,256-token vocabulary at 1 and 64 rows: the argmax, a softmax draw, the
-//!   softmax mass and a top-64 where the logits are (what the worker runs instead of copying
+//! - sampling over a 128,256-token vocabulary at 1 and 64 rows (logits about normal, deviation
+//!   3): the argmax, a softmax draw, the softmax mass and a top-64 where the logits are (what the worker runs instead of copying
 //!   logits out), beside the copy of the same logits to (pageable) host memory that they save.
 //!
 //! Times are medians over `--repeats` runs, after a warm-up, with device events.
@@ -278,7 +278,12 @@ const VOCAB: usize = 128_256;
 
 /// A table row: the sampling kernels over `rows` rows of logits, and their copy to the host.
 fn sampling(k: &Kernels, rng: &mut TestRng, rows: usize, repeats: usize) -> Result<String> {
-    let logits = random(k, rng, rows * VOCAB)?;
+    // Logits spread like a language model's: roughly normal with a deviation of 3 (a sum of
+    // 12 uniforms, centred), a few hundred within 4 of the best.
+    let host: Vec<bf16> = (0..rows * VOCAB)
+        .map(|_| bf16::from_f32(((0..12).map(|_| rng.uniform()).sum::<f32>() - 6.0) * 3.0))
+        .collect();
+    let logits = k.stream().clone_htod(&host)?;
     let mut ids = k.stream().alloc_zeros::<i32>(rows)?;
     let argmax = time_ms(k, repeats, |_| Ok(k.argmax(&logits, VOCAB, &mut ids)?))?;
     let t = k.stream().clone_htod(&vec![1.0f32; rows])?;
