@@ -774,6 +774,12 @@ fn seeded_draws_where_the_logits_are_match_the_host_sampler() {
                 top_p: 0.9,
                 ..Default::default()
             },
+            // A top-k of 1 is greedy whatever the temperature.
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 1,
+                ..Default::default()
+            },
         ];
         for (id, p) in params.into_iter().enumerate() {
             let p = SamplingParams {
@@ -790,7 +796,7 @@ fn seeded_draws_where_the_logits_are_match_the_host_sampler() {
     };
     let device = run(None);
     let host = run(Some(0));
-    assert_eq!(device.len(), 7);
+    assert_eq!(device.len(), 8);
     for (key, c) in &device {
         assert_eq!(c.tokens.len(), 16, "{key:?}");
         assert_eq!(c.tokens, host[key].tokens, "{key:?}");

@@ -415,24 +415,25 @@ impl<B: Backend> Engine<B> {
                 }
             })
             .collect();
-        let temperature = |f: fn(&Draw) -> bool| -> Vec<f32> {
-            draws
-                .iter()
-                .zip(sids)
-                .map(|(d, sid)| {
-                    if f(d) {
-                        self.seqs[sid].params.temperature
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        };
-        // Softmax draws (and the argmax, at 0) by the device; the others take the argmax
+        // Softmax draws (and the argmax, at 0) by the device; the other rows take the argmax
         // there and replace it below.
-        let drawn_t = temperature(|d| matches!(d, Draw::Device { .. }));
-        let nucleus_t = temperature(|d| matches!(d, Draw::Nucleus));
+        let drawn_t: Vec<f32> = draws
+            .iter()
+            .map(|d| match d {
+                Draw::Device { temperature } => *temperature,
+                _ => 0.0,
+            })
+            .collect();
+        // The softmax mass of nucleus rows, at their temperature.
         let nucleus = draws.contains(&Draw::Nucleus);
+        let nucleus_t: Vec<f32> = draws
+            .iter()
+            .zip(sids)
+            .map(|(d, sid)| match d {
+                Draw::Nucleus => self.seqs[sid].params.temperature,
+                _ => 0.0,
+            })
+            .collect();
         let vocab = self.model.config.vocab_size;
         let widest = draws
             .iter()
@@ -590,14 +591,15 @@ enum Picked {
 }
 
 /// The most candidates a row's draw takes from the device (a top-k up to this, or the first
-/// candidates of a top-p or min-p cut); a larger top-k samples on the host (the device's top-k
-/// makes one pass over the row per candidate).
+/// candidates of a top-p or min-p cut); a larger top-k samples on the host. The device's top-k
+/// ranks the values near the row's best; a flat row costs it a pass per candidate.
 const DEVICE_TOP_K: usize = 64;
 
 /// Where a row's next token is found.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Draw {
-    /// Where the logits are: the argmax (temperature 0) or a draw from the whole softmax.
+    /// Where the logits are: the argmax (temperature 0, which greedy parameters map to, a top-k
+    /// of 1 included) or a draw from the whole softmax at this temperature.
     Device { temperature: f32 },
     /// From the row's best `k` logits, brought to the host (top-p and min-p cut among them).
     TopK(usize),
