@@ -122,8 +122,8 @@ run() {
 }
 
 # Everything in one device call, most wanted first: correctness of the kernels, the 1B decode
-# step against its roofline (issue 7's first number), the kernel benchmark's decode and GEMV
-# parts, the worker's CUDA tests, prefill beside SDPA, then the 8B decode step and serving.
+# step against its roofline (issue 7's first number), the kernel benchmark's decode, GEMV and
+# sampling parts, the worker's CUDA tests, prefill beside SDPA, then the 8B decode step and serving.
 # Each part runs under `timeout` (its own cap, or what is left before the deadline) and is
 # skipped once too little is left, so whatever finished comes back. Three files in $OUT:
 # results.md (device, each part's table, and a line per part with its exit status and time),
@@ -166,7 +166,7 @@ all() {
     local p1b=(--preset llama-3.2-1b --models "$models") p8b=(--preset llama-3.1-8b --models "$models")
     part 180 tests.log "$BIN/kernels-gpu-tests" --ignored --test-threads=1
     part 150 decode-llama-3.2-1b.md "$BIN/decode_bench" "${DECODE[@]}" "${p1b[@]}"
-    part 90 kernels-decode-gemv.md "$BIN/kernel_bench" --sections decode,gemv
+    part 90 kernels-decode-gemv-sampling.md "$BIN/kernel_bench" --sections decode,gemv,sampling
     part 90 tests.log "$BIN/worker-cuda-tests" --ignored --test-threads=1
     part 120 kernels-prefill.md "$BIN/kernel_bench" --sections prefill --sdpa perf/gpu/sdpa_bench.py
     part 240 decode-llama-3.1-8b.md "$BIN/decode_bench" "${DECODE[@]}" "${p8b[@]}"

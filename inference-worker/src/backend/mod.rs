@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod profiled;
 
 pub use llmctl_kernels::kv_layout::KvLayout;
+use rayon::prelude::*;
 
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
@@ -349,8 +350,8 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// [`Backend::draw_rows`] over host logits, rows `vocab` wide.
 pub fn draw_rows_on_host(logits: &[f32], vocab: usize, temperature: &[f32], u: &[f64]) -> Vec<u32> {
     logits
-        .chunks(vocab)
-        .zip(temperature.iter().zip(u))
+        .par_chunks(vocab)
+        .zip(temperature.par_iter().zip(u))
         .map(|(row, (&t, &u))| {
             if t == 0.0 {
                 argmax(row)
@@ -364,7 +365,7 @@ pub fn draw_rows_on_host(logits: &[f32], vocab: usize, temperature: &[f32], u: &
 /// [`Backend::softmax_mass_rows`] over host logits, rows `vocab` wide.
 pub fn softmax_mass_rows_on_host(logits: &[f32], vocab: usize, temperature: &[f32]) -> Vec<f64> {
     logits
-        .chunks(vocab)
+        .par_chunks(vocab)
         .zip(temperature)
         .map(|(row, &t)| softmax_mass(row, t))
         .collect()
@@ -377,13 +378,22 @@ pub fn top_k_rows_on_host(
     rows: usize,
     k: usize,
 ) -> (Vec<f32>, Vec<u32>) {
-    let (mut values, mut tokens) = (Vec::new(), Vec::new());
-    for row in logits.chunks(vocab).take(rows) {
-        let best = top_k(row, k);
-        values.extend(best.iter().map(|&t| row[t as usize]));
-        tokens.extend(best);
-    }
-    (values, tokens)
+    let best: Vec<(Vec<f32>, Vec<u32>)> = logits
+        .par_chunks(vocab)
+        .take(rows)
+        .map(|row| {
+            let best = top_k(row, k);
+            (best.iter().map(|&t| row[t as usize]).collect(), best)
+        })
+        .collect();
+    best.into_iter().fold(
+        (Vec::new(), Vec::new()),
+        |(mut values, mut tokens), (v, t)| {
+            values.extend(v);
+            tokens.extend(t);
+            (values, tokens)
+        },
+    )
 }
 
 /// The indices of the `k` largest values, largest first (the lower index first among equals).

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use http_body_util::BodyExt;
 use llmctl_inference_worker::model::init::Preset;
 use llmctl_inference_worker::rng::Rng;
@@ -58,6 +58,10 @@ struct Args {
     /// KV cache of a CPU worker, MiB (a GPU worker sizes its cache from free memory).
     #[arg(long, default_value_t = 1024)]
     kv_cache_mib: usize,
+    /// How the requests sample: `greedy` (temperature 0), `default` (temperature 1, the SDKs'
+    /// default) or `nucleus` (temperature 0.7, top_p 0.9).
+    #[arg(long, value_enum, default_value = "greedy")]
+    sampling: Sampling,
     /// Write the table to perf/results/<date>-serve-<cpu|gpu>.md.
     #[arg(long)]
     record: bool,
@@ -69,6 +73,24 @@ struct Args {
     as_worker: bool,
     #[arg(long, hide = true)]
     model: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Sampling {
+    Greedy,
+    Default,
+    Nucleus,
+}
+
+impl Sampling {
+    /// The request fields that choose it.
+    fn fields(self) -> Value {
+        match self {
+            Sampling::Greedy => json!({"temperature": 0}),
+            Sampling::Default => json!({"temperature": 1}),
+            Sampling::Nucleus => json!({"temperature": 0.7, "top_p": 0.9}),
+        }
+    }
 }
 
 fn range(s: &str) -> Result<(usize, usize)> {
@@ -177,7 +199,14 @@ async fn bench(args: Args) -> Result<()> {
     };
 
     // Warm-up: one short request.
-    one_request(&addr, &model_name, &workload(u64::MAX)[0].0[..8], 4).await?;
+    one_request(
+        &addr,
+        &model_name,
+        args.sampling,
+        &workload(u64::MAX)[0].0[..8],
+        4,
+    )
+    .await?;
 
     let mut reports = Vec::new();
     for (level, &c) in args.concurrency.iter().enumerate() {
@@ -185,6 +214,7 @@ async fn bench(args: Args) -> Result<()> {
             run_load(
                 &addr,
                 &model_name,
+                args.sampling,
                 &workload(level as u64),
                 Load::Concurrency(c),
             )
@@ -198,6 +228,7 @@ async fn bench(args: Args) -> Result<()> {
             run_load(
                 &addr,
                 &model_name,
+                args.sampling,
                 &workload(level),
                 Load::Rate(rate, args.seed),
             )
@@ -220,7 +251,7 @@ async fn bench(args: Args) -> Result<()> {
         let (date, machine) = (llmctl_perf::today(), llmctl_perf::machine());
         let (device, preset) = (args.device, args.preset.name());
         let text = format!(
-            "# Serving benchmark, {device}, {date}\n\n- machine: {machine}; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --device {device} --preset {preset} --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --record`\n- server: `llmctl-worker` ({device}), `{preset}` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`\n\n{table}\n",
+            "# Serving benchmark, {device}, {date}\n\n- machine: {machine}; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --device {device} --preset {preset} --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --sampling {} --record`\n- server: `llmctl-worker` ({device}), `{preset}` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`, sampling {}\n\n{table}\n",
             args.num_requests,
             args.concurrency
                 .iter()
@@ -230,6 +261,10 @@ async fn bench(args: Args) -> Result<()> {
             args.prompt_len,
             args.output_len,
             args.rate.map_or(String::new(), |r| format!(" --rate {r}")),
+            args.sampling
+                .to_possible_value()
+                .map_or_else(String::new, |v| v.get_name().to_owned()),
+            args.sampling.fields(),
         );
         let kind = if matches!(args.device, Device::Cpu) {
             "cpu"
@@ -297,9 +332,18 @@ async fn wait_ready(addr: &str) -> Result<()> {
 }
 
 /// One streamed completion, timed.
-async fn one_request(addr: &str, model: &str, prompt: &[u32], max_tokens: usize) -> Result<Sample> {
-    let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true, "temperature": 0,
+async fn one_request(
+    addr: &str,
+    model: &str,
+    sampling: Sampling,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> Result<Sample> {
+    let mut body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true,
         "stream": true, "stream_options": {"include_usage": true}});
+    if let (Some(body), Value::Object(fields)) = (body.as_object_mut(), sampling.fields()) {
+        body.extend(fields);
+    }
     let started = Instant::now();
     let mut r =
         llmctl_perf::http_request(addr, "POST", "/v1/completions", serde_json::to_vec(&body)?)
@@ -358,6 +402,7 @@ enum Load {
 async fn run_load(
     addr: &str,
     model: &str,
+    sampling: Sampling,
     workload: &Arc<Vec<(Vec<u32>, usize)>>,
     load: Load,
 ) -> Report {
@@ -386,7 +431,7 @@ async fn run_load(
         let (addr, model, workload) = (addr.to_owned(), model.to_owned(), workload.clone());
         tasks.push(tokio::spawn(async move {
             let (prompt, olen) = &workload[i];
-            let result = one_request(&addr, &model, prompt, *olen).await;
+            let result = one_request(&addr, &model, sampling, prompt, *olen).await;
             drop(permit);
             result
         }));
