@@ -204,6 +204,35 @@ __device__ void top_k(const T* __restrict__ logits, int vocab, int k, float* __r
     }
 }
 
+// One change to one logit before a draw (the host sampler's LogitEdit, same layout): the logit
+// times scale_pos if positive, else times scale_neg, then plus add; add of -inf forbids it.
+struct LogitEdit {
+    unsigned row;
+    unsigned token;
+    float scale_pos;
+    float scale_neg;
+    float add;
+};
+
+// Applies n edits to `rows` rows of logits (vocab wide), a thread per edit (each (row, token)
+// at most once); edits outside the rows are skipped. grid: (ceil(n / 256)), block: 256.
+template <typename T>
+__device__ void edit_logits(T* __restrict__ logits, int vocab, int rows,
+                            const LogitEdit* __restrict__ edits, int n) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n) return;
+    const LogitEdit ed = edits[e];
+    if (ed.token >= (unsigned)vocab || ed.row >= (unsigned)rows) return;
+    T* at = logits + (i64)ed.row * vocab + ed.token;
+    float l = to_float(*at);
+    if (ed.add == NEG_INF) {
+        l = NEG_INF;
+    } else {
+        l = (l > 0.f ? l * ed.scale_pos : l * ed.scale_neg) + ed.add;
+    }
+    *at = from_float<T>(l);
+}
+
 // Row r's softmax mass at temperature[r] (> 0) relative to its largest logit: the sum of
 // exp((l - max) / t), NaN and -inf weighing nothing (0 for a row without a finite logit). A
 // top-p or min-p cut drawn on the host from the row's best candidates needs it to be a cut
@@ -322,6 +351,10 @@ __device__ void softmax_draw(const T* __restrict__ logits, int vocab,
         softmax_draw_##S(const T* logits, int vocab, const float* temperature, const double* u,\
                          int* out) {                                                          \
         softmax_draw<T>(logits, vocab, temperature, u, out);                                  \
+    }                                                                                         \
+    extern "C" __global__ void edit_logits_##S(T* logits, int vocab, int rows,               \
+                                               const LogitEdit* edits, int n) {               \
+        edit_logits<T>(logits, vocab, rows, edits, n);                                        \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(1024)                                        \
         softmax_mass_##S(const T* logits, int vocab, const float* temperature, float* mass) { \

@@ -99,6 +99,49 @@ const DECODE_MAX_GROUP: usize = 4;
 /// rows a GEMM reads its weights once for many rows and cuBLAS wins.
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// A change to one logit before a draw (the worker sampler's penalties, bias and
+/// `min_tokens` suppression, one edit per token; sampling.cu's `LogitEdit`): `l * scale_pos` if positive, else `l * scale_neg`
+/// (the repetition penalty), then `+ add`; `add` of -inf forbids the token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogitEdit {
+    /// The logits row (the step's row for a backend; the sampler's own row is 0).
+    pub row: u32,
+    pub token: u32,
+    pub scale_pos: f32,
+    pub scale_neg: f32,
+    pub add: f32,
+}
+
+// SAFETY: `repr(C)` plain data, laid out as sampling.cu's `LogitEdit`; all-zero bits are valid.
+unsafe impl DeviceRepr for LogitEdit {}
+unsafe impl ValidAsZeroBits for LogitEdit {}
+
+impl LogitEdit {
+    /// An edit of `token` in `row` that changes nothing yet.
+    pub fn none(row: u32, token: u32) -> Self {
+        Self {
+            row,
+            token,
+            scale_pos: 1.0,
+            scale_neg: 1.0,
+            add: 0.0,
+        }
+    }
+
+    pub fn apply(&self, l: f32) -> f32 {
+        if self.add == f32::NEG_INFINITY {
+            return f32::NEG_INFINITY;
+        }
+        let scaled = if l > 0.0 {
+            l * self.scale_pos
+        } else {
+            l * self.scale_neg
+        };
+        scaled + self.add
+    }
+}
+
 /// The widest vocabulary [`Kernels::softmax_draw`] takes (sampling.cu's DRAW_TILE times
 /// DRAW_MAX_TILES).
 pub const SOFTMAX_DRAW_MAX_VOCAB: usize = 1024 * 1024;
@@ -905,6 +948,33 @@ impl Kernels {
         launch.arg(logits).arg(&v).arg(temperature).arg(mass);
         // SAFETY: matches `softmax_mass_*` in sampling.cu; sizes checked above.
         unsafe { launch.launch(Self::config((rows as u32, 1, 1), 1024)) }?;
+        Ok(())
+    }
+
+    /// Applies `edits` to the rows of `logits` (`vocab` wide) in place, each (row, token) at
+    /// most once (sampling.cu); edits naming a row or token outside `logits` are skipped.
+    pub fn edit_logits<T: Dtype>(
+        &self,
+        logits: &mut CudaSlice<T>,
+        vocab: usize,
+        edits: &CudaSlice<LogitEdit>,
+    ) -> Result<(), KernelError> {
+        shape(vocab > 0 && logits.len().is_multiple_of(vocab), || {
+            format!("edit_logits: {} logits in rows of {vocab}", logits.len())
+        })?;
+        if edits.is_empty() {
+            return Ok(());
+        }
+        let f = self.function::<T>(source::SAMPLING, "edit_logits", None)?;
+        let (v, rows, n) = (
+            vocab as i32,
+            (logits.len() / vocab) as i32,
+            edits.len() as i32,
+        );
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(logits).arg(&v).arg(&rows).arg(edits).arg(&n);
+        // SAFETY: matches `edit_logits_*` in sampling.cu, which skips edits outside the rows.
+        unsafe { launch.launch(Self::config((edits.len().div_ceil(256) as u32, 1, 1), 256)) }?;
         Ok(())
     }
 

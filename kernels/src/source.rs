@@ -173,7 +173,13 @@ impl Variant {
                 "silu_mul",
                 "embed",
             ],
-            "sampling" => &["argmax", "top_k", "softmax_draw", "softmax_mass"],
+            "sampling" => &[
+                "argmax",
+                "top_k",
+                "softmax_draw",
+                "softmax_mass",
+                "edit_logits",
+            ],
             "gemv" => &["gemv_add", "gemv_norm", "gemv_norm_gated", "gemv_norm_rope"],
             "emulator_selftest" => {
                 return [

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{Backend, KvLayout, QkvShape, RopeRows, StepBatch};
+use super::{Backend, KvLayout, LogitEdit, QkvShape, RopeRows, StepBatch};
 use crate::model::ModelError;
 use crate::model::weights::{TensorView, fuse_f32};
 
@@ -325,6 +325,10 @@ impl Backend for CpuBackend {
 
     fn shape(&self, x: &Matrix) -> (usize, usize) {
         (x.rows, x.cols)
+    }
+
+    fn edit_logits(&self, x: &mut Matrix, edits: &[LogitEdit]) {
+        super::edit_logits_on_host(&mut x.data, x.cols, edits);
     }
 
     fn draw_rows(&self, x: &Matrix, temperature: &[f32], u: &[f64]) -> Vec<u32> {

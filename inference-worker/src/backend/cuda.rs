@@ -37,7 +37,7 @@ use llmctl_kernels::cuda::{
 };
 
 use super::{
-    Backend, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch, SublayerInput,
+    Backend, KvLayout, LogitEdit, QkvShape, ReplayCounts, RopeRows, StepBatch, SublayerInput,
     sublayer_input_op_by_op,
 };
 use crate::model::ModelError;
@@ -1090,6 +1090,16 @@ where
 
     fn shape(&self, x: &GpuMatrix<T>) -> (usize, usize) {
         (x.rows, x.cols)
+    }
+
+    fn edit_logits(&self, x: &mut GpuMatrix<T>, edits: &[LogitEdit]) {
+        if edits.is_empty() {
+            return;
+        }
+        let edits = self.upload(edits);
+        self.kernels
+            .edit_logits(&mut x.data, x.cols, &edits)
+            .or_die("edit_logits");
     }
 
     fn draw_rows(&self, x: &GpuMatrix<T>, temperature: &[f32], u: &[f64]) -> Vec<u32> {

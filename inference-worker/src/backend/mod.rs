@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod profiled;
 
+pub use llmctl_kernels::cuda::LogitEdit;
 pub use llmctl_kernels::kv_layout::KvLayout;
 use rayon::prelude::*;
 
@@ -291,6 +292,9 @@ pub trait Backend: Send + Sync + 'static {
     /// `(rows, cols)` of an activation.
     fn shape(&self, x: &Self::Activations) -> (usize, usize);
 
+    /// Applies `edits` to logits `x` where they are (each (row, token) at most once).
+    fn edit_logits(&self, x: &mut Self::Activations, edits: &[LogitEdit]);
+
     /// A token for each of the first `temperature.len()` rows of logits `x`, found where `x`
     /// lives: the row's argmax ([`argmax`]) where the temperature is 0, else a draw from its
     /// softmax at that temperature with the uniform `u[row]` ([`softmax_draw`]). By default on
@@ -345,6 +349,14 @@ pub fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// [`Backend::edit_logits`] on host logits, rows `vocab` wide.
+pub fn edit_logits_on_host(logits: &mut [f32], vocab: usize, edits: &[LogitEdit]) {
+    for e in edits {
+        let at = e.row as usize * vocab + e.token as usize;
+        logits[at] = e.apply(logits[at]);
+    }
 }
 
 /// [`Backend::draw_rows`] over host logits, rows `vocab` wide.

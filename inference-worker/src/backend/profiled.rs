@@ -8,7 +8,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Backend, KvLayout, QkvShape, ReplayCounts, RopeRows, StepBatch, SublayerInput};
+use super::{
+    Backend, KvLayout, LogitEdit, QkvShape, ReplayCounts, RopeRows, StepBatch, SublayerInput,
+};
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
 use crate::model::weights::TensorView;
@@ -208,6 +210,10 @@ impl<B: Backend> Backend for Profiled<B> {
 
     fn shape(&self, x: &Self::Activations) -> (usize, usize) {
         self.inner.shape(x)
+    }
+
+    fn edit_logits(&self, x: &mut Self::Activations, edits: &[LogitEdit]) {
+        self.timed(Kind::Other, || self.inner.edit_logits(x, edits))
     }
 
     fn draw_rows(&self, x: &Self::Activations, temperature: &[f32], u: &[f64]) -> Vec<u32> {

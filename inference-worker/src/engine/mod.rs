@@ -18,7 +18,7 @@ pub use params::{FinishReason, ParamError, SamplingParams};
 pub use sampler::TokenLogprob;
 pub use sequence::{RequestId, SeqId};
 
-use crate::backend::{Backend, KvLayout, ReplayCounts, SeqSlice, StepBatch};
+use crate::backend::{Backend, KvLayout, LogitEdit, ReplayCounts, SeqSlice, StepBatch};
 use crate::model::{Llama, LoadedModel};
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
@@ -345,20 +345,21 @@ impl<B: Backend> Engine<B> {
             }
         }
 
-        // Rows whose tokens depend on the raw logits alone are found where the logits are;
-        // one row that needs the host sampler brings every row's logits to the host.
+        // Tokens are found where the logits are, unless a row needs the host sampler, which
+        // brings every row's logits to the host.
         let vocab = self.model.config.vocab_size;
         let draws: Vec<Draw> = to_sample
             .iter()
-            .map(|sid| {
-                let seq = &self.seqs[sid];
-                Draw::of(&seq.params, seq.tokens.len() - seq.prompt_len, vocab)
-            })
+            .map(|sid| Draw::of(&self.seqs[sid].params, vocab))
+            .collect();
+        let end_tokens: Vec<Vec<u32>> = to_sample
+            .iter()
+            .map(|sid| self.end_tokens(&self.seqs[sid].params))
             .collect();
         let picked = if draws.iter().any(|d| matches!(d, Draw::Host)) {
             Picked::Logits(self.model.forward(&mut self.cache, &batch))
         } else {
-            self.forward_drawn(&batch, &to_sample, &draws)
+            self.forward_drawn(&batch, &to_sample, &draws, &end_tokens)
         };
         self.stats.steps += 1;
 
@@ -374,10 +375,6 @@ impl<B: Backend> Engine<B> {
             seq.registered = seq.registered.max(full);
         }
 
-        let end_tokens: Vec<Vec<u32>> = to_sample
-            .iter()
-            .map(|sid| self.end_tokens(&self.seqs[sid].params))
-            .collect();
         let sampled = match picked {
             Picked::Tokens(tokens) => tokens
                 .into_iter()
@@ -400,10 +397,17 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The step's forward pass with each row's token found where the logits are (no row's
-    /// draw is [`Draw::Host`]). Each sampled row's uniform comes from its sequence's stream
-    /// before the pass, one per token as the host sampler draws it, so a seeded sequence gets
-    /// the same tokens either way.
-    fn forward_drawn(&mut self, batch: &StepBatch, sids: &[SeqId], draws: &[Draw]) -> Picked {
+    /// draw is [`Draw::Host`]): the rows' penalties, bias and `min_tokens` applied there
+    /// ([`sampler::logit_edits`]), then each row drawn. Each sampled row's uniform comes from
+    /// its sequence's stream before the pass, one per token as the host sampler draws it, so
+    /// a seeded sequence gets the same tokens either way.
+    fn forward_drawn(
+        &mut self,
+        batch: &StepBatch,
+        sids: &[SeqId],
+        draws: &[Draw],
+        end_tokens: &[Vec<u32>],
+    ) -> Picked {
         let u: Vec<f64> = sids
             .iter()
             .zip(draws)
@@ -445,8 +449,24 @@ impl<B: Backend> Engine<B> {
             .max()
             .map(|k| k.min(vocab));
         let params: Vec<&SamplingParams> = sids.iter().map(|sid| &*self.seqs[sid].params).collect();
+        let edits: Vec<LogitEdit> = sids
+            .iter()
+            .zip(end_tokens)
+            .enumerate()
+            .flat_map(|(row, (sid, end_tokens))| {
+                let seq = &self.seqs[sid];
+                let ctx = SampleContext {
+                    params: &seq.params,
+                    prompt: &seq.tokens[..seq.prompt_len],
+                    output: &seq.tokens[seq.prompt_len..],
+                    end_tokens,
+                };
+                sampler::logit_edits(&ctx, row as u32, vocab)
+            })
+            .collect();
         let backend = &self.model.backend;
         let tokens = self.model.forward_with(&mut self.cache, batch, |logits| {
+            backend.edit_logits(logits, &edits);
             let mut tokens = backend.draw_rows(logits, &drawn_t, &u);
             let Some(widest) = widest else {
                 return tokens;
@@ -607,14 +627,13 @@ enum Draw {
     /// softmax mass, brought to the host; the whole row follows only when the cut lies below
     /// them.
     Nucleus,
-    /// From the whole row on the host: penalties, bias, `min_tokens`, logprobs, or a top-k
-    /// above [`DEVICE_TOP_K`].
+    /// From the whole row on the host: logprobs, or a top-k above [`DEVICE_TOP_K`].
     Host,
 }
 
 impl Draw {
-    fn of(params: &SamplingParams, generated: usize, vocab: usize) -> Self {
-        if !params.logits_decide(generated) {
+    fn of(params: &SamplingParams, vocab: usize) -> Self {
+        if params.logprobs.is_some() {
             return Draw::Host;
         }
         if params.is_greedy() {

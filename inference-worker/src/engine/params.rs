@@ -106,18 +106,6 @@ impl SamplingParams {
         self.temperature == 0.0 || self.top_k == 1
     }
 
-    /// The next token depends on the raw logits alone (so it can be found where they are):
-    /// nothing changes them (penalties, bias, an end token still forbidden by `min_tokens`
-    /// after `generated` tokens) and no logprobs are reported.
-    pub fn logits_decide(&self, generated: usize) -> bool {
-        self.repetition_penalty == 1.0
-            && self.presence_penalty == 0.0
-            && self.frequency_penalty == 0.0
-            && self.logit_bias.is_empty()
-            && self.logprobs.is_none()
-            && generated >= self.min_tokens
-    }
-
     /// Checks every range; `vocab_size` bounds token ids.
     pub fn validate(&self, vocab_size: usize) -> Result<(), ParamError> {
         let err = |param, message: String| Err(ParamError { param, message });

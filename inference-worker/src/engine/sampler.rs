@@ -5,12 +5,15 @@
 //! by a draw from the sequence's own random stream, so a seeded request samples the same
 //! tokens whatever else is in the batch.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rayon::prelude::*;
 
 use super::params::SamplingParams;
-use crate::backend::{argmax, max_value, softmax_draw, softmax_mass, softmax_weight, top_k};
+use crate::backend::{
+    LogitEdit, argmax, edit_logits_on_host, max_value, softmax_draw, softmax_mass, softmax_weight,
+    top_k,
+};
 use crate::rng::Rng;
 
 /// A token and its log-probability.
@@ -39,45 +42,7 @@ pub struct SampleContext<'a> {
 
 pub fn sample(logits: &mut [f32], ctx: &SampleContext<'_>, rng: &mut Rng) -> Sampled {
     let p = ctx.params;
-    if p.repetition_penalty != 1.0 {
-        let mut seen = vec![false; logits.len()];
-        for &t in ctx.prompt.iter().chain(ctx.output) {
-            let t = t as usize;
-            if t < logits.len() && !seen[t] {
-                seen[t] = true;
-                let l = &mut logits[t];
-                *l = if *l > 0.0 {
-                    *l / p.repetition_penalty
-                } else {
-                    *l * p.repetition_penalty
-                };
-            }
-        }
-    }
-    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-        let mut counts: HashMap<u32, u32> = HashMap::new();
-        for &t in ctx.output {
-            *counts.entry(t).or_default() += 1;
-        }
-        for (t, c) in counts {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
-            }
-        }
-    }
-    for &(t, bias) in &p.logit_bias {
-        if let Some(l) = logits.get_mut(t as usize) {
-            *l += bias;
-        }
-    }
-    if ctx.output.len() < p.min_tokens {
-        for &t in ctx.end_tokens {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-    }
-
+    edit_logits_on_host(logits, logits.len(), &logit_edits(ctx, 0, logits.len()));
     let token = if p.is_greedy() {
         argmax(logits)
     } else {
@@ -92,6 +57,71 @@ pub fn sample(logits: &mut [f32], ctx: &SampleContext<'_>, rng: &mut Rng) -> Sam
         (logits[token as usize] - lse, top.collect())
     });
     Sampled { token, logprobs }
+}
+
+/// What `ctx`'s penalties, bias and `min_tokens` do to its logits (row `row` of a step, a
+/// `vocab` wide), one edit per token touched, in token order: the repetition penalty over
+/// prompt and output (Hugging Face's rule: a positive logit divided by it, a negative one
+/// multiplied), presence and frequency penalties over the output, `logit_bias`, and end
+/// tokens forbidden before `min_tokens`. Empty when the request has none of them.
+pub fn logit_edits(ctx: &SampleContext<'_>, row: u32, vocab: usize) -> Vec<LogitEdit> {
+    let p = ctx.params;
+    let mut edits = Edits {
+        by_token: BTreeMap::new(),
+        row,
+        vocab,
+    };
+    if p.repetition_penalty != 1.0 {
+        for &t in ctx.prompt.iter().chain(ctx.output) {
+            if let Some(e) = edits.of(t) {
+                e.scale_pos = 1.0 / p.repetition_penalty;
+                e.scale_neg = p.repetition_penalty;
+            }
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in ctx.output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(e) = edits.of(t) {
+                e.add -= p.frequency_penalty * c as f32 + p.presence_penalty;
+            }
+        }
+    }
+    for &(t, bias) in &p.logit_bias {
+        if let Some(e) = edits.of(t) {
+            e.add += bias;
+        }
+    }
+    if ctx.output.len() < p.min_tokens {
+        for &t in ctx.end_tokens {
+            if let Some(e) = edits.of(t) {
+                e.add = f32::NEG_INFINITY;
+            }
+        }
+    }
+    edits.by_token.into_values().collect()
+}
+
+/// One row's edits by token.
+struct Edits {
+    by_token: BTreeMap<u32, LogitEdit>,
+    row: u32,
+    vocab: usize,
+}
+
+impl Edits {
+    /// The edit of token `t`, made on first use; none for ids outside the vocabulary.
+    fn of(&mut self, t: u32) -> Option<&mut LogitEdit> {
+        let row = self.row;
+        ((t as usize) < self.vocab).then(|| {
+            self.by_token
+                .entry(t)
+                .or_insert_with(|| LogitEdit::none(row, t))
+        })
+    }
 }
 
 /// Samples each row of a step: `logits` holds `contexts.len()` rows `vocab` wide, row `i`

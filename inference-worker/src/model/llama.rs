@@ -143,16 +143,17 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Like [`Self::forward`], but hands the logits, where the backend holds them, to `read`
-    /// (which may find tokens there: [`Backend::draw_rows`], [`Backend::top_k_rows`]) instead
-    /// of copying them out. `None` for a step without logits rows. The logits may have more
-    /// rows than asked (a backend that pads steps), the asked ones first.
+    /// (which may edit them and find tokens there: [`Backend::edit_logits`],
+    /// [`Backend::draw_rows`], [`Backend::top_k_rows`]) instead of copying them out. `None`
+    /// for a step without logits rows. The logits may have more rows than asked (a backend
+    /// that pads steps), the asked ones first.
     pub fn forward_with<R>(
         &self,
         cache: &mut B::KvCache,
         batch: &StepBatch,
-        read: impl FnOnce(&B::Activations) -> R,
+        read: impl FnOnce(&mut B::Activations) -> R,
     ) -> Option<R> {
-        self.logits(cache, batch).map(|l| read(&l))
+        self.logits(cache, batch).map(|mut l| read(&mut l))
     }
 
     /// The logits of `batch.logits_rows` where the backend holds them (`None` without rows);

@@ -138,17 +138,32 @@ fn continuations<B: Backend>(
     got
 }
 
-/// Seeded draws where the logits are, by case in turn: a softmax draw at temperature 0.8, a
-/// top-k of 10, and a top-p of 0.5 (from the device's candidates, or the whole row when the
-/// cut lies below them).
+/// Seeded draws where the logits are, by case in turn: a softmax draw at temperature 0.8
+/// with a repetition penalty, a top-k of 10 with a presence penalty, and a top-p of 0.5 with
+/// a frequency penalty (from the device's candidates, or the whole row when the cut lies below
+/// them); the penalties edit the logits on the device.
 fn seeded(case: usize) -> SamplingParams {
-    let (temperature, top_k, top_p) = [(0.8, 0, 1.0), (1.0, 10, 1.0), (1.0, 0, 0.5)][case % 3];
-    SamplingParams {
-        temperature,
-        top_k,
-        top_p,
+    let base = SamplingParams {
         seed: Some(7 + case as u64),
+        temperature: 1.0,
         ..Default::default()
+    };
+    match case % 3 {
+        0 => SamplingParams {
+            temperature: 0.8,
+            repetition_penalty: 1.3,
+            ..base
+        },
+        1 => SamplingParams {
+            top_k: 10,
+            presence_penalty: 0.5,
+            ..base
+        },
+        _ => SamplingParams {
+            top_p: 0.5,
+            frequency_penalty: 0.3,
+            ..base
+        },
     }
 }
 
@@ -255,8 +270,8 @@ fn compare(
 /// near-tie of these random models: in f32. Decode steps run three ways: replayed from CUDA
 /// graphs (batches of 1 to 3 sequences, padded to buckets of 1, 2 and 4), op by op, and
 /// replayed with the sublayer boundaries on cuBLAS and separate kernels instead of the fused
-/// GEMVs. Seeded continuations drawn on the device (a softmax draw, a top-k's or a top-p's
-/// candidates) equal the CPU backend's: a draw flips only if its target falls within rounding (~1e-6 of
+/// GEMVs. Seeded continuations drawn on the device (penalties applied there, then a softmax
+/// draw, a top-k's or a top-p's candidates) equal the CPU backend's: a draw flips only if its target falls within rounding (~1e-6 of
 /// the mass) of a token's edge.
 fn greedy_matches<T: GpuDtype>(name: &str, dir: &Path, cases: &[(Vec<u32>, Vec<u32>)])
 where

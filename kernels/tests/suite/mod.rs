@@ -12,7 +12,8 @@
 
 use cudarc::driver::CudaSlice;
 use llmctl_kernels::cuda::{
-    DecodePlan, Dtype, GemvThen, Kernels, PagedCache, RotaryKv, SOFTMAX_DRAW_MAX_VOCAB, Split,
+    DecodePlan, Dtype, GemvThen, Kernels, LogitEdit, PagedCache, RotaryKv, SOFTMAX_DRAW_MAX_VOCAB,
+    Split,
 };
 use llmctl_kernels::kv_layout::KvLayout;
 use llmctl_kernels::reference::{self, PagedKv, SeqAttention, TestRng};
@@ -560,6 +561,59 @@ pub fn sampling<T: Dtype>(k: &Kernels) {
         assert!(
             (got as f64 - want).abs() <= 1e-5 * want,
             "softmax_mass {} row {r}: {got} vs {want}",
+            T::SUFFIX
+        );
+    }
+    // edit_logits: scaled by sign, shifted, forbidden; edits past the rows or the vocabulary
+    // are skipped. Compared with LogitEdit::apply, rounded to the storage type (within the
+    // dtype's tolerance: a GPU may fuse the scale and shift into one rounding).
+    let edits = [
+        LogitEdit {
+            row: 0,
+            token: 3,
+            scale_pos: 0.5,
+            scale_neg: 2.0,
+            add: -0.25,
+        },
+        LogitEdit {
+            row: 2,
+            token: 100,
+            scale_pos: 0.8,
+            scale_neg: 1.25,
+            add: 0.0,
+        },
+        LogitEdit {
+            add: 3.0,
+            ..LogitEdit::none(4, 31_999)
+        },
+        LogitEdit {
+            add: f32::NEG_INFINITY,
+            ..LogitEdit::none(3, 0)
+        },
+        LogitEdit {
+            add: 1.0,
+            ..LogitEdit::none(rows as u32, 0)
+        },
+        LogitEdit {
+            add: 1.0,
+            ..LogitEdit::none(0, vocab as u32)
+        },
+    ];
+    let mut edited = upload::<T>(k, &logits);
+    k.edit_logits(&mut edited, vocab, &k.stream().clone_htod(&edits).unwrap())
+        .unwrap();
+    let mut want = logits.clone();
+    for e in &edits[..4] {
+        let at = e.row as usize * vocab + e.token as usize;
+        want[at] = rounded::<T>(&[e.apply(logits[at])])[0];
+    }
+    let got = download(k, &edited);
+    let t = tol::<T>(false);
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        let close = (g - w).abs() as f64 <= t.atol + t.rtol * w.abs() as f64;
+        assert!(
+            g == w || close || (g.is_nan() && w.is_nan()),
+            "edit_logits {} at {i}: {g} vs {w}",
             T::SUFFIX
         );
     }
