@@ -92,6 +92,7 @@ template <bool ONCE = false>
 __device__ __forceinline__ Vec16 load16(const void* src) {
     Vec16 v;
 #ifdef LLMCTL_EMULATOR
+    emu::require_aligned(src, 16, "16-byte load");
     memcpy(&v, src, 16);
 #else
     if constexpr (ONCE) {
@@ -137,6 +138,7 @@ __device__ __forceinline__ void chunk_to_float(const Vec16& raw, float (&out)[16
 template <bool trans>
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&reg)[4], const void* row) {
 #ifdef LLMCTL_EMULATOR
+    emu::require_aligned(row, 16, "ldmatrix row");
     const unsigned char* all = emu::gather(&row, sizeof row);
     auto at = [all](unsigned lane, unsigned col) {
         const u16* p;
@@ -213,6 +215,7 @@ struct float4v {
 __device__ __forceinline__ float4v load_cg4(const float* p) {
     float4v v;
 #ifdef LLMCTL_EMULATOR
+    emu::require_aligned(p, 16, "16-byte load");
     memcpy(&v, p, 16);
 #else
     asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];"

@@ -16,6 +16,11 @@
 // blocks run one after another, private to the running block. Unlike a GPU they keep their
 // values between blocks, so a kernel reading shared memory it never wrote is not caught.
 //
+// Alignment is checked as a GPU checks it: a vector access (a 16-byte load, cp.async, an
+// ldmatrix row) at an address that is not a multiple of its size, or a typed access through a
+// misaligned pointer (the compiler's alignment sanitizer, which traps), ends the process with
+// the kernel, block and thread named, where a GPU fails with a misaligned address.
+//
 // An asynchronous copy (cp.async) lands only when its thread waits for its group, as late as a
 // GPU may land it; until then its destination holds all-ones bytes (a NaN in every float type),
 // so reading it before the wait that covers it, or writing over a tile another thread still
@@ -86,9 +91,18 @@ inline T exchange(T v, Src src) {
     return r;
 }
 
+[[noreturn]] void misaligned(const void* p, unsigned bytes, const char* access);
+
+// Ends the launch as a GPU would unless `p` is a multiple of `bytes` (a power of two).
+inline void require_aligned(const void* p, unsigned bytes, const char* access) {
+    if (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) misaligned(p, bytes, access);
+}
+
 // cp.async of 16 bytes (zeros unless `valid`): held until a wait covers its group, the
 // destination poisoned meanwhile.
 inline void async_copy16(void* dst, const void* src, bool valid) {
+    require_aligned(dst, 16, "cp.async destination");
+    if (valid) require_aligned(src, 16, "cp.async source");
     AsyncCopy copy;
     copy.dst = dst;
     copy.group = current->commits;

@@ -70,7 +70,7 @@ struct Block {
 
 Block block;
 const char* running_kernel = "";
-struct sigaction previous_segv, previous_bus;
+struct sigaction previous_segv, previous_bus, previous_ill;
 
 std::map<std::string, Kernel>& registry() {
     static std::map<std::string, Kernel> kernels;
@@ -114,13 +114,15 @@ char* new_stack() {
 }
 
 void on_fault(int sig, siginfo_t* info, void*) {
+    // SIGILL is the trap of the compiler's alignment check (a typed access through a misaligned
+    // pointer), or of misaligned() below: a GPU reports both as a misaligned address.
+    const char* what = sig == SIGILL ? "misaligned address (trap at %p)" : "invalid memory access at %p";
+    char where[128];
+    const int w = snprintf(where, sizeof where, what, info->si_addr);
     char msg[512];
-    const int n = snprintf(msg, sizeof msg,
-                           "llmctl CUDA emulator: invalid memory access at %p in kernel %s, block (%u, %u, %u), "
-                           "thread (%u, %u, %u)\n",
-                           info->si_addr, running_kernel, block_idx.x, block_idx.y, block_idx.z,
-                           current ? current->tid.x : 0, current ? current->tid.y : 0,
-                           current ? current->tid.z : 0);
+    const int n = snprintf(msg, sizeof msg, "llmctl CUDA emulator: %s in kernel %s, block (%u, %u, %u), thread (%u, %u, %u)\n",
+                           w > 0 ? where : "", running_kernel, block_idx.x, block_idx.y, block_idx.z,
+                           current ? current->tid.x : 0, current ? current->tid.y : 0, current ? current->tid.z : 0);
     if (n > 0) (void)!write(2, msg, (size_t)n);
     // Fall back to the default action: the faulting access runs again and ends the process.
     signal(sig, SIG_DFL);
@@ -171,6 +173,12 @@ bool run_block(unsigned threads) {
 }
 
 }  // namespace
+
+void misaligned(const void* p, unsigned bytes, const char* access) {
+    fprintf(stderr, "llmctl CUDA emulator: %s of %u bytes at %p, which is not %u-byte aligned\n", access, bytes, p,
+            bytes);
+    __builtin_trap();
+}
 
 void sync_block() {
     Lane* me = current;
@@ -237,6 +245,7 @@ std::string launch(const char* name, Entry entry, uint3 grid, uint3 threads, voi
     fault.sa_flags = SA_SIGINFO;
     sigaction(SIGSEGV, &fault, &previous_segv);
     sigaction(SIGBUS, &fault, &previous_bus);
+    sigaction(SIGILL, &fault, &previous_ill);
     std::string error;
     for (unsigned z = 0; z < grid.z && error.empty(); ++z)
         for (unsigned y = 0; y < grid.y && error.empty(); ++y)
@@ -258,6 +267,7 @@ std::string launch(const char* name, Entry entry, uint3 grid, uint3 threads, voi
             }
     sigaction(SIGSEGV, &previous_segv, nullptr);
     sigaction(SIGBUS, &previous_bus, nullptr);
+    sigaction(SIGILL, &previous_ill, nullptr);
     current = nullptr;
     running_kernel = "";
     return error;

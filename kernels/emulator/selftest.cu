@@ -108,3 +108,21 @@ extern "C" __global__ void selftest_async_copy_first(float* out, const float* in
 extern "C" __global__ void selftest_async_copy_unwaited(float* out, const float* in) {
     selftest_async_copy<2>(out, in);
 }
+
+// Each thread copies 4 floats from in + offset as one 16-byte load, through load16
+// (ld.global.nc.v4 on a GPU) or, with TYPED, through a Vec16 pointer (a plain typed access).
+// An offset that is not a multiple of 4 floats is a misaligned address on a GPU.
+template <bool TYPED>
+__device__ void selftest_wide_load(float* out, const float* in, int offset) {
+    const unsigned t = threadIdx.x;
+    if (t >= 16) return;
+    const float* src = in + offset + 4 * t;
+    const Vec16 v = TYPED ? *reinterpret_cast<const Vec16*>(src) : load16(src);
+    for (int i = 0; i < 4; ++i) out[4 * t + i] = __uint_as_float(v.w[i]);
+}
+extern "C" __global__ void selftest_load16(float* out, const float* in, int offset) {
+    selftest_wide_load<false>(out, in, offset);
+}
+extern "C" __global__ void selftest_typed_load16(float* out, const float* in, int offset) {
+    selftest_wide_load<true>(out, in, offset);
+}

@@ -73,9 +73,21 @@ fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "g++".into())
 }
 
+/// How each translation unit is compiled. A typed access through a misaligned pointer traps
+/// (SIGILL; the alignment sanitizer needs no run-time library in trap mode), as a GPU faults.
+const FLAGS: [&str; 7] = [
+    "-std=c++20",
+    "-O2",
+    "-fPIC",
+    "-Wno-unknown-pragmas",
+    "-fsanitize=alignment",
+    "-fsanitize-undefined-trap-on-error",
+    "-c",
+];
+
 /// Compiles the emulator into `work_dir/llmctl-cuda-emulator-<hash>/` (`libcuda.so`,
-/// `libcublas.so`), keyed by a hash of every source and the compiler, so edited kernels are
-/// never run stale. Returns that folder.
+/// `libcublas.so`), keyed by a hash of every source, the compiler and its flags, so edited
+/// kernels are never run stale. Returns that folder.
 pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
     let programs: Vec<(String, String)> = source::ALL
         .iter()
@@ -90,6 +102,10 @@ pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
         .collect();
     let mut hash = Sha256::new();
     hash.update(compiler());
+    for flag in FLAGS {
+        hash.update(flag);
+        hash.update([0]);
+    }
     let headers = FILES
         .iter()
         .copied()
@@ -123,7 +139,7 @@ pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
         let object = format!("{name}.o");
         let child = Command::new(compiler())
             .current_dir(&dir)
-            .args(["-std=c++20", "-O2", "-fPIC", "-Wno-unknown-pragmas", "-c"])
+            .args(FLAGS)
             .arg(name)
             .arg("-o")
             .arg(&object)

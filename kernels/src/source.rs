@@ -193,6 +193,8 @@ impl Variant {
                     "async_copy_all",
                     "async_copy_first",
                     "async_copy_unwaited",
+                    "load16",
+                    "typed_load16",
                 ]
                 .iter()
                 .map(|k| format!("selftest_{k}"))

@@ -253,45 +253,128 @@ fn unwritten_device_memory_reads_as_nan() {
     assert!(host.iter().all(|v| v.is_nan()), "{:?}", &host[..8]);
 }
 
-#[test]
-#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
-fn a_write_past_the_end_of_a_buffer_faults_and_names_the_kernel() {
-    let name = "a_write_past_the_end_of_a_buffer_faults_and_names_the_kernel";
+/// Runs `body` in a child process (this test binary, re-run for `test` alone), which is meant to
+/// die of what `body` does; returns the signal that ended it and its stderr. In the child,
+/// `body` runs and the process exits 0 if it survives.
+fn in_a_child(test: &str, body: impl FnOnce()) -> (Option<i32>, String) {
     if std::env::var_os(FAULT_CHILD).is_some() {
-        let d = device();
-        let mut out = d.stream.alloc_zeros::<f32>(64).unwrap();
-        let f = d.module.load_function("selftest_write_past_end").unwrap();
-        let n = 64i32;
-        let mut launch = d.stream.launch_builder(&f);
-        launch.arg(&mut out).arg(&n);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (64, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: not safe on purpose: the kernel writes out[64] of a 64-element buffer, and
-        // this child process exists to be killed by it.
-        let _ = unsafe { launch.launch(cfg) };
-        let _ = d.stream.synchronize();
-        eprintln!("survived the write past the end");
+        body();
+        eprintln!("survived");
         std::process::exit(0);
     }
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
             "--exact",
-            name,
+            test,
             "--nocapture",
             "--test-threads=1",
         ])
         .env(FAULT_CHILD, "1")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(11), "{:?}: {stderr}", out.status);
+    (
+        out.status.signal(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Launches `kernel(out, in, offset)` (a self-test wide load) as one block of 64 threads: its
+/// first 16 threads copy in[offset..offset + 64] to out[0..64] in 16-byte loads.
+fn wide_load(d: &Device, kernel: &str, offset: i32) -> Result<Vec<f32>, DriverError> {
+    let input: Vec<f32> = (0..128).map(|i| i as f32).collect();
+    let input = d.stream.clone_htod(&input).unwrap();
+    let mut out = d.stream.alloc_zeros::<f32>(64).unwrap();
+    let f = d.module.load_function(kernel)?;
+    let mut launch = d.stream.launch_builder(&f);
+    launch.arg(&mut out).arg(&input).arg(&offset);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: reads in[offset..offset + 64] of 128 elements (offset ≤ 64), writes out[0..64];
+    // only the alignment an offset gives may be wrong, and the tests that pass such an offset
+    // run it in a child process that exists to die of it.
+    unsafe { launch.launch(cfg) }?;
+    d.stream.synchronize()?;
+    d.stream.clone_dtoh(&out)
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_write_past_the_end_of_a_buffer_faults_and_names_the_kernel() {
+    let (signal, stderr) = in_a_child(
+        "a_write_past_the_end_of_a_buffer_faults_and_names_the_kernel",
+        || {
+            let d = device();
+            let mut out = d.stream.alloc_zeros::<f32>(64).unwrap();
+            let f = d.module.load_function("selftest_write_past_end").unwrap();
+            let n = 64i32;
+            let mut launch = d.stream.launch_builder(&f);
+            launch.arg(&mut out).arg(&n);
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: not safe on purpose: the kernel writes out[64] of a 64-element buffer,
+            // and this child process exists to be killed by it.
+            let _ = unsafe { launch.launch(cfg) };
+            let _ = d.stream.synchronize();
+        },
+    );
+    assert_eq!(signal, Some(11), "{stderr}");
     assert!(
         stderr.contains("invalid memory access") && stderr.contains("selftest_write_past_end"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn sixteen_byte_loads_read_aligned_addresses() {
+    let d = device();
+    for kernel in ["selftest_load16", "selftest_typed_load16"] {
+        for offset in [0, 4, 12] {
+            let out = wide_load(&d, kernel, offset).unwrap();
+            let want: Vec<f32> = (offset..offset + 64).map(|i| i as f32).collect();
+            assert_eq!(out[..64], want[..], "{kernel} at {offset}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_misaligned_sixteen_byte_load_ends_the_process_and_names_the_kernel() {
+    let (signal, stderr) = in_a_child(
+        "a_misaligned_sixteen_byte_load_ends_the_process_and_names_the_kernel",
+        || {
+            let _ = wide_load(&device(), "selftest_load16", 2);
+        },
+    );
+    assert_eq!(signal, Some(4), "{stderr}");
+    assert!(
+        stderr.contains("16-byte load of 16 bytes")
+            && stderr.contains("misaligned address")
+            && stderr.contains("selftest_load16"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_typed_access_through_a_misaligned_pointer_ends_the_process() {
+    let (signal, stderr) = in_a_child(
+        "a_typed_access_through_a_misaligned_pointer_ends_the_process",
+        || {
+            let _ = wide_load(&device(), "selftest_typed_load16", 1);
+        },
+    );
+    assert_eq!(signal, Some(4), "{stderr}");
+    assert!(
+        stderr.contains("misaligned address") && stderr.contains("selftest_typed_load16"),
         "{stderr}"
     );
 }
