@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use llmctl_inference_worker::backend::cpu::CpuBackend;
 use llmctl_inference_worker::engine::{
-    Engine, EngineConfig, EngineError, FinishReason, SamplingParams, SeqOutput,
+    Engine, EngineConfig, EngineError, FinishReason, SamplingParams, SeqOutput, TokenLogprob,
 };
 use llmctl_inference_worker::model::{
     self,
@@ -51,6 +51,8 @@ struct Completion {
     text: String,
     finish: Option<FinishReason>,
     logprobs: Vec<f32>,
+    /// The top alternatives of each token, where asked.
+    alternatives: Vec<Vec<TokenLogprob>>,
     cached_tokens: usize,
 }
 
@@ -72,7 +74,10 @@ fn collect(out: &mut HashMap<(u64, usize), Completion>, o: SeqOutput) {
     let c = out.entry((o.request, o.index)).or_default();
     c.tokens.extend(o.token);
     c.text.push_str(&o.text);
-    c.logprobs.extend(o.logprobs.map(|(lp, _)| lp));
+    if let Some((lp, alternatives)) = o.logprobs {
+        c.logprobs.push(lp);
+        c.alternatives.push(alternatives);
+    }
     c.finish = o.finish;
     c.cached_tokens = o.cached_tokens;
 }
@@ -700,13 +705,39 @@ fn batch_respects_max_num_seqs_and_the_token_budget() {
     assert!(e.stats().steps >= (7 * 30) / 40);
 }
 
+/// An engine over `blocks(64)`, with tokens drawn where the logits are or by the host sampler.
+fn sampling_engine(device_sampling: bool) -> Engine<CpuBackend> {
+    engine(EngineConfig {
+        device_sampling,
+        ..blocks(64)
+    })
+}
+
+/// Completions of the same requests drawn where the logits are (`device`) and by the host
+/// sampler (`host`) are the same: tokens, finish, and logprobs with their alternatives, to the
+/// bit (on the CPU backend both take the same sums).
+fn assert_same_completions(
+    device: &HashMap<(u64, usize), Completion>,
+    host: &HashMap<(u64, usize), Completion>,
+) {
+    assert_eq!(device.len(), host.len());
+    for (key, c) in device {
+        assert!(!c.tokens.is_empty(), "{key:?}");
+        assert_eq!(c.tokens, host[key].tokens, "{key:?}");
+        assert_eq!(c.finish, host[key].finish, "{key:?}");
+        assert_eq!(c.logprobs, host[key].logprobs, "{key:?}");
+        assert_eq!(c.alternatives, host[key].alternatives, "{key:?}");
+    }
+}
+
 #[test]
 fn greedy_steps_take_the_backends_argmax_and_match_the_sampler() {
-    // Without logprobs every row's token comes from the backend's argmax (ids, not logits,
-    // leave the backend); asking for logprobs sends the logits through the sampler. Both must
-    // pick the same tokens, `min_tokens` (which forbids end tokens for a while) included.
-    let run = |logprobs: Option<usize>| {
-        let mut e = engine(blocks(64));
+    // Drawn where the logits are, every row's token is the backend's argmax and its logprobs
+    // come from the backend's candidates and softmax mass (ids and a few values, not logits,
+    // leave the backend); the host sampler sees whole rows. Both must give the same tokens and
+    // logprobs, `min_tokens` (which forbids end tokens for a while) included.
+    let run = |device_sampling: bool| {
+        let mut e = sampling_engine(device_sampling);
         for (id, prompt) in [vec![5u32, 9, 17, 33], vec![2, 4], vec![7, 7, 7, 1, 3, 8]]
             .into_iter()
             .enumerate()
@@ -714,31 +745,29 @@ fn greedy_steps_take_the_backends_argmax_and_match_the_sampler() {
             let params = SamplingParams {
                 max_tokens: 12,
                 min_tokens: if id == 1 { 6 } else { 0 },
-                logprobs,
+                logprobs: [None, Some(0), Some(5)][id],
                 ..SamplingParams::greedy()
             };
             e.add_request(id as u64, prompt, params).unwrap();
         }
         drain(&mut e)
     };
-    let argmax = run(None);
-    let sampled = run(Some(0));
-    assert_eq!(argmax.len(), 3);
-    for (key, c) in &argmax {
-        assert!(c.logprobs.is_empty());
-        assert_eq!(c.tokens, sampled[key].tokens, "{key:?}");
-        assert_eq!(c.finish, sampled[key].finish, "{key:?}");
-    }
+    let device = run(true);
+    assert_eq!(device.len(), 3);
+    assert!(device[&(0, 0)].logprobs.is_empty());
+    assert_eq!(device[&(2, 0)].alternatives[0].len(), 5);
+    assert_same_completions(&device, &run(false));
 }
 
 #[test]
 fn seeded_draws_where_the_logits_are_match_the_host_sampler() {
-    // Without logprobs every row's token comes from the backend (its penalties, bias and
-    // min_tokens applied there, then a softmax draw, the argmax, or a top-k's or top-p's
-    // candidates); asking for logprobs sends every row through the host sampler instead. The
-    // same seeds must give the same tokens.
-    let run = |logprobs: Option<usize>| {
-        let mut e = engine(blocks(64));
+    // Drawn where the logits are, every row's token comes from the backend (its penalties,
+    // bias and min_tokens applied there, then a softmax draw, the argmax, or a top-k's or
+    // top-p's candidates), and so do the logprobs of the rows that ask for them (the sampled
+    // token's own logit fetched when it is not among the candidates); the host sampler sees
+    // whole rows. The same seeds must give the same tokens and logprobs.
+    let run = |device_sampling: bool| {
+        let mut e = sampling_engine(device_sampling);
         let params = [
             SamplingParams {
                 temperature: 0.8,
@@ -818,7 +847,7 @@ fn seeded_draws_where_the_logits_are_match_the_host_sampler() {
                 max_tokens: 16,
                 ignore_eos: true,
                 seed: Some(100 + id as u64),
-                logprobs,
+                logprobs: [None, Some(0), Some(3), Some(20)][id % 4],
                 ..p
             };
             e.add_request(id as u64, prompt(id as u64 + 3, 5 + id), p)
@@ -826,11 +855,14 @@ fn seeded_draws_where_the_logits_are_match_the_host_sampler() {
         }
         drain(&mut e)
     };
-    let device = run(None);
-    let host = run(Some(0));
+    let device = run(true);
     assert_eq!(device.len(), 13);
-    for (key, c) in &device {
-        assert!(!c.tokens.is_empty(), "{key:?}");
-        assert_eq!(c.tokens, host[key].tokens, "{key:?}");
-    }
+    // Some sampled tokens lay outside their row's candidates: their logits were fetched.
+    let outside = device
+        .values()
+        .flat_map(|c| c.logprobs.iter().zip(&c.alternatives))
+        .filter(|(lp, top)| top.len() == 3 && **lp < top[2].logprob)
+        .count();
+    assert!(outside > 0);
+    assert_same_completions(&device, &run(false));
 }

@@ -343,6 +343,10 @@ impl Backend for CpuBackend {
         super::top_k_rows_on_host(&x.data, x.cols, rows, k)
     }
 
+    fn logits_at(&self, x: &Matrix, at: &[(usize, u32)]) -> Vec<f32> {
+        super::logits_at_on_host(&x.data, x.cols, at)
+    }
+
     fn to_host(&self, x: &Matrix) -> Vec<f32> {
         x.data.clone()
     }

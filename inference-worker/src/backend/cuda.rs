@@ -1144,6 +1144,25 @@ where
         (self.download(&values), ids)
     }
 
+    fn logits_at(&self, x: &GpuMatrix<T>, at: &[(usize, u32)]) -> Vec<f32> {
+        if at.is_empty() {
+            return Vec::new();
+        }
+        // Each logit is a one-element row of x seen as `[rows × cols, 1]`, gathered by the
+        // embedding kernel (which gives an out-of-range index a zero, never a fault).
+        let flat: Vec<u32> = at
+            .iter()
+            .map(|&(row, token)| {
+                u32::try_from(row * x.cols + token as usize).expect("logits index within u32")
+            })
+            .collect();
+        let mut out = self.alloc::<T>(at.len());
+        self.kernels
+            .embed(&mut out, &x.data, &self.upload(&flat), 1)
+            .or_die("gathering logits");
+        self.download(&out).into_iter().map(T::to_f32).collect()
+    }
+
     fn to_host(&self, x: &GpuMatrix<T>) -> Vec<f32> {
         self.stream
             .clone_dtoh(&*x.data)

@@ -317,6 +317,12 @@ pub trait Backend: Send + Sync + 'static {
         top_k_rows_on_host(&self.to_host(x), self.shape(x).1, rows, k)
     }
 
+    /// The logits at `at` (row, token) of `x`, found where `x` lives. By default on a host
+    /// copy.
+    fn logits_at(&self, x: &Self::Activations, at: &[(usize, u32)]) -> Vec<f32> {
+        logits_at_on_host(&self.to_host(x), self.shape(x).1, at)
+    }
+
     /// Waits until every operation issued so far has finished (a device runs them
     /// asynchronously; on the CPU they are done when they return).
     fn synchronize(&self) {}
@@ -380,6 +386,13 @@ pub fn softmax_mass_rows_on_host(logits: &[f32], vocab: usize, temperature: &[f3
         .par_chunks(vocab)
         .zip(temperature)
         .map(|(row, &t)| softmax_mass(row, t))
+        .collect()
+}
+
+/// [`Backend::logits_at`] over host logits, rows `vocab` wide.
+pub fn logits_at_on_host(logits: &[f32], vocab: usize, at: &[(usize, u32)]) -> Vec<f32> {
+    at.iter()
+        .map(|&(row, token)| logits[row * vocab + token as usize])
         .collect()
 }
 

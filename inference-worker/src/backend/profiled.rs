@@ -228,6 +228,10 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(Kind::Other, || self.inner.top_k_rows(x, rows, k))
     }
 
+    fn logits_at(&self, x: &Self::Activations, at: &[(usize, u32)]) -> Vec<f32> {
+        self.timed(Kind::Other, || self.inner.logits_at(x, at))
+    }
+
     fn synchronize(&self) {
         self.inner.synchronize()
     }

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// Longest prompt plus output; `None` uses the model's limit.
     pub max_model_len: Option<usize>,
     pub enable_prefix_caching: bool,
+    /// Draw tokens where the logits are ([`Draw`]); `false` copies every step's logits to the
+    /// host sampler (a switch to compare the two, and a fallback).
+    pub device_sampling: bool,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +55,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 2048,
             max_model_len: None,
             enable_prefix_caching: true,
+            device_sampling: true,
         }
     }
 }
@@ -128,6 +132,7 @@ pub struct Engine<B: Backend> {
     seqs: HashMap<SeqId, Sequence>,
     requests: HashMap<RequestId, RequestState>,
     max_model_len: usize,
+    device_sampling: bool,
     next_seq: SeqId,
     arrivals: u64,
     stats: EngineStats,
@@ -174,6 +179,7 @@ impl<B: Backend> Engine<B> {
             seqs: HashMap::new(),
             requests: HashMap::new(),
             max_model_len,
+            device_sampling: config.device_sampling,
             next_seq: 0,
             arrivals: 0,
             stats: EngineStats::default(),
@@ -350,7 +356,10 @@ impl<B: Backend> Engine<B> {
         let vocab = self.model.config.vocab_size;
         let draws: Vec<Draw> = to_sample
             .iter()
-            .map(|sid| Draw::of(&self.seqs[sid].params, vocab))
+            .map(|sid| match self.device_sampling {
+                true => Draw::of(&self.seqs[sid].params, vocab),
+                false => Draw::Host,
+            })
             .collect();
         let end_tokens: Vec<Vec<u32>> = to_sample
             .iter()
@@ -376,13 +385,7 @@ impl<B: Backend> Engine<B> {
         }
 
         let sampled = match picked {
-            Picked::Tokens(tokens) => tokens
-                .into_iter()
-                .map(|token| Sampled {
-                    token,
-                    logprobs: None,
-                })
-                .collect(),
+            Picked::Sampled(sampled) => sampled,
             Picked::Logits(mut logits) => self.sample(&to_sample, &mut logits, &end_tokens),
         };
         to_sample
@@ -398,9 +401,10 @@ impl<B: Backend> Engine<B> {
 
     /// The step's forward pass with each row's token found where the logits are (no row's
     /// draw is [`Draw::Host`]): the rows' penalties, bias and `min_tokens` applied there
-    /// ([`sampler::logit_edits`]), then each row drawn. Each sampled row's uniform comes from
-    /// its sequence's stream before the pass, one per token as the host sampler draws it, so
-    /// a seeded sequence gets the same tokens either way.
+    /// ([`sampler::logit_edits`]), then each row drawn, then its logprobs where asked
+    /// ([`logprobs_where_the_logits_are`]). Each sampled row's uniform comes from its
+    /// sequence's stream before the pass, one per token as the host sampler draws it, so a
+    /// seeded sequence gets the same tokens either way.
     fn forward_drawn(
         &mut self,
         batch: &StepBatch,
@@ -439,6 +443,9 @@ impl<B: Backend> Engine<B> {
             })
             .collect();
         let vocab = self.model.config.vocab_size;
+        let params: Vec<&SamplingParams> = sids.iter().map(|sid| &*self.seqs[sid].params).collect();
+        // The candidates each row needs: a top-k's, a nucleus's first, the best logit and the
+        // alternatives of a row with logprobs.
         let widest = draws
             .iter()
             .filter_map(|d| match d {
@@ -446,9 +453,9 @@ impl<B: Backend> Engine<B> {
                 Draw::Nucleus => Some(DEVICE_TOP_K),
                 Draw::Device { .. } | Draw::Host => None,
             })
+            .chain(params.iter().filter_map(|p| p.logprobs.map(|n| n.max(1))))
             .max()
             .map(|k| k.min(vocab));
-        let params: Vec<&SamplingParams> = sids.iter().map(|sid| &*self.seqs[sid].params).collect();
         let edits: Vec<LogitEdit> = sids
             .iter()
             .zip(end_tokens)
@@ -465,11 +472,17 @@ impl<B: Backend> Engine<B> {
             })
             .collect();
         let backend = &self.model.backend;
-        let tokens = self.model.forward_with(&mut self.cache, batch, |logits| {
+        let sampled = self.model.forward_with(&mut self.cache, batch, |logits| {
             backend.edit_logits(logits, &edits);
             let mut tokens = backend.draw_rows(logits, &drawn_t, &u);
             let Some(widest) = widest else {
-                return tokens;
+                return tokens
+                    .into_iter()
+                    .map(|token| Sampled {
+                        token,
+                        logprobs: None,
+                    })
+                    .collect();
             };
             let (values, ids) = backend.top_k_rows(logits, sids.len(), widest);
             let mass = nucleus.then(|| backend.softmax_mass_rows(logits, &nucleus_t));
@@ -497,9 +510,24 @@ impl<B: Backend> Engine<B> {
                     }
                 };
             }
+            let logprobs = logprobs_where_the_logits_are(
+                backend,
+                logits,
+                &tokens,
+                &params,
+                Candidates {
+                    values: &values,
+                    ids: &ids,
+                    per_row: widest,
+                },
+            );
             tokens
+                .into_iter()
+                .zip(logprobs)
+                .map(|(token, logprobs)| Sampled { token, logprobs })
+                .collect()
         });
-        Picked::Tokens(tokens.unwrap_or_default())
+        Picked::Sampled(sampled.unwrap_or_default())
     }
 
     /// Tokens that end `params`' sequences: its stop ids, and EOS unless ignored.
@@ -596,6 +624,67 @@ impl<B: Backend> Engine<B> {
     }
 }
 
+/// Each row's best logits and their tokens, best first, `per_row` to a row.
+struct Candidates<'a> {
+    values: &'a [f32],
+    ids: &'a [u32],
+    per_row: usize,
+}
+
+/// The logprobs of each row whose parameters ask for them (the host sampler's: the
+/// log-softmax of the edited logits at temperature 1), found where the logits are: the
+/// log-sum-exp from the row's best logit (`candidates`, at least as many to a row as the
+/// alternatives asked for) and its softmax mass, the alternatives from the candidates, and
+/// the sampled token's logit from them or, when it is not among them, from `logits`.
+fn logprobs_where_the_logits_are<B: Backend>(
+    backend: &B,
+    logits: &B::Activations,
+    tokens: &[u32],
+    params: &[&SamplingParams],
+    candidates: Candidates<'_>,
+) -> Vec<Option<(f32, Vec<TokenLogprob>)>> {
+    let asked: Vec<Option<usize>> = params.iter().map(|p| p.logprobs).collect();
+    let Some(last) = asked.iter().rposition(Option::is_some) else {
+        return vec![None; tokens.len()];
+    };
+    let Candidates {
+        values,
+        ids,
+        per_row,
+    } = candidates;
+    let unit: Vec<f32> = asked[..=last]
+        .iter()
+        .map(|a| if a.is_some() { 1.0 } else { 0.0 })
+        .collect();
+    let mass = backend.softmax_mass_rows(logits, &unit);
+    let row_ids = |row: usize| &ids[row * per_row..(row + 1) * per_row];
+    let outside: Vec<(usize, u32)> = (0..=last)
+        .filter(|&row| asked[row].is_some() && !row_ids(row).contains(&tokens[row]))
+        .map(|row| (row, tokens[row]))
+        .collect();
+    let mut outside_logits = backend.logits_at(logits, &outside).into_iter();
+    (0..tokens.len())
+        .map(|row| {
+            let n = asked.get(row).copied().flatten()?;
+            let at = row * per_row;
+            let lse = values[at] + mass[row].ln() as f32;
+            let logit = match row_ids(row).iter().position(|&t| t == tokens[row]) {
+                Some(i) => values[at + i],
+                None => outside_logits
+                    .next()
+                    .expect("a logit for each token outside"),
+            };
+            let top = (at..at + n.min(per_row))
+                .map(|i| TokenLogprob {
+                    token: ids[i],
+                    logprob: values[i] - lse,
+                })
+                .collect();
+            Some((logit - lse, top))
+        })
+        .collect()
+}
+
 /// A seed for requests that gave none: different per sequence and per process start.
 fn fresh_seed(seq: SeqId) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -604,10 +693,11 @@ fn fresh_seed(seq: SeqId) -> u64 {
     Rng::new(nanos ^ seq.rotate_left(32) ^ std::process::id() as u64).next_u64()
 }
 
-/// What a step's forward pass gave: logits rows for the sampler, or the tokens themselves.
+/// What a step's forward pass gave: logits rows for the sampler, or the tokens themselves
+/// (with their logprobs where asked).
 enum Picked {
     Logits(Vec<f32>),
-    Tokens(Vec<u32>),
+    Sampled(Vec<Sampled>),
 }
 
 /// The most candidates a row's draw takes from the device (a top-k up to this, or the first
@@ -627,15 +717,13 @@ enum Draw {
     /// softmax mass, brought to the host; the whole row follows only when the cut lies below
     /// them.
     Nucleus,
-    /// From the whole row on the host: logprobs, or a top-k above [`DEVICE_TOP_K`].
+    /// From the whole row on the host: a top-k above [`DEVICE_TOP_K`] (or every row, without
+    /// [`EngineConfig::device_sampling`]).
     Host,
 }
 
 impl Draw {
     fn of(params: &SamplingParams, vocab: usize) -> Self {
-        if params.logprobs.is_some() {
-            return Draw::Host;
-        }
         if params.is_greedy() {
             return Draw::Device { temperature: 0.0 };
         }

@@ -142,9 +142,7 @@ pub fn sample_rows(
 }
 
 fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = max_value(logits);
-    let sum: f64 = logits.iter().map(|&l| softmax_weight(l, max, 1.0)).sum();
-    max + sum.ln() as f32
+    max_value(logits) + softmax_mass(logits, 1.0).ln() as f32
 }
 
 /// Candidates ranked at first when no top-k bounds them: most nuclei of a language model's

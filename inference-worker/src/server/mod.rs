@@ -85,6 +85,11 @@ pub struct WorkerArgs {
     /// and SiLU kernels (`--fused-gemv false` keeps the separate ones).
     #[arg(long, env = "LLMCTL_FUSED_GEMV", default_value_t = true, action = clap::ArgAction::Set)]
     pub fused_gemv: bool,
+    /// Draw each token where the logits are (on CUDA: the argmax, softmax, top-k and logprobs
+    /// on the GPU, a few values per sequence copied back); `--device-sampling false` copies every
+    /// step's logits to the host sampler.
+    #[arg(long, env = "LLMCTL_DEVICE_SAMPLING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub device_sampling: bool,
 }
 
 /// Where the forward pass runs.
@@ -293,6 +298,7 @@ fn engine_config(args: &WorkerArgs, kv_cache_bytes: usize) -> EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len: args.max_model_len,
+        device_sampling: args.device_sampling,
         ..EngineConfig::default()
     }
 }

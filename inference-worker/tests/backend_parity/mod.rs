@@ -27,7 +27,7 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use llmctl_inference_worker::backend::cpu::CpuBackend;
 use llmctl_inference_worker::backend::cuda::{CudaBackend, GpuDtype};
 use llmctl_inference_worker::backend::{Backend, KvLayout, SeqSlice, StepBatch};
-use llmctl_inference_worker::engine::{Engine, EngineConfig, SamplingParams};
+use llmctl_inference_worker::engine::{Engine, EngineConfig, SamplingParams, TokenLogprob};
 use llmctl_inference_worker::model::{self, LoadedModel};
 
 /// The fixtures beside this crate; a binary carried to another machine finds them relative to
@@ -107,13 +107,16 @@ fn logits<B: Backend>(loaded: &LoadedModel<B>, ids: &[u32], rows: &[usize]) -> V
     out
 }
 
+/// A continuation's tokens, and each token's logprob and alternatives where asked.
+type Continuation = (Vec<u32>, Vec<(f32, Vec<TokenLogprob>)>);
+
 /// Each case's continuation (as long as its greedy reference) with the sampling parameters
 /// `params(case)`.
 fn continuations<B: Backend>(
     loaded: LoadedModel<B>,
     cases: &[(Vec<u32>, Vec<u32>)],
     params: impl Fn(usize) -> SamplingParams,
-) -> Vec<Vec<u32>> {
+) -> Vec<Continuation> {
     let mut engine = Engine::new(
         loaded,
         EngineConfig {
@@ -129,23 +132,58 @@ fn continuations<B: Backend>(
         };
         engine.add_request(i as u64, input.clone(), params).unwrap();
     }
-    let mut got = vec![Vec::new(); cases.len()];
+    let mut got = vec![Continuation::default(); cases.len()];
     while engine.has_unfinished() {
         for out in engine.step() {
-            got[out.request as usize].extend(out.token);
+            let (tokens, logprobs) = &mut got[out.request as usize];
+            tokens.extend(out.token);
+            logprobs.extend(out.logprobs);
         }
     }
     got
 }
 
+/// The same seeded continuations: the same tokens, and logprobs within `atol` (the
+/// alternatives compared by value, best first, since a near-tie may order two apart).
+fn assert_same_continuations(name: &str, got: &[Continuation], want: &[Continuation], atol: f32) {
+    let close = |g: f32, w: f32| (g - w).abs() <= atol;
+    for (case, ((got, got_lp), (want, want_lp))) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            got, want,
+            "{name}: seeded continuation {case} drawn on the device"
+        );
+        assert_eq!(
+            got_lp.len(),
+            want_lp.len(),
+            "{name}: logprobs of case {case}"
+        );
+        for ((g, g_top), (w, w_top)) in got_lp.iter().zip(want_lp) {
+            assert!(close(*g, *w), "{name}: case {case}: logprob {g} vs {w}");
+            assert_eq!(
+                g_top.len(),
+                w_top.len(),
+                "{name}: case {case}: alternatives"
+            );
+            for (g, w) in g_top.iter().zip(w_top) {
+                assert!(
+                    close(g.logprob, w.logprob),
+                    "{name}: case {case}: alternative {g:?} vs {w:?}"
+                );
+            }
+        }
+    }
+}
+
 /// Seeded draws where the logits are, by case in turn: a softmax draw at temperature 0.8
 /// with a repetition penalty, a top-k of 10 with a presence penalty, and a top-p of 0.5 with
 /// a frequency penalty (from the device's candidates, or the whole row when the cut lies below
-/// them); the penalties edit the logits on the device.
+/// them); the penalties edit the logits on the device. Logprobs with 0, 3 and 20 alternatives
+/// in turn (a case's own rotation differs from its draw's), found on the device too.
 fn seeded(case: usize) -> SamplingParams {
     let base = SamplingParams {
         seed: Some(7 + case as u64),
         temperature: 1.0,
+        logprobs: [Some(0), Some(3), Some(20), None][case % 4],
         ..Default::default()
     };
     match case % 3 {
@@ -272,7 +310,8 @@ fn compare(
 /// replayed with the sublayer boundaries on cuBLAS and separate kernels instead of the fused
 /// GEMVs. Seeded continuations drawn on the device (penalties applied there, then a softmax
 /// draw, a top-k's or a top-p's candidates) equal the CPU backend's: a draw flips only if its target falls within rounding (~1e-6 of
-/// the mass) of a token's edge.
+/// the mass) of a token's edge; their logprobs, found on the device too, are within 1e-3 of
+/// the CPU backend's (the f32 logits are within 1.6e-5).
 fn greedy_matches<T: GpuDtype>(name: &str, dir: &Path, cases: &[(Vec<u32>, Vec<u32>)])
 where
     CudaBlas: Gemm<T>,
@@ -284,7 +323,7 @@ where
             cases,
             seeded,
         );
-        assert_eq!(gpu, cpu, "{name}: seeded continuations drawn on the device");
+        assert_same_continuations(name, &gpu, &cpu, 1e-3);
         for (graphs, fused) in [(true, true), (false, true), (true, false)] {
             let backend = CudaBackend::<T>::new(0)
                 .unwrap()
@@ -294,7 +333,7 @@ where
             let got = continuations(model::load(dir, backend).unwrap(), cases, |_| {
                 SamplingParams::greedy()
             });
-            for ((_, want), got) in cases.iter().zip(got) {
+            for ((_, want), (got, _)) in cases.iter().zip(got) {
                 assert_eq!(
                     &got, want,
                     "{name}: greedy continuation, graphs {graphs}, fused GEMV {fused}"

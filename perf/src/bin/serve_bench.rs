@@ -62,6 +62,14 @@ struct Args {
     /// default) or `nucleus` (temperature 0.7, top_p 0.9).
     #[arg(long, value_enum, default_value = "greedy")]
     sampling: Sampling,
+    /// Each request asks for this many `logprobs` alternatives (0 to 5, the legacy
+    /// completions limit); none when not given.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=5))]
+    logprobs: Option<u32>,
+    /// The worker draws tokens (and logprobs) where the logits are; `false` copies every
+    /// step's logits to its host sampler (`llmctl worker --device-sampling`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    device_sampling: bool,
     /// Write the table to perf/results/<date>-serve-<cpu|gpu>.md.
     #[arg(long)]
     record: bool,
@@ -82,14 +90,25 @@ enum Sampling {
     Nucleus,
 }
 
-impl Sampling {
-    /// The request fields that choose it.
+/// What each request asks for besides its prompt and length.
+#[derive(Clone, Copy, Debug)]
+struct Asks {
+    sampling: Sampling,
+    logprobs: Option<u32>,
+}
+
+impl Asks {
+    /// The request fields that ask for it.
     fn fields(self) -> Value {
-        match self {
+        let mut fields = match self.sampling {
             Sampling::Greedy => json!({"temperature": 0}),
             Sampling::Default => json!({"temperature": 1}),
             Sampling::Nucleus => json!({"temperature": 0.7, "top_p": 0.9}),
+        };
+        if let Some(n) = self.logprobs {
+            fields["logprobs"] = json!(n);
         }
+        fields
     }
 }
 
@@ -143,6 +162,7 @@ fn main() -> Result<()> {
             gpu_memory_utilization: 0.9,
             cuda_graphs: true,
             fused_gemv: true,
+            device_sampling: args.device_sampling,
         });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -198,15 +218,12 @@ async fn bench(args: Args) -> Result<()> {
         )
     };
 
+    let asks = Asks {
+        sampling: args.sampling,
+        logprobs: args.logprobs,
+    };
     // Warm-up: one short request.
-    one_request(
-        &addr,
-        &model_name,
-        args.sampling,
-        &workload(u64::MAX)[0].0[..8],
-        4,
-    )
-    .await?;
+    one_request(&addr, &model_name, asks, &workload(u64::MAX)[0].0[..8], 4).await?;
 
     let mut reports = Vec::new();
     for (level, &c) in args.concurrency.iter().enumerate() {
@@ -214,7 +231,7 @@ async fn bench(args: Args) -> Result<()> {
             run_load(
                 &addr,
                 &model_name,
-                args.sampling,
+                asks,
                 &workload(level as u64),
                 Load::Concurrency(c),
             )
@@ -228,7 +245,7 @@ async fn bench(args: Args) -> Result<()> {
             run_load(
                 &addr,
                 &model_name,
-                args.sampling,
+                asks,
                 &workload(level),
                 Load::Rate(rate, args.seed),
             )
@@ -251,7 +268,7 @@ async fn bench(args: Args) -> Result<()> {
         let (date, machine) = (llmctl_perf::today(), llmctl_perf::machine());
         let (device, preset) = (args.device, args.preset.name());
         let text = format!(
-            "# Serving benchmark, {device}, {date}\n\n- machine: {machine}; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --device {device} --preset {preset} --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --sampling {} --record`\n- server: `llmctl-worker` ({device}), `{preset}` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`, sampling {}\n\n{table}\n",
+            "# Serving benchmark, {device}, {date}\n\n- machine: {machine}; worker and load generator share them\n- command: `cargo run --release -p llmctl-perf --bin serve_bench -- --device {device} --preset {preset} --num-requests {} --concurrency {} --prompt-len {} --output-len {}{} --sampling {}{} --device-sampling {} --record`\n- server: `llmctl-worker` ({device}), `{preset}` preset (seed 1), streaming `/v1/completions` with random token-id prompts (fresh per load level, so no prefix-cache hits), `ignore_eos`, request fields {}, tokens drawn {}\n\n{table}\n",
             args.num_requests,
             args.concurrency
                 .iter()
@@ -264,7 +281,15 @@ async fn bench(args: Args) -> Result<()> {
             args.sampling
                 .to_possible_value()
                 .map_or_else(String::new, |v| v.get_name().to_owned()),
-            args.sampling.fields(),
+            args.logprobs
+                .map_or(String::new(), |n| format!(" --logprobs {n}")),
+            args.device_sampling,
+            asks.fields(),
+            if args.device_sampling {
+                "where the logits are"
+            } else {
+                "by the host sampler from every step's logits"
+            },
         );
         let kind = if matches!(args.device, Device::Cpu) {
             "cpu"
@@ -297,6 +322,8 @@ fn start_worker(args: &Args) -> Result<(Child, String)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--as-worker", "--device", &device, "--kv-cache-mib"])
         .arg(args.kv_cache_mib.to_string())
+        .arg("--device-sampling")
+        .arg(args.device_sampling.to_string())
         .arg("--model")
         .arg(&dir)
         .env("RUST_LOG", "warn")
@@ -335,13 +362,13 @@ async fn wait_ready(addr: &str) -> Result<()> {
 async fn one_request(
     addr: &str,
     model: &str,
-    sampling: Sampling,
+    asks: Asks,
     prompt: &[u32],
     max_tokens: usize,
 ) -> Result<Sample> {
     let mut body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true,
         "stream": true, "stream_options": {"include_usage": true}});
-    if let (Some(body), Value::Object(fields)) = (body.as_object_mut(), sampling.fields()) {
+    if let (Some(body), Value::Object(fields)) = (body.as_object_mut(), asks.fields()) {
         body.extend(fields);
     }
     let started = Instant::now();
@@ -402,7 +429,7 @@ enum Load {
 async fn run_load(
     addr: &str,
     model: &str,
-    sampling: Sampling,
+    asks: Asks,
     workload: &Arc<Vec<(Vec<u32>, usize)>>,
     load: Load,
 ) -> Report {
@@ -431,7 +458,7 @@ async fn run_load(
         let (addr, model, workload) = (addr.to_owned(), model.to_owned(), workload.clone());
         tasks.push(tokio::spawn(async move {
             let (prompt, olen) = &workload[i];
-            let result = one_request(&addr, &model, sampling, prompt, *olen).await;
+            let result = one_request(&addr, &model, asks, prompt, *olen).await;
             drop(permit);
             result
         }));
