@@ -11,6 +11,7 @@
 //! e.g. the `nvidia-cuda-nvrtc` wheel's `nvidia/cu13/lib` on `LD_LIBRARY_PATH`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::nvrtc::{Ptx, result, sys};
 use sha2::{Digest, Sha256};
@@ -139,20 +140,39 @@ fn cached(
     let version = nvrtc_version()?;
     let dir = cache_dir();
     let path = cache_path(&dir, variant, arch, format, version);
-    if let Ok(bytes) = std::fs::read(&path) {
+    read_or_build(&dir, &path, build)
+}
+
+/// The bytes at `path` (in `dir`), or `build`'s, stored there for next time. A cache that
+/// cannot be written (a read-only file system, a full disk) is logged and costs the next start
+/// a compile, nothing more.
+fn read_or_build(
+    dir: &Path,
+    path: &Path,
+    build: impl FnOnce() -> Result<Vec<u8>, CompileError>,
+) -> Result<Vec<u8>, CompileError> {
+    if let Ok(bytes) = std::fs::read(path) {
         return Ok(bytes);
     }
     let bytes = build()?;
-    let cache_err = |source| CompileError::Cache {
-        path: path.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(&dir).map_err(cache_err)?;
-    // Write then rename: a concurrent reader sees the whole file or none.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &bytes).map_err(cache_err)?;
-    std::fs::rename(&tmp, &path).map_err(cache_err)?;
+    if let Err(error) = store(dir, path, &bytes) {
+        tracing::warn!(path = %path.display(), %error, "kernel cache not written: kernels will be compiled again at the next start");
+    }
     Ok(bytes)
+}
+
+/// Writes `bytes` to `path` under a name no other writer uses, then renames it into place, so a
+/// concurrent reader sees the whole file or none and concurrent writers (threads or processes
+/// compiling the same variant) never take each other's files.
+fn store(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    std::fs::create_dir_all(dir)?;
+    let writer = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{writer}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// PTX for `variant` on `arch`, from the cache or freshly compiled (and then cached).
@@ -336,6 +356,46 @@ fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("llmctl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn concurrent_builds_of_one_variant_all_succeed_and_leave_one_whole_file() {
+        let dir = scratch("cache-race");
+        let bytes: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        let writers = 4;
+        let start = std::sync::Barrier::new(writers);
+        for round in 0..16 {
+            let path = dir.join(format!("variant-{round}.cubin"));
+            std::thread::scope(|s| {
+                for _ in 0..writers {
+                    s.spawn(|| {
+                        start.wait();
+                        let got = read_or_build(&dir, &path, || Ok(bytes.clone())).unwrap();
+                        assert_eq!(got, bytes);
+                    });
+                }
+            });
+            assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        }
+        let files = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(files, 16, "temporary files left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cache_that_cannot_be_written_still_gives_the_build() {
+        let file = scratch("cache-readonly");
+        std::fs::write(&file, b"not a folder").unwrap();
+        let dir = file.join("kernels");
+        let got = read_or_build(&dir, &dir.join("variant.ptx"), || Ok(b"ptx".to_vec()));
+        assert_eq!(got.unwrap(), b"ptx");
+        let _ = std::fs::remove_file(&file);
+    }
 
     #[test]
     fn ptxas_reports_are_read_per_kernel() {
