@@ -7,14 +7,21 @@
 // runs until it reaches a barrier (__syncthreads, a warp shuffle, __syncwarp) or exits. Running
 // every thread as far as it can go before the next one starts is the most hostile schedule for
 // a missing barrier (a thread reads shared memory no other thread has written yet), so such
-// races show up as wrong results instead of hiding. A barrier that not every thread of its
-// scope reaches (a divergent __syncthreads, a shuffle inside a lane-dependent branch, threads
-// that returned before a barrier the others reach: undefined behaviour in CUDA) fails
-// the launch with a message, where a GPU would hang or return garbage.
+// races show up as wrong results instead of hiding. The threads take their turns in ascending
+// order in every other block and in descending order in the rest, so a thread reading what a
+// lower thread wrote without a barrier between is caught as surely as one reading a higher
+// thread's. Blocks run in a scattered order (starting mid-grid, neighbours far apart), since a
+// GPU promises none. A barrier that not every thread of its scope reaches (a divergent
+// __syncthreads, a shuffle inside a lane-dependent branch, threads that returned before a
+// barrier the others reach: undefined behaviour in CUDA) fails the launch with a message, where
+// a GPU would hang or return garbage.
 //
 // `__shared__` variables are function statics: shared by the block's threads, and, since
-// blocks run one after another, private to the running block. Unlike a GPU they keep their
-// values between blocks, so a kernel reading shared memory it never wrote is not caught.
+// blocks run one after another, private to the running block. Each block's first thread to
+// reach a declaration fills the variable with all-ones bytes (NaN in every float type;
+// `emu::fresh_shared`, which the emulator's build appends to each declaration), so reading
+// shared memory the block has not written shows, as it would on a GPU, instead of finding the
+// previous block's values.
 //
 // Alignment is checked as a GPU checks it: a vector access (a 16-byte load, cp.async, an
 // ldmatrix row) at an address that is not a multiple of its size, or a typed access through a
@@ -67,6 +74,9 @@ extern uint3 block_idx, block_dim, grid_dim;
 
 void sync_block();
 void sync_warp();
+// The running block declares the `__shared__` variable at `p`: the first call of a block fills
+// its `bytes` with 0xff, later ones in the block do nothing.
+void fresh_shared(void* p, std::size_t bytes);
 // Bytes each lane may publish in one warp collective.
 constexpr unsigned SLOT_BYTES = 64;
 // The running lane's warp's exchange buffer for its next collective (32 slots of SLOT_BYTES).

@@ -1,5 +1,6 @@
-// Runs a kernel's grid on the CPU: blocks one after another, each block's threads as fibers
-// switched at barriers (see device.h for the model and what it catches). Used by the driver
+// Runs a kernel's grid on the CPU: blocks one after another in a scattered order, each block's
+// threads as fibers switched at barriers, ascending or descending by block (see device.h for the
+// model and what it catches). Used by the driver
 // double (driver.cpp); knows nothing of the driver API.
 #include "runtime.h"
 
@@ -8,7 +9,10 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
+#include <algorithm>
 #include <map>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -62,6 +66,7 @@ struct Block {
     std::vector<unsigned> warp_threads, warp_live, at_warp_barrier;
     std::string divergence;  // why the block's barriers cannot complete, once they cannot
     std::vector<unsigned char> exchange;  // [warp][parity][32][SLOT_BYTES]
+    std::vector<const void*> fresh;       // the `__shared__` variables this block has declared
     void* scheduler_sp = nullptr;
     Entry entry = nullptr;
     void** params = nullptr;
@@ -128,9 +133,10 @@ void on_fault(int sig, siginfo_t* info, void*) {
     signal(sig, SIG_DFL);
 }
 
-// Runs every thread of the current block to completion; false (with `block.divergence`) if a
-// barrier is not reached by every thread of its scope.
-bool run_block(unsigned threads) {
+// Runs every thread of the current block to completion, each turn over the threads in
+// ascending or, if `descending`, descending order; false (with `block.divergence`) if a barrier
+// is not reached by every thread of its scope.
+bool run_block(unsigned threads, bool descending) {
     const unsigned warps = (threads + 31) / 32;
     block.threads = block.live = threads;
     block.at_block_barrier = 0;
@@ -138,6 +144,7 @@ bool run_block(unsigned threads) {
     block.warp_live.assign(warps, 0);
     block.at_warp_barrier.assign(warps, 0);
     block.divergence.clear();
+    block.fresh.clear();
     for (unsigned i = 0; i < threads; ++i) {
         Lane& l = block.lanes[i];
         l.linear = i;
@@ -157,7 +164,8 @@ bool run_block(unsigned threads) {
     }
     while (block.live > 0) {
         bool ran = false;
-        for (unsigned i = 0; i < threads; ++i) {
+        for (unsigned k = 0; k < threads; ++k) {
+            const unsigned i = descending ? threads - 1 - k : k;
             if (block.lanes[i].state != READY) continue;
             current = &block.lanes[i];
             emu_switch(&block.scheduler_sp, current->sp);
@@ -172,7 +180,22 @@ bool run_block(unsigned threads) {
     return true;
 }
 
+// Blocks are visited in the order (blocks / 2 + visit * stride) % blocks: starting mid-grid
+// and with neighbours far apart (a stride near 0.618 blocks, coprime with it so every block is
+// visited once), since a GPU gives no order and code that needs one is wrong.
+unsigned long long scatter_stride(unsigned long long blocks) {
+    unsigned long long stride = std::max(1ull, (unsigned long long)((double)blocks * 0.6180339887));
+    while (std::gcd(stride, blocks) > 1) ++stride;
+    return stride;
+}
+
 }  // namespace
+
+void fresh_shared(void* p, std::size_t bytes) {
+    if (std::find(block.fresh.begin(), block.fresh.end(), p) != block.fresh.end()) return;
+    block.fresh.push_back(p);
+    memset(p, 0xff, bytes);
+}
 
 void misaligned(const void* p, unsigned bytes, const char* access) {
     fprintf(stderr, "llmctl CUDA emulator: %s of %u bytes at %p, which is not %u-byte aligned\n", access, bytes, p,
@@ -247,24 +270,27 @@ std::string launch(const char* name, Entry entry, uint3 grid, uint3 threads, voi
     sigaction(SIGBUS, &fault, &previous_bus);
     sigaction(SIGILL, &fault, &previous_ill);
     std::string error;
-    for (unsigned z = 0; z < grid.z && error.empty(); ++z)
-        for (unsigned y = 0; y < grid.y && error.empty(); ++y)
-            for (unsigned x = 0; x < grid.x && error.empty(); ++x) {
-                block_idx = {x, y, z};
-                if (!run_block(n)) {
-                    unsigned at_block = 0, at_warp = 0, exited = 0;
-                    for (unsigned i = 0; i < n; ++i) {
-                        at_block += block.lanes[i].state == AT_BLOCK_BARRIER;
-                        at_warp += block.lanes[i].state == AT_WARP_BARRIER;
-                        exited += block.lanes[i].state == EXITED;
-                    }
-                    error = "barrier divergence in block (" + std::to_string(x) + ", " + std::to_string(y) +
-                            ", " + std::to_string(z) + "): " + block.divergence + " (of " + std::to_string(n) +
-                            " threads, " + std::to_string(at_block) + " wait at __syncthreads, " +
-                            std::to_string(at_warp) + " at a warp collective, " + std::to_string(exited) +
-                            " exited)";
-                }
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    const unsigned long long stride = scatter_stride(blocks);
+    for (unsigned long long visit = 0; visit < blocks && error.empty(); ++visit) {
+        // Linear block index, x fastest.
+        const unsigned long long b = (blocks / 2 + visit * stride) % blocks;
+        const unsigned x = (unsigned)(b % grid.x), y = (unsigned)(b / grid.x % grid.y),
+                       z = (unsigned)(b / grid.x / grid.y);
+        block_idx = {x, y, z};
+        if (!run_block(n, visit % 2 == 1)) {
+            unsigned at_block = 0, at_warp = 0, exited = 0;
+            for (unsigned i = 0; i < n; ++i) {
+                at_block += block.lanes[i].state == AT_BLOCK_BARRIER;
+                at_warp += block.lanes[i].state == AT_WARP_BARRIER;
+                exited += block.lanes[i].state == EXITED;
             }
+            error = "barrier divergence in block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
+                    std::to_string(z) + "): " + block.divergence + " (of " + std::to_string(n) + " threads, " +
+                    std::to_string(at_block) + " wait at __syncthreads, " + std::to_string(at_warp) +
+                    " at a warp collective, " + std::to_string(exited) + " exited)";
+        }
+    }
     sigaction(SIGSEGV, &previous_segv, nullptr);
     sigaction(SIGBUS, &previous_bus, nullptr);
     sigaction(SIGILL, &previous_ill, nullptr);

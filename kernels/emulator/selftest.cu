@@ -18,6 +18,22 @@ extern "C" __global__ void selftest_reverse_racy(float* out, const float* in) {
     out[threadIdx.x] = s[63 - threadIdx.x];
 }
 
+// Block b writes out[64 b + t] = in[t - 1] (thread 0: in[0]), read from shared memory with no
+// barrier after the writes: correct only if each thread's lower neighbour has run first.
+extern "C" __global__ void selftest_shift_racy(float* out, const float* in) {
+    __shared__ float s[64];
+    const unsigned t = threadIdx.x;
+    s[t] = in[t];
+    out[64 * blockIdx.x + t] = s[t > 0 ? t - 1 : 0];
+}
+
+// Block b writes out[64 b + t] = in[t] + out[64 (b - 1) + t] (block 0: in[t]): a running sum
+// over the blocks, correct only if they run in order, which CUDA never promises.
+extern "C" __global__ void selftest_blocks_in_order(float* out, const float* in) {
+    const unsigned b = blockIdx.x, t = threadIdx.x;
+    out[64 * b + t] = in[t] + (b > 0 ? out[64 * (b - 1) + t] : 0.f);
+}
+
 // Half the block waits at a barrier the other half never reaches.
 extern "C" __global__ void selftest_divergent_barrier(float* out) {
     if (threadIdx.x < 32) __syncthreads();

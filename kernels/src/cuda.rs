@@ -261,6 +261,12 @@ impl Kernels {
         &self.stream
     }
 
+    /// Whether the device is the CPU emulator of the CUDA driver ([`crate::emulator`]), where
+    /// checks too slow for a GPU may be turned on.
+    pub fn is_emulated(&self) -> bool {
+        self.device_name == crate::emulator::DEVICE_NAME
+    }
+
     /// Compiles (or reads from the kernel cache) and loads every kernel a model with storage
     /// type `dtype` (an entry point suffix) and head size `head_dim` launches, so the first
     /// step pays nothing and a kernel that cannot build fails at start-up.

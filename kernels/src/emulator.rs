@@ -6,9 +6,10 @@
 //! must be in it to be found), and [`crate::cuda::Kernels`] and cuBLAS users run as on a GPU.
 //!
 //! What it checks: what each kernel computes, out-of-bounds accesses (each allocation ends
-//! against an unmapped page), reads of unwritten device memory (allocations start as NaN),
-//! missing barriers (each thread runs as far as it can before the next starts) and divergent
-//! barriers (the launch fails). What it does not: speed, memory coalescing, anything only the
+//! against an unmapped page), reads of unwritten device or shared memory (allocations, and each
+//! block's shared variables, start as NaN), missing barriers (each thread runs as far as it can
+//! before the next starts, in ascending order in every other block and descending in the rest),
+//! reliance on block order (blocks run scattered) and divergent barriers (the launch fails). What it does not: speed, memory coalescing, anything only the
 //! hardware does. Results from it are emulator results, never GPU results. The model is
 //! described in `kernels/emulator/device.h`.
 
@@ -28,6 +29,9 @@ const FILES: [(&str, &str); 6] = [
     ("driver.cpp", include_str!("../emulator/driver.cpp")),
     ("cublas.cpp", include_str!("../emulator/cublas.cpp")),
 ];
+
+/// The name the emulated device reports (`cuDeviceGetName`, in `emulator/driver.cpp`).
+pub const DEVICE_NAME: &str = "llmctl CUDA emulator (CPU)";
 
 /// The libraries built, by soname: the driver (with every kernel program) and cuBLAS.
 const DRIVER: &str = "libcuda.so";
@@ -60,13 +64,58 @@ pub fn install(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
 }
 
 /// The C++ translation unit for one kernel program: the device prelude, the program as NVRTC
-/// compiles it with every variant instantiated, and a registration of each entry point.
-fn translation_unit(program: &Program) -> String {
-    let mut tu = format!("#include \"device.h\"\n{}\n", program.source_all());
+/// compiles it with every variant instantiated (each `__shared__` declaration followed by its
+/// [`fresh_shared`] call), and a registration of each entry point.
+fn translation_unit(program: &Program) -> Result<String, String> {
+    let source = fresh_shared(&program.source_all())
+        .map_err(|e| format!("program {}: {e}", program.name))?;
+    let mut tu = format!("#include \"device.h\"\n{source}\n");
     for entry in program.variants().iter().flat_map(|v| v.entry_points()) {
         tu.push_str(&format!("EMU_KERNEL({entry})\n"));
     }
-    tu
+    Ok(tu)
+}
+
+/// `source` with `emu::fresh_shared(&name, sizeof name);` right after each `__shared__`
+/// declaration, so that each block finds its shared memory poisoned, not as the previous block
+/// left it (`emulator/device.h`). A declaration must be one statement on one line
+/// (`__shared__ TYPE NAME[DIMS];`, one name); any other use of `__shared__` is refused, naming the line.
+fn fresh_shared(source: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(source.len() + 4096);
+    for (number, line) in source.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or_default();
+        if !code.contains("__shared__") {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let refuse = || {
+            format!(
+                "line {}: a `__shared__` the emulator cannot read: {line}",
+                number + 1
+            )
+        };
+        let decl = code
+            .trim_start()
+            .strip_prefix("__shared__ ")
+            .ok_or_else(refuse)?;
+        let end = decl.find(';').ok_or_else(refuse)?;
+        if decl[..end].contains(',') {
+            return Err(refuse());
+        }
+        let name = decl[..end]
+            .split('[')
+            .next()
+            .and_then(|head| head.split_whitespace().last())
+            .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .ok_or_else(refuse)?;
+        let at = code.len() - code.trim_start().len() + "__shared__ ".len() + end + 1;
+        out.push_str(&line[..at]);
+        out.push_str(&format!(" emu::fresh_shared(&{name}, sizeof {name});"));
+        out.push_str(&line[at..]);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 fn compiler() -> String {
@@ -92,8 +141,12 @@ pub fn build(work_dir: &Path) -> Result<PathBuf, EmulatorError> {
     let programs: Vec<(String, String)> = source::ALL
         .iter()
         .chain([&source::EMULATOR_SELFTEST])
-        .map(|p| (format!("program_{}.cpp", p.name), translation_unit(p)))
-        .collect();
+        .map(|p| Ok((format!("program_{}.cpp", p.name), translation_unit(p)?)))
+        .collect::<Result<_, String>>()
+        .map_err(|reason| EmulatorError::Build {
+            dir: work_dir.display().to_string(),
+            reason,
+        })?;
     let units: Vec<(&str, &str)> = FILES
         .iter()
         .copied()
@@ -212,4 +265,30 @@ fn load(lib: &Path) -> Result<(), EmulatorError> {
     })?;
     std::mem::forget(handle);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fresh_shared;
+
+    #[test]
+    fn each_shared_declaration_is_followed_by_its_poisoning() {
+        let source = "__device__ void f() {\n    __shared__ float s_w[4][8];  // weights\n    __shared__ unsigned count;\n    // a __shared__ in a comment\n}\n";
+        assert_eq!(
+            fresh_shared(source).unwrap(),
+            "__device__ void f() {\n    __shared__ float s_w[4][8]; emu::fresh_shared(&s_w, sizeof s_w);  // weights\n    __shared__ unsigned count; emu::fresh_shared(&count, sizeof count);\n    // a __shared__ in a comment\n}\n"
+        );
+    }
+
+    #[test]
+    fn shared_memory_the_emulator_cannot_poison_is_refused() {
+        for line in [
+            "extern __shared__ float dynamic[];",
+            "__shared__ float split[4]",
+            "__shared__ float a[2], b[2];",
+        ] {
+            let err = fresh_shared(&format!("void f() {{\n{line}\n}}\n")).unwrap_err();
+            assert!(err.starts_with("line 2:"), "{line}: {err}");
+        }
+    }
 }

@@ -185,6 +185,8 @@ impl Variant {
                 return [
                     "reverse",
                     "reverse_racy",
+                    "shift_racy",
+                    "blocks_in_order",
                     "divergent_barrier",
                     "warp_sum",
                     "write_past_end",

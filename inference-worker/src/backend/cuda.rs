@@ -321,6 +321,10 @@ pub struct CudaBackend<T> {
     graphs: Mutex<Graphs<T>>,
     /// Sublayer inputs of up to [`GEMV_MAX_ROWS`] rows run as fused GEMV kernels.
     fused_gemv: bool,
+    /// Every activation buffer is filled with all-ones bytes (NaN) when handed out, so an op
+    /// that leaves part of its output unwritten shows: on the emulator, or where
+    /// `LLMCTL_POISON_ACTIVATIONS=1` asks for it (a debugging aid on a GPU: a memset per buffer).
+    poison_activations: bool,
     _workspace: CudaSlice<u8>,
     _dtype: std::marker::PhantomData<T>,
 }
@@ -367,7 +371,9 @@ where
             .result()
             .map_err(blas_error)?;
         }
-        tracing::info!(device = %kernels.device_name, arch = kernels.arch, sms = kernels.sm_count, dtype = T::SUFFIX, "CUDA backend ready");
+        let poison_activations = kernels.is_emulated()
+            || std::env::var("LLMCTL_POISON_ACTIVATIONS").is_ok_and(|v| v == "1");
+        tracing::info!(device = %kernels.device_name, arch = kernels.arch, sms = kernels.sm_count, dtype = T::SUFFIX, poison_activations, "CUDA backend ready");
         Ok(Self {
             kernels,
             stats: Arc::default(),
@@ -384,6 +390,7 @@ where
                 outputs: HashMap::new(),
             }),
             fused_gemv: true,
+            poison_activations,
             _workspace: workspace,
             _dtype: std::marker::PhantomData,
         })
@@ -462,12 +469,19 @@ where
         self.stats.clone()
     }
 
-    /// `len` elements from the pool, uninitialised (every op writes all of its output).
+    /// `len` elements from the pool, uninitialised (every op writes all of its output), or
+    /// poisoned where [`Self::poison_activations`] says so.
     fn alloc<U>(&self, len: usize) -> DeviceBuf<U> {
         let (ptr, class) = self
             .pool
             .take(len.max(1) * std::mem::size_of::<U>())
             .or_die("allocating activations");
+        if self.poison_activations {
+            // SAFETY: `ptr` holds `class` bytes the pool handed out to no one else, ordered on
+            // the stream every use of it goes through.
+            unsafe { result::memset_d8_async(ptr, 0xff, class, self.stream.cu_stream()) }
+                .or_die("poisoning activations");
+        }
         // SAFETY: the pool's buffer holds `class` >= len * size_of::<U>() bytes.
         unsafe { DeviceBuf::from_raw(&self.stream, ptr, len, Home::Pool(self.pool.clone(), class)) }
     }
