@@ -59,6 +59,13 @@ build() {
     for b in kernel_bench decode_bench serve_bench; do pack "target/release/$b" "$b"; done
     test_binary llmctl-kernels gpu kernels-gpu-tests
     test_binary llmctl-inference-worker cuda worker-cuda-tests
+    # What the binaries ask of the GPU machine's C library, for all()'s first lines there.
+    local elf=/tmp/llmctl-gpu-elf needs gz
+    needs=$(for gz in "$BIN"/*.gz; do
+        gunzip -c "$gz" >"$elf" && objdump -T "$elf" 2>/dev/null || true
+    done | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)
+    rm -f "$elf"
+    printf 'built on: %s\nneeds: %s or later\n' "$(ldd --version 2>&1 | head -1)" "$needs" >"$BIN/built.txt"
     ls -la "$BIN"
     du -sh "$BIN"
 }
@@ -138,6 +145,17 @@ all() {
         echo "# GPU run, $(date -u +%Y-%m-%d)"
         echo
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+        echo
+        # The binaries were built elsewhere: say at once if one cannot start here, instead of
+        # a part failing with the loader's message in all.log.
+        echo "here: $(ldd --version 2>&1 | head -1)"
+        cat "$BIN/built.txt" 2>/dev/null || true
+        local exe missing
+        for exe in "$BIN"/*; do
+            [[ $exe == *.gz || ! -x $exe ]] && continue
+            missing=$(ldd "$exe" 2>&1 | grep -E "not found|version .* not found" || true)
+            [ -z "$missing" ] || echo "- $(basename "$exe") cannot start here: $missing"
+        done
     } >"$results"
     # part CAP NAME COMMAND...: runs COMMAND with --out $table when NAME ends in .md, and adds
     # the table to results.md.
