@@ -1,16 +1,16 @@
 // Runs a kernel's grid on the CPU: blocks one after another in a scattered order, each block's
 // threads as fibers switched at barriers, ascending or descending by block (see device.h for the
-// model and what it catches). Used by the driver
-// double (driver.cpp); knows nothing of the driver API.
+// model and what it catches). Used by the driver double (driver.cpp); knows nothing of the
+// driver API.
 #include "runtime.h"
 
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <algorithm>
 #include <map>
 #include <numeric>
 #include <string>

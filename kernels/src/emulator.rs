@@ -9,9 +9,10 @@
 //! against an unmapped page), reads of unwritten device or shared memory (allocations, and each
 //! block's shared variables, start as NaN), missing barriers (each thread runs as far as it can
 //! before the next starts, in ascending order in every other block and descending in the rest),
-//! reliance on block order (blocks run scattered) and divergent barriers (the launch fails). What it does not: speed, memory coalescing, anything only the
-//! hardware does. Results from it are emulator results, never GPU results. The model is
-//! described in `kernels/emulator/device.h`.
+//! reliance on block order (blocks run scattered) and divergent barriers (the launch fails).
+//! What it does not: speed, memory coalescing, anything only the hardware does. Results from it
+//! are emulator results, never GPU results. The model is described in
+//! `kernels/emulator/device.h`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,7 +80,8 @@ fn translation_unit(program: &Program) -> Result<String, String> {
 /// `source` with `emu::fresh_shared(&name, sizeof name);` right after each `__shared__`
 /// declaration, so that each block finds its shared memory poisoned, not as the previous block
 /// left it (`emulator/device.h`). A declaration must be one statement on one line
-/// (`__shared__ TYPE NAME[DIMS];`, one name); any other use of `__shared__` is refused, naming the line.
+/// (`__shared__ TYPE NAME[DIMS];`, one name); any other use of `__shared__` is refused, naming
+/// the line.
 fn fresh_shared(source: &str) -> Result<String, String> {
     let mut out = String::with_capacity(source.len() + 4096);
     for (number, line) in source.lines().enumerate() {

@@ -477,6 +477,10 @@ where
             .take(len.max(1) * std::mem::size_of::<U>())
             .or_die("allocating activations");
         if self.poison_activations {
+            self.stream
+                .context()
+                .bind_to_thread()
+                .or_die("poisoning activations");
             // SAFETY: `ptr` holds `class` bytes the pool handed out to no one else, ordered on
             // the stream every use of it goes through.
             unsafe { result::memset_d8_async(ptr, 0xff, class, self.stream.cu_stream()) }
