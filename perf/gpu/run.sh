@@ -103,7 +103,8 @@ per_preset() {
 
 # The decode and serving benchmarks' arguments (before --preset, --models and --out).
 DECODE=(--device cuda --batches 1,64 --context 512 --steps 32)
-SERVE=(--device cuda --concurrency 64 --num-requests 256 --prompt-len 128:512 --output-len 128:256)
+SERVE_SHAPE=(--device cuda --concurrency 64 --prompt-len 128:512 --output-len 128:256)
+SERVE=("${SERVE_SHAPE[@]}" --num-requests 256)
 
 decode() {
     per_preset decode "$BIN/decode_bench" "${DECODE[@]}"
@@ -130,7 +131,8 @@ run() {
 
 # Everything in one device call, most wanted first: correctness of the kernels, the 1B decode
 # step against its roofline (issue 7's first number), the kernel benchmark's decode, GEMV and
-# sampling parts, the worker's CUDA tests, prefill beside SDPA, then the 8B decode step and serving.
+# sampling parts, the worker's CUDA tests, prefill beside SDPA, then the 8B decode step, serving,
+# and serving with logprobs drawn on the GPU vs on the host.
 # Each part runs under `timeout` (its own cap, or what is left before the deadline) and is
 # skipped once too little is left, so whatever finished comes back. Three files in $OUT:
 # results.md (device, each part's table, and a line per part with its exit status and time),
@@ -189,6 +191,11 @@ all() {
     part 120 kernels-prefill.md "$BIN/kernel_bench" --sections prefill --sdpa perf/gpu/sdpa_bench.py
     part 240 decode-llama-3.1-8b.md "$BIN/decode_bench" "${DECODE[@]}" "${p8b[@]}"
     part 180 serve-llama-3.2-1b.md "$BIN/serve_bench" "${SERVE[@]}" "${p1b[@]}"
+    # Tokens drawn on the GPU vs every step's logits copied to the host sampler, for requests
+    # with the SDKs' default temperature and logprobs (docs/inference-worker.md).
+    local asks=("${SERVE_SHAPE[@]}" --num-requests 128 --sampling default --logprobs 5 "${p1b[@]}")
+    part 120 serve-llama-3.2-1b-logprobs-gpu.md "$BIN/serve_bench" "${asks[@]}" --device-sampling true
+    part 120 serve-llama-3.2-1b-logprobs-host.md "$BIN/serve_bench" "${asks[@]}" --device-sampling false
     cat "$results"
     return $status
 }
