@@ -12,6 +12,10 @@
 #                           # /tmp/llmctl-models: 2.5 and 16 GB, written on every core the first time)
 #   perf/gpu/run.sh serve   # on the GPU machine: serving throughput at 64 concurrent streams
 #                           # for the same presets (the worker runs on cuda:0)
+#   perf/gpu/run.sh sanitize [S]  # on the GPU machine: the GPU kernel tests under NVIDIA's
+#                           # compute-sanitizer (memcheck, racecheck, synccheck, initcheck), at
+#                           # most S seconds (default 540) shared among them; where the machine's
+#                           # runtime refuses the tool (gVisor) it says so in the first seconds
 #   perf/gpu/run.sh all [S] # on the GPU machine: all of the above in one call of at most S
 #                           # seconds (default 540), most wanted first, each part under its own
 #                           # time limit, so a short device lease still brings back the first
@@ -200,11 +204,43 @@ all() {
     return $status
 }
 
+# The GPU kernel tests once under each compute-sanitizer tool, each getting an equal share of
+# what is left of S seconds; $OUT/sanitize.md gets a line per tool (exit status and the tool's
+# summary: 99 means it reported errors, 101 a failed test), $OUT/sanitize-TOOL.log the rest.
+# The hardware check of what the CPU emulator checks by construction (out-of-bounds accesses,
+# shared-memory races, divergent barriers, reads of unwritten memory).
+sanitize() {
+    local out="${OUT:-perf/gpu/out}" deadline=$(($(date +%s) + ${1:-540}))
+    mkdir -p "$out"
+    cuda_env
+    local cs report="$out/sanitize.md"
+    cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    echo "# compute-sanitizer on the GPU kernel tests, $(date -u +%Y-%m-%d)" >"$report"
+    echo >>"$report"
+    local tools=(memcheck racecheck synccheck initcheck) i left cap rc summary log
+    for i in "${!tools[@]}"; do
+        left=$((deadline - $(date +%s)))
+        cap=$((left / (${#tools[@]} - i)))
+        log="$out/sanitize-${tools[i]}.log"
+        if ((cap < 20)); then
+            echo "- ${tools[i]}: skipped, ${left}s left" >>"$report"
+            continue
+        fi
+        rc=0
+        timeout -k 10 "$cap" "$cs" --tool "${tools[i]}" --error-exitcode 99 --print-limit 20 \
+            "$BIN/kernels-gpu-tests" --ignored --test-threads=1 >"$log" 2>&1 || rc=$?
+        summary=$(grep -m1 -E "ERROR SUMMARY|RACECHECK SUMMARY|not supported|Error" "$log" || echo "no summary")
+        echo "- ${tools[i]}: exit $rc (cap ${cap}s): $summary" >>"$report"
+    done
+    cat "$report"
+}
+
 case "${1:-}" in
     build) build ;;
     run) run ;;
     decode) decode ;;
     serve) serve ;;
     all) all "${2:-540}" ;;
-    *) echo "usage: $0 build|run|decode|serve|all [seconds]" >&2; exit 2 ;;
+    sanitize) sanitize "${2:-540}" ;;
+    *) echo "usage: $0 build|run|decode|serve|all|sanitize [seconds]" >&2; exit 2 ;;
 esac
