@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DeviceRepr, DriverError, result};
+use rayon::prelude::*;
 use llmctl_kernels::cuda::{
     Dtype, GEMV_MAX_ROWS, GemvThen, KernelError, Kernels, PagedCache, RotaryKv, Split,
 };
@@ -42,7 +43,7 @@ use super::{
 };
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
-use crate::model::weights::{TensorView, fuse_f32};
+use crate::model::weights::{TensorView, WeightDtype, fuse_f32, fused_shape};
 
 /// The largest decode batch replayed from a CUDA graph; bigger batches run op by op, where
 /// launch overhead is a small share of the step.
@@ -329,11 +330,20 @@ pub struct CudaBackend<T> {
     _dtype: std::marker::PhantomData<T>,
 }
 /// The storage type the kernels and cuBLAS both handle.
-pub trait GpuDtype: Dtype {}
-impl GpuDtype for half::bf16 {}
-impl GpuDtype for half::f16 {}
+pub trait GpuDtype: Dtype {
+    /// The safetensors element type that is this type's bytes, which load as they are.
+    const STORED: WeightDtype;
+}
+impl GpuDtype for half::bf16 {
+    const STORED: WeightDtype = WeightDtype::Bf16;
+}
+impl GpuDtype for half::f16 {
+    const STORED: WeightDtype = WeightDtype::F16;
+}
 /// f32 end to end: for checking the GPU path against the CPU backend without rounding.
-impl GpuDtype for f32 {}
+impl GpuDtype for f32 {
+    const STORED: WeightDtype = WeightDtype::F32;
+}
 
 impl<T: GpuDtype> CudaBackend<T>
 where
@@ -629,17 +639,42 @@ where
         "cuda"
     }
 
+    /// Parts stored as `T` (a bf16 model on a bf16 backend) go from the mapped file straight to
+    /// the GPU, each part's bytes into its rows; others are converted on the host first.
     fn load_weight(&self, parts: &[TensorView<'_>]) -> Result<GpuMatrix<T>, ModelError> {
-        let (fused, rows, cols) = fuse_f32(parts)?;
-        let host: Vec<T> = fused.into_iter().map(T::from_f32).collect();
-        let data = self
-            .stream
-            .clone_htod(&host)
-            .map_err(|e| ModelError::Tensor {
-                file: parts[0].file.display().to_string(),
-                tensor: parts[0].name.to_owned(),
-                reason: format!("copying to the GPU: {e}"),
-            })?;
+        let copy_error = |e: DriverError| ModelError::Tensor {
+            file: parts[0].file.display().to_string(),
+            tensor: parts[0].name.to_owned(),
+            reason: format!("copying to the GPU: {e}"),
+        };
+        let (rows, cols) = fused_shape(parts)?;
+        let data = if parts.iter().all(|p| p.dtype == T::STORED) {
+            // SAFETY: every element is written below, part after part, before any use.
+            let mut data = unsafe { self.stream.alloc::<T>(rows * cols) }.map_err(copy_error)?;
+            self.stream
+                .context()
+                .bind_to_thread()
+                .map_err(copy_error)?;
+            use cudarc::driver::DevicePtrMut;
+            let (ptr, record) = data.device_ptr_mut(&self.stream);
+            let mut at = 0u64;
+            for part in parts {
+                // SAFETY: `data` holds rows * cols elements of T, which are the parts' bytes
+                // one after another (fused_shape); a copy from pageable memory has read its
+                // source when it returns.
+                unsafe {
+                    result::memcpy_htod_async(ptr + at, part.bytes, self.stream.cu_stream())
+                }
+                .map_err(copy_error)?;
+                at += part.bytes.len() as u64;
+            }
+            drop(record);
+            data
+        } else {
+            let (fused, _, _) = fuse_f32(parts)?;
+            let host: Vec<T> = fused.into_par_iter().map(T::from_f32).collect();
+            self.stream.clone_htod(&host).map_err(copy_error)?
+        };
         Ok(GpuMatrix {
             data: DeviceBuf::owned(data),
             rows,

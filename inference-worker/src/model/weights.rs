@@ -40,17 +40,18 @@ pub struct TensorView<'a> {
     pub bytes: &'a [u8],
 }
 
-/// Parts of one weight (e.g. q, k and v) fused into a single row-major f32 matrix: 1-D parts
-/// (norm gains, biases) concatenate into one row vector; N-D parts stack rows and must agree on
-/// every dimension after the first. Each backend converts the result to its own storage.
-pub fn fuse_f32(parts: &[TensorView<'_>]) -> Result<(Vec<f32>, usize, usize), ModelError> {
+/// The (rows, columns) of parts of one weight (e.g. q, k and v) fused into a single row-major
+/// matrix, which is their elements one part after another: 1-D parts (norm gains, biases)
+/// concatenate into one row vector; N-D parts stack rows and must agree on every dimension
+/// after the first.
+pub fn fused_shape(parts: &[TensorView<'_>]) -> Result<(usize, usize), ModelError> {
     let row_vector = parts.iter().all(|p| p.shape.len() == 1);
     let cols: usize = if row_vector {
         parts.iter().map(|p| p.shape[0]).sum()
     } else {
         parts[0].shape[1..].iter().product()
     };
-    let mut data = Vec::new();
+    let mut elements = 0;
     for part in parts {
         if !row_vector
             && (part.shape.len() < 2 || part.shape[1..].iter().product::<usize>() != cols)
@@ -64,9 +65,18 @@ pub fn fuse_f32(parts: &[TensorView<'_>]) -> Result<(Vec<f32>, usize, usize), Mo
                 ),
             });
         }
+        elements += part.shape.iter().product::<usize>();
+    }
+    Ok((elements / cols.max(1), cols))
+}
+
+/// [`fused_shape`]'s matrix in f32, for backends that convert to their own storage.
+pub fn fuse_f32(parts: &[TensorView<'_>]) -> Result<(Vec<f32>, usize, usize), ModelError> {
+    let (rows, cols) = fused_shape(parts)?;
+    let mut data = Vec::with_capacity(rows * cols);
+    for part in parts {
         data.extend(part.to_f32());
     }
-    let rows = data.len() / cols.max(1);
     Ok((data, rows, cols))
 }
 
@@ -269,5 +279,21 @@ mod tests {
         let e = fuse_f32(&[view("q", &[1, 4], &a), view("k", &[1, 2], &b)]).unwrap_err();
         let e = e.to_string();
         assert!(e.contains('k') && e.contains("cannot be fused"), "{e}");
+    }
+
+    /// The header's check that the data covers the file is what keeps the slicing in
+    /// [`WeightFiles::get`] in bounds.
+    #[test]
+    fn a_truncated_file_is_an_error_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("llmctl-truncated-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
+        let tensor = safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 2], &data).unwrap();
+        let mut bytes = safetensors::serialize([("w", tensor)], None).unwrap();
+        bytes.truncate(bytes.len() - 4);
+        std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
+        let e = WeightFiles::open(&dir).err().expect("a truncated file").to_string();
+        assert!(e.contains("model.safetensors"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
