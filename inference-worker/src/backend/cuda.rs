@@ -32,10 +32,10 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DeviceRepr, DriverError, result};
-use rayon::prelude::*;
 use llmctl_kernels::cuda::{
     Dtype, GEMV_MAX_ROWS, GemvThen, KernelError, Kernels, PagedCache, RotaryKv, Split,
 };
+use rayon::prelude::*;
 
 use super::{
     Backend, KvLayout, LogitEdit, QkvShape, ReplayCounts, RopeRows, StepBatch, SublayerInput,
@@ -651,10 +651,7 @@ where
         let data = if parts.iter().all(|p| p.dtype == T::STORED) {
             // SAFETY: every element is written below, part after part, before any use.
             let mut data = unsafe { self.stream.alloc::<T>(rows * cols) }.map_err(copy_error)?;
-            self.stream
-                .context()
-                .bind_to_thread()
-                .map_err(copy_error)?;
+            self.stream.context().bind_to_thread().map_err(copy_error)?;
             use cudarc::driver::DevicePtrMut;
             let (ptr, record) = data.device_ptr_mut(&self.stream);
             let mut at = 0u64;
@@ -662,10 +659,8 @@ where
                 // SAFETY: `data` holds rows * cols elements of T, which are the parts' bytes
                 // one after another (fused_shape); a copy from pageable memory has read its
                 // source when it returns.
-                unsafe {
-                    result::memcpy_htod_async(ptr + at, part.bytes, self.stream.cu_stream())
-                }
-                .map_err(copy_error)?;
+                unsafe { result::memcpy_htod_async(ptr + at, part.bytes, self.stream.cu_stream()) }
+                    .map_err(copy_error)?;
                 at += part.bytes.len() as u64;
             }
             drop(record);

@@ -292,7 +292,10 @@ mod tests {
         let mut bytes = safetensors::serialize([("w", tensor)], None).unwrap();
         bytes.truncate(bytes.len() - 4);
         std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
-        let e = WeightFiles::open(&dir).err().expect("a truncated file").to_string();
+        let e = WeightFiles::open(&dir)
+            .err()
+            .expect("a truncated file")
+            .to_string();
         assert!(e.contains("model.safetensors"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
