@@ -16,6 +16,9 @@
 #                           # compute-sanitizer (memcheck, racecheck, synccheck, initcheck), at
 #                           # most S seconds (default 540) shared among them; where the machine's
 #                           # runtime refuses the tool (gVisor) it says so in the first seconds
+#   perf/gpu/run.sh exec CMD...  # on the GPU machine: CMD with the environment the parts get
+#                           # (NVRTC and cuBLAS found, binaries unpacked): how to rerun one part
+#                           # `all` skipped, as its results.md line spells out
 #   perf/gpu/run.sh all [S] # on the GPU machine: all of the above in one call of at most S
 #                           # seconds (default 540), most wanted first, each part under its own
 #                           # time limit, so a short device lease still brings back the first
@@ -170,14 +173,14 @@ all() {
         shift 2
         left=$((deadline - $(date +%s)))
         if ((left < 20)); then
-            echo "- $name: skipped, ${left}s left" >>"$results"
+            echo "- $name: skipped, ${left}s left (alone: perf/gpu/run.sh exec $*)" >>"$results"
             return
         fi
         ((cap < left)) || cap=$left
         local started rc=0
         started=$(date +%s)
         rm -f "$table"
-        echo "== $name (cap ${cap}s)" >>"$log"
+        echo "== $name (cap ${cap}s): $*" >>"$log"
         if [[ $name == *.md ]]; then
             timeout -k 10 "$cap" "$@" --out "$table" >>"$log" 2>&1 || rc=$?
             { echo; echo "## $name"; echo; cat "$table" 2>/dev/null; } >>"$results"
@@ -242,5 +245,6 @@ case "${1:-}" in
     serve) serve ;;
     all) all "${2:-540}" ;;
     sanitize) sanitize "${2:-540}" ;;
-    *) echo "usage: $0 build|run|decode|serve|all|sanitize [seconds]" >&2; exit 2 ;;
+    exec) shift; cuda_env; "$@" ;;
+    *) echo "usage: $0 build|run|decode|serve|all|sanitize [seconds] | exec COMMAND..." >&2; exit 2 ;;
 esac
