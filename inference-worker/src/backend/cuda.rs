@@ -647,8 +647,8 @@ where
             tensor: parts[0].name.to_owned(),
             reason: format!("copying to the GPU: {e}"),
         };
-        let (rows, cols) = fused_shape(parts)?;
-        let data = if parts.iter().all(|p| p.dtype == T::STORED) {
+        let (data, rows, cols) = if parts.iter().all(|p| p.dtype == T::STORED) {
+            let (rows, cols) = fused_shape(parts)?;
             // SAFETY: every element is written below, part after part, before any use.
             let mut data = unsafe { self.stream.alloc::<T>(rows * cols) }.map_err(copy_error)?;
             self.stream.context().bind_to_thread().map_err(copy_error)?;
@@ -664,11 +664,15 @@ where
                 at += part.bytes.len() as u64;
             }
             drop(record);
-            data
+            (data, rows, cols)
         } else {
-            let (fused, _, _) = fuse_f32(parts)?;
+            let (fused, rows, cols) = fuse_f32(parts)?;
             let host: Vec<T> = fused.into_par_iter().map(T::from_f32).collect();
-            self.stream.clone_htod(&host).map_err(copy_error)?
+            (
+                self.stream.clone_htod(&host).map_err(copy_error)?,
+                rows,
+                cols,
+            )
         };
         Ok(GpuMatrix {
             data: DeviceBuf::owned(data),
