@@ -345,6 +345,7 @@ impl Config {
                     name: ep.name.unwrap_or_else(|| ep.address.clone()),
                     address: ep.address,
                     max_concurrency,
+                    draining: false,
                 });
             }
             pools.push(Pool {

@@ -1,19 +1,16 @@
 //! Which executor gets the next request: the state of each endpoint of a pool (outstanding
-//! requests against its concurrency limit, consecutive failures, ejection) and the choice
-//! itself, a pure function: least outstanding requests, with optional prefix affinity
-//! (rendezvous hashing of the prompt prefix, honoured while the preferred endpoint is not much
-//! busier than the least busy one). An endpoint that keeps failing is ejected for a cool-down,
-//! then let back with one probe request.
+//! requests against its concurrency limit, consecutive failures, ejection, draining) and the
+//! choice among those that can take one, `llmctl_protocol::routing::pick` (least outstanding
+//! requests, with optional prefix affinity; the controller's trace replay runs the same
+//! function). An endpoint that keeps failing is ejected for a cool-down, then let back with one
+//! probe request; one the controller is draining gets nothing new.
 
-use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
+use llmctl_protocol::routing::{self, Candidate};
 use tokio::time::Instant;
 
 use crate::config::Endpoint;
-
-/// How far (in outstanding requests) an affinity choice may exceed the least busy endpoint.
-const AFFINITY_SLACK: usize = 4;
 
 #[derive(Clone, Debug)]
 pub struct EndpointState {
@@ -45,8 +42,11 @@ impl EndpointState {
     }
 
     /// Can take one more request now. An ejected endpoint past its cool-down takes a single
-    /// probe (nothing else outstanding).
+    /// probe (nothing else outstanding); a draining one takes none.
     pub fn available(&self, now: Instant) -> bool {
+        if self.info.draining {
+            return false;
+        }
         match self.ejected_until {
             Some(until) if now < until => false,
             Some(_) => self.outstanding == 0,
@@ -83,13 +83,6 @@ impl EndpointState {
     }
 }
 
-fn rendezvous(key: u64, address: &str) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    key.hash(&mut h);
-    address.hash(&mut h);
-    h.finish()
-}
-
 /// Picks an endpoint index for a request, or `None` if none can take it now. Endpoints in
 /// `avoid` (where this request already failed) are used only when nothing else is available.
 pub fn choose(
@@ -99,24 +92,18 @@ pub fn choose(
     avoid: &[String],
 ) -> Option<usize> {
     let pick = |skip_avoided: bool| -> Option<usize> {
-        let candidates: Vec<usize> = (0..endpoints.len())
-            .filter(|&i| endpoints[i].available(now))
-            .filter(|&i| !skip_avoided || !avoid.contains(&endpoints[i].info.address))
-            .collect();
-        let least = candidates
+        let candidates: Vec<Candidate<'_>> = endpoints
             .iter()
-            .copied()
-            .min_by_key(|&i| (endpoints[i].outstanding, i))?;
-        if let Some(key) = affinity {
-            let preferred = candidates
-                .iter()
-                .copied()
-                .max_by_key(|&i| rendezvous(key, &endpoints[i].info.address))?;
-            if endpoints[preferred].outstanding <= endpoints[least].outstanding + AFFINITY_SLACK {
-                return Some(preferred);
-            }
-        }
-        Some(least)
+            .enumerate()
+            .filter(|(_, e)| e.available(now))
+            .filter(|(_, e)| !skip_avoided || !avoid.contains(&e.info.address))
+            .map(|(index, e)| Candidate {
+                index,
+                address: &e.info.address,
+                outstanding: e.outstanding,
+            })
+            .collect();
+        routing::pick(&candidates, affinity)
     };
     pick(true).or_else(|| pick(false))
 }
@@ -135,6 +122,7 @@ mod tests {
                     name: format!("e{i}"),
                     address: format!("10.0.0.{i}:80"),
                     max_concurrency: 8,
+                    draining: false,
                 })
             })
             .collect()
@@ -158,24 +146,16 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn affinity_is_stable_but_yields_to_load() {
+    async fn draining_endpoints_take_nothing_new_even_with_affinity() {
         let now = Instant::now();
-        let key = 0xfeed;
-        let first = choose(&eps(&[0, 0, 0, 0]), now, Some(key), &[]).unwrap();
-        for _ in 0..3 {
-            assert_eq!(
-                choose(&eps(&[0, 0, 0, 0]), now, Some(key), &[]),
-                Some(first)
-            );
-        }
-        let mut busy = vec![0; 4];
-        busy[first] = AFFINITY_SLACK + 1;
-        assert_ne!(choose(&eps(&busy), now, Some(key), &[]), Some(first));
-        // Different prefixes spread over endpoints.
-        let spread: std::collections::HashSet<_> = (0..64)
-            .map(|k| choose(&eps(&[0, 0, 0, 0]), now, Some(k), &[]).unwrap())
-            .collect();
-        assert!(spread.len() >= 3);
+        let mut e = eps(&[0, 3]);
+        let key = (0..64)
+            .find(|&k| choose(&e, now, Some(k), &[]) == Some(0))
+            .expect("some prefix prefers the idle endpoint");
+        e[0].info.draining = true;
+        assert_eq!(choose(&e, now, Some(key), &[]), Some(1));
+        e[1].info.draining = true;
+        assert_eq!(choose(&e, now, None, &[]), None);
     }
 
     #[tokio::test(start_paused = true)]

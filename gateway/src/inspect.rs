@@ -30,6 +30,10 @@ pub struct Inspected {
     pub client_wants_usage: bool,
     /// Estimated prompt tokens plus `max_tokens`.
     pub charge: u32,
+    /// Estimated prompt tokens.
+    pub prompt_tokens: u32,
+    /// Decode tokens it may generate: `max_tokens` (or the assumed default) for each choice.
+    pub decode_tokens: u32,
     pub affinity: Option<u64>,
     /// The body to send upstream.
     pub upstream_body: Bytes,
@@ -137,8 +141,9 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
         }
     };
     let n = n.unwrap_or(1).max(1);
-    let charge = estimate_tokens(prompt_text.len)
-        .saturating_add(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).saturating_mul(n));
+    let prompt_tokens = estimate_tokens(prompt_text.len);
+    let decode_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).saturating_mul(n);
+    let charge = prompt_tokens.saturating_add(decode_tokens);
     let upstream_body = if stream {
         // Only streaming bodies are rewritten, through a plain JSON value so that every field
         // the client sent, known or not, is kept.
@@ -153,6 +158,8 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
         stream,
         client_wants_usage: wants_usage,
         charge,
+        prompt_tokens,
+        decode_tokens,
         affinity: affinity(&prompt_text.prefix),
         upstream_body,
     })

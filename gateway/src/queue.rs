@@ -44,6 +44,27 @@ pub struct Ticket {
     pub deadline: Instant,
     /// Retries go to the front of their tenant's line.
     pub retry: bool,
+    /// What the request weighs, for the token demand the controller scales on.
+    pub tokens: Tokens,
+}
+
+/// A request's estimated token weight: its prompt, and the decode tokens it may generate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub decode: u64,
+}
+
+impl Tokens {
+    fn add(&mut self, other: Tokens) {
+        self.prompt += other.prompt;
+        self.decode += other.decode;
+    }
+
+    fn sub(&mut self, other: Tokens) {
+        self.prompt = self.prompt.saturating_sub(other.prompt);
+        self.decode = self.decode.saturating_sub(other.decode);
+    }
 }
 
 /// Permission to send one request to `endpoint`.
@@ -56,6 +77,7 @@ pub struct Grant {
 pub struct Permit {
     address: String,
     outcome: Outcome,
+    tokens: Tokens,
     inner: Arc<Inner>,
 }
 
@@ -70,7 +92,7 @@ impl Drop for Permit {
         let address = std::mem::take(&mut self.address);
         let undelivered = {
             let mut s = self.inner.lock();
-            let ejected = s.release(&address, self.outcome);
+            let ejected = s.release(&address, self.outcome, self.tokens);
             let undelivered = s.dispatch(&self.inner);
             s.publish_depth(&self.inner);
             if ejected {
@@ -90,6 +112,12 @@ pub struct Load {
     pub in_flight: usize,
     /// Outstanding requests per endpoint address (endpoints with none are left out).
     pub per_endpoint: Vec<(String, usize)>,
+    /// Token weight of the queued and in-flight requests.
+    pub tokens: Tokens,
+    /// Requests (and their token weight) admitted since the queue started, retries left out:
+    /// the reporter turns these into rates.
+    pub arrived: u64,
+    pub arrived_tokens: Tokens,
 }
 
 struct Inner {
@@ -148,6 +176,9 @@ impl QueueHandle {
             deadlines: BinaryHeap::new(),
             len: 0,
             in_flight: 0,
+            tokens: Tokens::default(),
+            arrived: 0,
+            arrived_tokens: Tokens::default(),
         };
         state.endpoints = endpoints.into_iter().map(|e| state.state(e)).collect();
         let inner = Arc::new(Inner {
@@ -170,11 +201,16 @@ impl QueueHandle {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let answer = {
             let mut s = self.inner.lock();
+            if !ticket.retry {
+                s.arrived += 1;
+                s.arrived_tokens.add(ticket.tokens);
+            }
             if s.len == 0 && ticket.deadline > Instant::now() {
                 let now = Instant::now();
                 if let Some(i) = dispatch::choose(&s.endpoints, now, ticket.affinity, &ticket.avoid)
                 {
-                    return Ok(s.grant(i, &self.inner));
+                    s.tokens.add(ticket.tokens);
+                    return Ok(s.grant(i, ticket.tokens, &self.inner));
                 }
             }
             if s.len >= s.config.max_size {
@@ -213,6 +249,9 @@ impl QueueHandle {
                 .filter(|e| e.outstanding > 0)
                 .map(|e| (e.info.address.clone(), e.outstanding))
                 .collect(),
+            tokens: s.tokens,
+            arrived: s.arrived,
+            arrived_tokens: s.arrived_tokens,
         }
     }
 
@@ -299,6 +338,10 @@ struct State {
     len: usize,
     /// Grants whose permits are not yet released.
     in_flight: usize,
+    /// Token weight of the waiting requests and of the grants not yet released.
+    tokens: Tokens,
+    arrived: u64,
+    arrived_tokens: Tokens,
 }
 
 impl State {
@@ -323,6 +366,7 @@ impl State {
                 c.rotation.push_back(tenant);
             }
         }
+        self.tokens.add(ticket.tokens);
         let entry = Waiting { id, ticket, reply };
         if retry {
             line.push_front(entry)
@@ -333,8 +377,9 @@ impl State {
     }
 
     /// Frees a slot of `address`; true when this outcome ejected the endpoint.
-    fn release(&mut self, address: &str, outcome: Outcome) -> bool {
+    fn release(&mut self, address: &str, outcome: Outcome, tokens: Tokens) -> bool {
         self.in_flight -= 1;
+        self.tokens.sub(tokens);
         let now = Instant::now();
         let Some(e) = self
             .endpoints
@@ -357,8 +402,9 @@ impl State {
         ejected
     }
 
-    /// Takes a slot of endpoint `i`.
-    fn grant(&mut self, i: usize, inner: &Arc<Inner>) -> Grant {
+    /// Takes a slot of endpoint `i` for a request weighing `tokens` (already counted in
+    /// `self.tokens`; the permit gives them back).
+    fn grant(&mut self, i: usize, tokens: Tokens, inner: &Arc<Inner>) -> Grant {
         let e = &mut self.endpoints[i];
         e.outstanding += 1;
         e.gauge.set(e.outstanding as i64);
@@ -368,6 +414,7 @@ impl State {
             permit: Permit {
                 address: e.info.address.clone(),
                 outcome: Outcome::Success,
+                tokens,
                 inner: inner.clone(),
             },
         }
@@ -399,6 +446,9 @@ impl State {
             c.rotation.retain(|t| *t != tenant);
         }
         self.len -= 1;
+        if let Some(w) = &w {
+            self.tokens.sub(w.ticket.tokens);
+        }
         w
     }
 
@@ -437,6 +487,7 @@ impl State {
                 if head.reply.is_closed() {
                     let w = line.pop_front().expect("head exists");
                     self.after_pop(class, tenant, w.id);
+                    self.tokens.sub(w.ticket.tokens);
                     self.metrics.queue_left(&self.pool, "client_gone");
                     continue;
                 }
@@ -452,7 +503,7 @@ impl State {
                 };
                 let w = line.pop_front().expect("head exists");
                 self.after_pop(class, tenant, w.id);
-                let grant = self.grant(i, inner);
+                let grant = self.grant(i, w.ticket.tokens, inner);
                 if let Err(Ok(grant)) = w.reply.send(Ok(grant)) {
                     undelivered.push(grant);
                 }
@@ -510,6 +561,7 @@ mod tests {
             name: "e0".into(),
             address: "127.0.0.1:1".into(),
             max_concurrency: 1,
+            draining: false,
         }]
     }
 
@@ -521,6 +573,7 @@ mod tests {
             avoid: Vec::new(),
             deadline: Instant::now() + deadline,
             retry: false,
+            tokens: Tokens::default(),
         }
     }
 
@@ -665,11 +718,13 @@ mod tests {
                 name: "bad".into(),
                 address: "127.0.0.1:1".into(),
                 max_concurrency: 4,
+                draining: false,
             },
             Endpoint {
                 name: "good".into(),
                 address: "127.0.0.1:2".into(),
                 max_concurrency: 4,
+                draining: false,
             },
         ];
         let q = QueueHandle::spawn("p".into(), endpoints, config(10), Arc::new(Metrics::new()));

@@ -27,7 +27,7 @@ use crate::inspect::{self, Api};
 use crate::limit;
 use crate::metrics::{Metrics, PoolHandles};
 use crate::proxy::{self, InflightGuard, Settle, names};
-use crate::queue::{self, QueueError, QueueHandle, Ticket};
+use crate::queue::{self, QueueError, QueueHandle, Ticket, Tokens};
 use crate::upstream::{AttemptError, Upstream};
 
 /// A request may lower its priority with this header (never raise it).
@@ -300,6 +300,10 @@ impl Gateway {
                 avoid: avoid.clone(),
                 deadline,
                 retry: attempt > 0,
+                tokens: Tokens {
+                    prompt: inspected.prompt_tokens.into(),
+                    decode: inspected.decode_tokens.into(),
+                },
             };
             let grant = match pool.queue.acquire(ticket).await {
                 Ok(g) => g,

@@ -215,8 +215,7 @@ impl Controller {
             let total = book.total(now, pool);
             (total, book.gateways())
         };
-        self.metrics
-            .demand(pool, total.queued, total.in_flight, gateways);
+        self.metrics.demand(&total, gateways);
         if let Some(p) = self.read().get(pool) {
             // A full channel means the reconciler is busy launching; the next report or the
             // periodic refresh carries the same information.

@@ -118,6 +118,21 @@ pub struct PoolScaling {
     pub idle_ttl_secs: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal_ttl_secs: Option<f64>,
+    /// Share of an executor's token throughput and KV cache the token signals plan to use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_utilization: Option<f64>,
+    /// Extrapolate rising load over the observed cold start (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookahead: Option<bool>,
+    /// One executor's prefill throughput (token signals; with the two below).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor_prefill_tokens_per_s: Option<f64>,
+    /// One executor's decode throughput when loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor_decode_tokens_per_s: Option<f64>,
+    /// Tokens one executor's KV cache holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor_kv_tokens: Option<f64>,
 }
 
 /// What the controller reports on the resource (written with server-side apply).
@@ -170,7 +185,8 @@ pub struct PhaseCounts {
 pub struct Decision {
     pub desired_warm: u32,
     pub desired_ephemeral: u32,
-    /// `scale_from_zero`, `panic`, `stable`, `warm_floor`, `max_replicas`, `idle_reap`, `hold`.
+    /// `scale_from_zero`, `panic`, `stable`, `lookahead`, `warm_floor`, `max_replicas`,
+    /// `scale_down`, `hold`.
     pub reason: String,
     /// When these targets were first reported (RFC 3339).
     pub time: Time,
@@ -191,6 +207,11 @@ impl InferencePoolSpec {
             max_scale_down_rate: s.max_scale_down_rate,
             idle_ttl_secs: s.idle_ttl_secs,
             terminal_ttl_secs: s.terminal_ttl_secs,
+            target_utilization: s.target_utilization,
+            lookahead: s.lookahead,
+            executor_prefill_tokens_per_s: s.executor_prefill_tokens_per_s,
+            executor_decode_tokens_per_s: s.executor_decode_tokens_per_s,
+            executor_kv_tokens: s.executor_kv_tokens,
         };
         crate::spec::scaling(&fields, &|field, value, reason| SpecError::Invalid {
             path: format!("InferencePool {pool}"),

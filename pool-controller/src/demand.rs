@@ -42,6 +42,11 @@ impl DemandBook {
         for (_, d) in self.latest.values().filter(|(_, d)| d.pool == pool) {
             sum.queued += d.queued;
             sum.in_flight += d.in_flight;
+            sum.prompt_tokens += d.prompt_tokens;
+            sum.decode_tokens += d.decode_tokens;
+            sum.arrivals_per_s += d.arrivals_per_s;
+            sum.prompt_tokens_per_s += d.prompt_tokens_per_s;
+            sum.decode_tokens_per_s += d.decode_tokens_per_s;
             for (endpoint, n) in &d.endpoints {
                 *sum.endpoints.entry(endpoint.clone()).or_default() += n;
             }
@@ -68,6 +73,9 @@ mod tests {
             queued,
             in_flight,
             endpoints: HashMap::from([("e1".to_owned(), in_flight)]),
+            prompt_tokens: 100 * u64::from(queued + in_flight),
+            decode_tokens_per_s: 10.0 * f64::from(in_flight),
+            ..PoolDemand::default()
         }
     }
 
@@ -84,6 +92,7 @@ mod tests {
         book.report(s(1), "gw-b", d("other", 7, 7));
         let total = book.total(s(2), "p");
         assert_eq!(total.endpoints["e1"], 3);
+        assert_eq!((total.prompt_tokens, total.decode_tokens_per_s), (800, 30.0));
         assert_eq!(pair(total), (5, 3));
         // A newer report replaces the older one from the same gateway.
         book.report(s(5), "gw-a", d("p", 0, 4));

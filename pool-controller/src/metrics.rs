@@ -1,6 +1,8 @@
 //! Every metric the controller exports, prefix `llmctl_controller_`, in one registry. The
 //! reconcilers write them as things happen; the control API serves them on `/metrics`.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -8,7 +10,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::autoscaler::{Class, Reason};
+use crate::autoscaler::{Class, Inputs, Reason};
+use llmctl_protocol::control::PoolDemand;
+
+type FloatGauge = Gauge<f64, AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabel {
@@ -32,6 +37,13 @@ struct PhaseLabels {
 struct ReasonLabels {
     pool: String,
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignalLabels {
+    pool: String,
+    signal: &'static str,
+    window: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +77,9 @@ pub struct Metrics {
     failures: Family<ClassLabels, Counter>,
     restarts: Family<PoolLabel, Counter>,
     demand: Family<DemandLabels, Gauge>,
+    demand_tokens: Family<DemandLabels, Gauge>,
+    demand_token_rate: Family<DemandLabels, FloatGauge>,
+    signals: Family<SignalLabels, FloatGauge>,
     gateways: Gauge,
 }
 
@@ -91,6 +106,9 @@ impl Metrics {
             failures: Family::default(),
             restarts: Family::default(),
             demand: Family::default(),
+            demand_tokens: Family::default(),
+            demand_token_rate: Family::default(),
+            signals: Family::default(),
             gateways: Gauge::default(),
         };
         registry.register(
@@ -132,6 +150,21 @@ impl Metrics {
             "demand",
             "Requests the gateways report, by pool and kind (queued, in_flight)",
             m.demand.clone(),
+        );
+        registry.register(
+            "demand_tokens",
+            "Tokens of the requests the gateways hold, by pool and kind (prompt, decode: expected)",
+            m.demand_tokens.clone(),
+        );
+        registry.register(
+            "demand_token_rate_per_second",
+            "Tokens admitted per second by the gateways, by pool and kind (prompt, decode)",
+            m.demand_token_rate.clone(),
+        );
+        registry.register(
+            "demand_executors",
+            "Demand in executors as the autoscaler sees it, by pool, signal (requests, token_rate, kv_tokens, ahead) and window (stable, panic)",
+            m.signals.clone(),
         );
         registry.register(
             "demand_gateways",
@@ -204,16 +237,45 @@ impl Metrics {
             .inc();
     }
 
-    pub fn demand(&self, pool: &str, queued: u32, in_flight: u32, gateways: usize) {
-        for (kind, n) in [("queued", queued), ("in_flight", in_flight)] {
-            self.demand
-                .get_or_create(&DemandLabels {
-                    pool: pool.into(),
-                    kind,
-                })
-                .set(n as i64);
+    pub fn demand(&self, d: &PoolDemand, gateways: usize) {
+        let labels = |kind| DemandLabels {
+            pool: d.pool.clone(),
+            kind,
+        };
+        for (kind, n) in [("queued", d.queued), ("in_flight", d.in_flight)] {
+            self.demand.get_or_create(&labels(kind)).set(n as i64);
+        }
+        for (kind, n) in [("prompt", d.prompt_tokens), ("decode", d.decode_tokens)] {
+            self.demand_tokens
+                .get_or_create(&labels(kind))
+                .set(n.min(i64::MAX as u64) as i64);
+        }
+        for (kind, r) in [
+            ("prompt", d.prompt_tokens_per_s),
+            ("decode", d.decode_tokens_per_s),
+        ] {
+            self.demand_token_rate.get_or_create(&labels(kind)).set(r);
         }
         self.gateways.set(gateways as i64);
+    }
+
+    /// The demand each signal measured for the latest decision, in executors.
+    pub fn signals(&self, pool: &str, inputs: &Inputs) {
+        let set = |signal, window, v: f64| {
+            self.signals
+                .get_or_create(&SignalLabels {
+                    pool: pool.into(),
+                    signal,
+                    window,
+                })
+                .set(v);
+        };
+        for (window, load) in [("stable", inputs.stable), ("panic", inputs.panic)] {
+            set("requests", window, load.requests);
+            set("token_rate", window, load.token_rate);
+            set("kv_tokens", window, load.kv_tokens);
+        }
+        set("ahead", "stable", inputs.ahead);
     }
 
     pub fn encode(&self) -> String {

@@ -1,6 +1,9 @@
 //! The reconciler of one pool, as an actor: it owns the pool's executor records, keeps the
 //! demand the gateways report, asks the autoscaler for a decision on every tick, and drives the
-//! provider to it (launch what is missing, drain what is reaped). Executors that die unexpectedly
+//! provider to it (launch what is missing, drain what the decision names). A drained executor
+//! stays in the endpoint set marked `draining`, so gateways send it nothing new while its
+//! requests finish; once the gateways report none in flight on it (or the drain grace has
+//! passed) the provider stops it. Executors that die unexpectedly
 //! are replaced by the next decision, after an exponential backoff so a crashing executor does
 //! not spin; terminated executors stay listed for `terminal_ttl`. The pool's state (ready
 //! endpoints for the gateways, executors for the control API) is published on a watch channel,
@@ -46,9 +49,39 @@ struct Record {
     in_flight: u32,
     /// Since when (pool clock) it has had no work; `None` while busy or starting.
     idle_since: Option<Duration>,
+    /// Being drained since then: out of dispatch, not yet stopped.
+    draining_since: Option<Instant>,
     /// Asked to stop by us (its exit is not a failure).
     stopping: bool,
 }
+
+impl Record {
+    fn new(class: Class, phase: Phase, endpoint: Option<String>) -> Self {
+        Self {
+            class,
+            phase,
+            endpoint,
+            pid: None,
+            launched: Instant::now(),
+            ready_after: None,
+            in_flight: 0,
+            idle_since: None,
+            draining_since: None,
+            stopping: false,
+        }
+    }
+
+    /// Leaving: draining or asked to stop.
+    fn leaving(&self) -> bool {
+        self.stopping || self.draining_since.is_some()
+    }
+}
+
+/// A drained executor is stopped no sooner than this after it was marked, so every gateway has
+/// seen the mark (the snapshot is pushed at once) and reported its last requests on it.
+const DRAIN_SETTLE: Duration = Duration::from_secs(2);
+/// Cold starts remembered for the autoscaler's look-ahead (the median is used).
+const COLD_STARTS_KEPT: usize = 8;
 
 /// One executor as the control API lists it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -111,6 +144,8 @@ pub struct Reconciler<P> {
     samples: VecDeque<Sample>,
     demand: PoolDemand,
     memory: Memory,
+    /// The latest launch-to-ready times, newest last.
+    cold_starts: VecDeque<Duration>,
     origin: Instant,
     next_id: u64,
     consecutive_failures: u32,
@@ -142,6 +177,7 @@ impl<P: Provider> Reconciler<P> {
             samples: VecDeque::new(),
             demand: PoolDemand::default(),
             memory: Memory::default(),
+            cold_starts: VecDeque::new(),
             origin: Instant::now(),
             next_id: 0,
             consecutive_failures: 0,
@@ -228,20 +264,13 @@ impl<P: Provider> Reconciler<P> {
         tracing::info!(pool = %self.config.name, executor = %a.id, class = class_name(a.class), ready = a.endpoint.is_some(), "adopted executor");
         let now = self.now();
         let ready = a.endpoint.is_some();
-        self.executors.insert(
-            a.id,
-            Record {
-                class: a.class,
-                phase: if ready { Phase::Ready } else { Phase::Starting },
-                endpoint: a.endpoint,
-                pid: None,
-                launched: Instant::now(),
-                ready_after: None,
-                in_flight: 0,
-                idle_since: ready.then_some(now),
-                stopping: false,
-            },
+        let mut record = Record::new(
+            a.class,
+            if ready { Phase::Ready } else { Phase::Starting },
+            a.endpoint,
         );
+        record.idle_since = ready.then_some(now);
+        self.executors.insert(a.id, record);
     }
 
     fn now(&self) -> Duration {
@@ -254,8 +283,13 @@ impl<P: Provider> Reconciler<P> {
             at: now,
             queued: demand.queued,
             in_flight: demand.in_flight,
+            prompt_tokens: demand.prompt_tokens,
+            decode_tokens: demand.decode_tokens,
+            prompt_tokens_per_s: demand.prompt_tokens_per_s,
+            decode_tokens_per_s: demand.decode_tokens_per_s,
         });
-        let keep = self.config.scaling.stable_window;
+        // The look-ahead compares levels a stable window apart, each over a panic window.
+        let keep = self.config.scaling.stable_window + self.config.scaling.panic_window;
         while self
             .samples
             .front()
@@ -297,6 +331,10 @@ impl<P: Provider> Reconciler<P> {
                         r.ready_after = Some(took);
                         self.consecutive_failures = 0;
                         self.metrics.cold_start(&pool, r.class, took.as_secs_f64());
+                        self.cold_starts.push_back(took);
+                        if self.cold_starts.len() > COLD_STARTS_KEPT {
+                            self.cold_starts.pop_front();
+                        }
                     }
                 }
             }
@@ -352,7 +390,7 @@ impl<P: Provider> Reconciler<P> {
             .map(|(id, r)| ExecutorView {
                 id: id.clone(),
                 class: r.class,
-                phase: if r.stopping { Phase::Draining } else { r.phase },
+                phase: if r.leaving() { Phase::Draining } else { r.phase },
                 in_flight: r.in_flight,
                 idle_since: r.idle_since,
             })
@@ -364,21 +402,20 @@ impl<P: Provider> Reconciler<P> {
                 now,
                 samples: &samples,
                 executors: &views,
+                cold_start: self.cold_start(),
                 memory: self.memory,
             },
         );
         self.memory = decision.memory;
         self.record_decision(&decision);
         let pool = self.config.name.clone();
-        for id in &decision.reap {
+        for id in &decision.drain {
             if let Some(r) = self.executors.get_mut(id) {
-                r.stopping = true;
-                tracing::info!(%pool, executor = %id, "reaping idle ephemeral executor");
-                if let Err(e) = self.provider.terminate(id, self.config.drain_grace).await {
-                    tracing::warn!(%pool, executor = %id, "terminate failed: {e}");
-                }
+                r.draining_since = Some(Instant::now());
+                tracing::info!(%pool, executor = %id, in_flight = r.in_flight, "draining executor: no new requests, stops when its requests finish");
             }
         }
+        self.stop_drained().await;
         if self.hold_launches_until.is_none_or(|t| Instant::now() >= t) {
             for (class, target) in [
                 (Class::Warm, decision.warm),
@@ -387,7 +424,7 @@ impl<P: Provider> Reconciler<P> {
                 let live = self
                     .executors
                     .values()
-                    .filter(|r| r.class == class && !r.stopping)
+                    .filter(|r| r.class == class && !r.leaving())
                     .count() as u32;
                 for _ in live..target {
                     self.launch(class).await;
@@ -403,20 +440,8 @@ impl<P: Provider> Reconciler<P> {
         let kind = if class == Class::Warm { "warm" } else { "eph" };
         let id = format!("{pool}-{kind}-{}", self.next_id);
         // Registered before launching: the provider's first events may arrive at once.
-        self.executors.insert(
-            id.clone(),
-            Record {
-                class,
-                phase: Phase::Starting,
-                endpoint: None,
-                pid: None,
-                launched: Instant::now(),
-                ready_after: None,
-                in_flight: 0,
-                idle_since: None,
-                stopping: false,
-            },
-        );
+        self.executors
+            .insert(id.clone(), Record::new(class, Phase::Starting, None));
         match self.provider.launch(&id, class).await {
             Ok(()) => {
                 tracing::info!(%pool, executor = %id, class = class_name(class), "launched executor");
@@ -440,6 +465,39 @@ impl<P: Provider> Reconciler<P> {
         }
     }
 
+    /// The median of the latest cold starts.
+    fn cold_start(&self) -> Option<Duration> {
+        let mut seen: Vec<Duration> = self.cold_starts.iter().copied().collect();
+        seen.sort_unstable();
+        seen.get(seen.len() / 2).copied()
+    }
+
+    /// Stops the draining executors whose requests have finished (no gateway reports any on
+    /// them), or whose drain grace has run out; the provider's own drain (SIGTERM, pod
+    /// termination) then covers anything still running.
+    async fn stop_drained(&mut self) {
+        let grace = self.config.drain_grace;
+        let done: Vec<String> = self
+            .executors
+            .iter()
+            .filter(|(_, r)| !r.stopping)
+            .filter_map(|(id, r)| {
+                let since = r.draining_since?.elapsed();
+                (since >= DRAIN_SETTLE && r.in_flight == 0 || since >= grace).then(|| id.clone())
+            })
+            .collect();
+        for id in done {
+            let Some(r) = self.executors.get_mut(&id) else {
+                continue;
+            };
+            r.stopping = true;
+            tracing::info!(pool = %self.config.name, executor = %id, in_flight = r.in_flight, "drained executor stopping");
+            if let Err(e) = self.provider.terminate(&id, grace).await {
+                tracing::warn!(pool = %self.config.name, executor = %id, "terminate failed: {e}");
+            }
+        }
+    }
+
     /// One more failure in a row: launches wait 0.5 s, 1 s, 2 s, ... up to a minute.
     fn back_off(&mut self) -> Duration {
         self.consecutive_failures += 1;
@@ -452,14 +510,30 @@ impl<P: Provider> Reconciler<P> {
     /// Counts decisions that change something, by reason, and exports the targets.
     fn record_decision(&mut self, d: &Decision) {
         let targets = (d.warm, d.ephemeral);
-        if self.last_targets != Some(targets) || !d.reap.is_empty() {
+        if self.last_targets != Some(targets) || !d.drain.is_empty() {
             if self.last_targets.is_some() || targets != (0, 0) {
                 self.metrics.decision(&self.config.name, d.reason);
-                tracing::info!(pool = %self.config.name, warm = d.warm, ephemeral = d.ephemeral, reaped = d.reap.len(), reason = d.reason.as_str(), "scale decision");
+                let i = &d.inputs;
+                tracing::info!(
+                    pool = %self.config.name,
+                    warm = d.warm,
+                    ephemeral = d.ephemeral,
+                    drain = ?d.drain,
+                    reason = d.reason.as_str(),
+                    signal = d.signal.as_str(),
+                    capacity = i.capacity,
+                    stable_requests = i.stable.requests,
+                    stable_token_rate = i.stable.token_rate,
+                    stable_kv = i.stable.kv_tokens,
+                    panic = i.panic.max().1,
+                    ahead = i.ahead,
+                    "scale decision"
+                );
             }
             self.last_targets = Some(targets);
         }
         self.metrics.desired(&self.config.name, d.warm, d.ephemeral);
+        self.metrics.signals(&self.config.name, &d.inputs);
         self.status.send_modify(|s| {
             s.desired_warm = d.warm;
             s.desired_ephemeral = d.ephemeral;
@@ -471,7 +545,7 @@ impl<P: Provider> Reconciler<P> {
         ExecutorInfo {
             id: id.to_owned(),
             class: class_name(r.class),
-            phase: match (r.stopping, r.phase) {
+            phase: match (r.leaving(), r.phase) {
                 (true, _) | (_, Phase::Draining) => "draining",
                 (false, Phase::Starting) => "starting",
                 (false, Phase::Ready) => "ready",
@@ -495,6 +569,7 @@ impl<P: Provider> Reconciler<P> {
                     name: id.clone(),
                     address: r.endpoint.clone()?,
                     max_concurrency: self.config.endpoint_concurrency,
+                    draining: r.draining_since.is_some(),
                 })
             })
             .collect();
@@ -510,7 +585,7 @@ impl<P: Provider> Reconciler<P> {
         for class in [Class::Warm, Class::Ephemeral] {
             let mut c = Counts::default();
             for r in self.executors.values().filter(|r| r.class == class) {
-                match (r.stopping, r.phase) {
+                match (r.leaving(), r.phase) {
                     (true, _) | (_, Phase::Draining) => c.draining += 1,
                     (false, Phase::Starting) => c.starting += 1,
                     (false, Phase::Ready) => c.ready += 1,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::autoscaler::ScalingSpec;
+use crate::autoscaler::{Capacity, ScalingSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -78,6 +78,12 @@ pub struct ScalingFields {
     pub max_scale_down_rate: Option<f64>,
     pub idle_ttl_secs: Option<f64>,
     pub terminal_ttl_secs: Option<f64>,
+    pub target_utilization: Option<f64>,
+    pub lookahead: Option<bool>,
+    /// One executor's capacity, for the token signals: all three or none.
+    pub executor_prefill_tokens_per_s: Option<f64>,
+    pub executor_decode_tokens_per_s: Option<f64>,
+    pub executor_kv_tokens: Option<f64>,
 }
 
 /// Validates scaling fields into the autoscaler's spec and the terminal TTL; `invalid` builds
@@ -104,7 +110,17 @@ pub fn scaling(
         max_scale_up_rate: s.max_scale_up_rate.unwrap_or(d.max_scale_up_rate),
         max_scale_down_rate: s.max_scale_down_rate.unwrap_or(d.max_scale_down_rate),
         idle_ttl: secs("idle_ttl_secs", s.idle_ttl_secs, d.idle_ttl)?,
+        capacity: capacity(s, invalid)?,
+        target_utilization: s.target_utilization.unwrap_or(d.target_utilization),
+        lookahead: s.lookahead.unwrap_or(d.lookahead),
     };
+    if !(spec.target_utilization > 0.0 && spec.target_utilization <= 1.0) {
+        return Err(invalid(
+            "target_utilization",
+            &spec.target_utilization,
+            "must be in (0, 1]",
+        ));
+    }
     if spec.max_replicas == 0 || spec.max_replicas < spec.min_warm {
         return Err(invalid(
             "max_replicas",
@@ -135,6 +151,40 @@ pub fn scaling(
         Duration::from_secs(300),
     )?;
     Ok((spec, terminal_ttl))
+}
+
+/// The executor capacity for the token signals: all three fields, positive, or none.
+fn capacity(
+    s: &ScalingFields,
+    invalid: &dyn Fn(&str, &dyn std::fmt::Display, &str) -> SpecError,
+) -> Result<Option<Capacity>, SpecError> {
+    let fields = [
+        ("executor_prefill_tokens_per_s", s.executor_prefill_tokens_per_s),
+        ("executor_decode_tokens_per_s", s.executor_decode_tokens_per_s),
+        ("executor_kv_tokens", s.executor_kv_tokens),
+    ];
+    if fields.iter().all(|(_, v)| v.is_none()) {
+        return Ok(None);
+    }
+    let mut values = [0.0; 3];
+    for (slot, (field, v)) in values.iter_mut().zip(fields) {
+        match v {
+            Some(x) if x.is_finite() && x > 0.0 => *slot = x,
+            Some(x) => return Err(invalid(field, &x, "must be a positive number")),
+            None => {
+                return Err(invalid(
+                    field,
+                    &"(missing)",
+                    "the executor capacity needs all of executor_prefill_tokens_per_s, executor_decode_tokens_per_s and executor_kv_tokens",
+                ));
+            }
+        }
+    }
+    Ok(Some(Capacity {
+        prefill_tokens_per_s: values[0],
+        decode_tokens_per_s: values[1],
+        kv_tokens: values[2],
+    }))
 }
 
 /// How each executor of a pool is started.

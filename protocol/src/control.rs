@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// `POST /v1/demand`: one gateway's demand, per pool. A newer report from the same gateway
 /// replaces the older one; a gateway that stops reporting stops counting.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DemandReport {
     /// Stable id of the reporting gateway (one per process).
@@ -16,7 +16,7 @@ pub struct DemandReport {
 }
 
 /// Demand for one pool: requests waiting in the admission queue and requests running.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolDemand {
     pub pool: String,
@@ -26,6 +26,23 @@ pub struct PoolDemand {
     /// idle executors from busy ones.
     #[serde(default)]
     pub endpoints: HashMap<String, u32>,
+    /// Prompt tokens of the queued requests and of the running ones that have not answered
+    /// yet (prefill still to do, as far as the gateway can tell).
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Decode tokens the queued and running requests are still expected to generate (their
+    /// `max_tokens`, or the pool's observed mean where none was given).
+    #[serde(default)]
+    pub decode_tokens: u64,
+    /// Requests admitted per second, averaged over the gateway's last few seconds.
+    #[serde(default)]
+    pub arrivals_per_s: f64,
+    /// Prompt tokens admitted per second, over the same span.
+    #[serde(default)]
+    pub prompt_tokens_per_s: f64,
+    /// Expected decode tokens admitted per second, over the same span.
+    #[serde(default)]
+    pub decode_tokens_per_s: f64,
 }
 
 /// One ready executor as gateways dispatch to it.
@@ -37,6 +54,10 @@ pub struct Endpoint {
     pub address: String,
     /// Requests a gateway sends it at once, at most.
     pub max_concurrency: usize,
+    /// Being scaled down: gateways send it nothing new, and the requests it has finish before
+    /// it stops.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// `GET /v1/endpoints` (and each line of its `?watch=true` stream): every pool's ready

@@ -8,11 +8,14 @@
 //!   error.
 //! - [`control`]: the control API between gateways and the pool controller (demand reports,
 //!   endpoint snapshots).
+//! - [`routing`]: the dispatch choice gateways make (least outstanding, prefix affinity), a pure
+//!   function kept here so the controller's trace replay runs the very same code.
 //!
 //! The OpenAI types are re-exported at the crate root, so `llmctl_protocol::ChatCompletionRequest`
 //! and `llmctl_protocol::openai::ChatCompletionRequest` name the same type.
 
 pub mod control;
 pub mod openai;
+pub mod routing;
 
 pub use openai::*;
