@@ -1,7 +1,8 @@
 //! The `llmctl` launcher: one binary, one subcommand per role. `model init` writes a random
 //! model in Hugging Face format; `generate` runs prompts through the engine once; `worker` runs
 //! the inference worker's OpenAI-compatible server; `gateway` the HTTP edge; `controller` the
-//! pool controller; `up` (in `up.rs`) the whole plane on one machine.
+//! pool controller; `up` (in `up.rs`) the whole plane on one machine; `autoscaler replay` the
+//! autoscaler over a production trace in simulated time.
 
 mod up;
 
@@ -50,6 +51,18 @@ enum Command {
     Controller(llmctl_pool_controller::ControllerArgs),
     /// Generate completions for prompts given on the command line, then exit.
     Generate(GenerateArgs),
+    /// The autoscaler offline.
+    Autoscaler {
+        #[command(subcommand)]
+        command: AutoscalerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AutoscalerCommand {
+    /// Replay a production trace through a simulated pool under our autoscaler, Knative's KPA
+    /// or a static pool: cost, TTFT, SLO attainment, scaling churn, and a plot.
+    Replay(llmctl_pool_controller::replay::ReplayArgs),
 }
 
 #[derive(Subcommand)]
@@ -109,6 +122,9 @@ struct GenerateArgs {
 fn main() -> Result<()> {
     llmctl_inference_worker::init_logging();
     match Cli::parse().command {
+        Command::Autoscaler {
+            command: AutoscalerCommand::Replay(args),
+        } => llmctl_pool_controller::replay::run(args),
         Command::Model {
             command:
                 ModelCommand::Init {

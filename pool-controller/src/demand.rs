@@ -92,7 +92,10 @@ mod tests {
         book.report(s(1), "gw-b", d("other", 7, 7));
         let total = book.total(s(2), "p");
         assert_eq!(total.endpoints["e1"], 3);
-        assert_eq!((total.prompt_tokens, total.decode_tokens_per_s), (800, 30.0));
+        assert_eq!(
+            (total.prompt_tokens, total.decode_tokens_per_s),
+            (800, 30.0)
+        );
         assert_eq!(pair(total), (5, 3));
         // A newer report replaces the older one from the same gateway.
         book.report(s(5), "gw-a", d("p", 0, 4));

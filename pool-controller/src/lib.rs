@@ -6,7 +6,9 @@
 //! `controller` assembles one reconciler per pool behind the control API (`api`); `metrics`
 //! is the Prometheus registry; `crd` is the `InferencePool` custom resource; `kubernetes` runs
 //! the controller in a cluster (pools from `InferencePool`s, executor pods through
-//! `provider::kubernetes`, leader election on a Lease, status and Events on the resources).
+//! `provider::kubernetes`, leader election on a Lease, status and Events on the resources);
+//! `replay` runs the autoscaler over production traces in simulated time
+//! (`llmctl autoscaler replay`).
 
 pub mod api;
 pub mod autoscaler;
@@ -17,6 +19,7 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod provider;
 pub mod reconciler;
+pub mod replay;
 pub mod spec;
 
 use std::path::PathBuf;

@@ -288,8 +288,7 @@ impl<P: Provider> Reconciler<P> {
             prompt_tokens_per_s: demand.prompt_tokens_per_s,
             decode_tokens_per_s: demand.decode_tokens_per_s,
         });
-        // The look-ahead compares levels a stable window apart, each over a panic window.
-        let keep = self.config.scaling.stable_window + self.config.scaling.panic_window;
+        let keep = self.config.scaling.stable_window;
         while self
             .samples
             .front()
@@ -390,7 +389,11 @@ impl<P: Provider> Reconciler<P> {
             .map(|(id, r)| ExecutorView {
                 id: id.clone(),
                 class: r.class,
-                phase: if r.leaving() { Phase::Draining } else { r.phase },
+                phase: if r.leaving() {
+                    Phase::Draining
+                } else {
+                    r.phase
+                },
                 in_flight: r.in_flight,
                 idle_since: r.idle_since,
             })

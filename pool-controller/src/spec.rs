@@ -159,8 +159,14 @@ fn capacity(
     invalid: &dyn Fn(&str, &dyn std::fmt::Display, &str) -> SpecError,
 ) -> Result<Option<Capacity>, SpecError> {
     let fields = [
-        ("executor_prefill_tokens_per_s", s.executor_prefill_tokens_per_s),
-        ("executor_decode_tokens_per_s", s.executor_decode_tokens_per_s),
+        (
+            "executor_prefill_tokens_per_s",
+            s.executor_prefill_tokens_per_s,
+        ),
+        (
+            "executor_decode_tokens_per_s",
+            s.executor_decode_tokens_per_s,
+        ),
         ("executor_kv_tokens", s.executor_kv_tokens),
     ];
     if fields.iter().all(|(_, v)| v.is_none()) {

@@ -110,6 +110,7 @@ fn report(controller: &Controller, pool: &str, queued: u32, endpoints: &[&str]) 
                     .iter()
                     .map(|e| (e.to_string(), 0))
                     .collect::<HashMap<_, _>>(),
+                ..PoolDemand::default()
             }],
         })
         .expect("the pool is known");

@@ -169,7 +169,11 @@ mod tests {
             });
         }
         assert_eq!(decide(&spec, &mut state, 120 * SEC, &samples, 10), 10);
-        assert_eq!(decide(&spec, &mut state, 127 * SEC, &samples, 10), 5, "halving at most");
+        assert_eq!(
+            decide(&spec, &mut state, 127 * SEC, &samples, 10),
+            5,
+            "halving at most"
+        );
         assert_eq!(state.panic_time, None);
     }
 

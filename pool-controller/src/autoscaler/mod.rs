@@ -20,8 +20,8 @@
 //!   autoscaler counts requests only.
 //! - **Looking ahead by the cold start.** A rising load is extrapolated over the observed
 //!   launch-to-ready time, so executors launched now are ready when the ramp gets there. The
-//!   trend is the smaller growth of the two halves of the last stable window (a step grows in
-//!   one half only and is not extrapolated). Only upward, at most doubling the current load.
+//!   trend must rise through all three thirds of the stable window by a margin (a step rises
+//!   between two thirds only, noise by less). Only upward, at most doubling the current load.
 //! - **Scale from zero** on the first queued request, without waiting for a window.
 //! - **Drain-based scale-down.** Capacity that has been above what the stable window asks for
 //!   during `idle_ttl` is given back: the decision names the executors to drain (ephemeral
@@ -215,7 +215,7 @@ pub struct Memory {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observations<'a> {
     pub now: Duration,
-    /// Demand samples, oldest first; those older than a stable plus a panic window are ignored.
+    /// Demand samples, oldest first; those older than the stable window are ignored.
     pub samples: &'a [Sample],
     pub executors: &'a [ExecutorView],
     /// Launch to ready, as observed lately (`None` before the first cold start).
@@ -315,18 +315,16 @@ fn average(spec: &ScalingSpec, samples: &[Sample], now: Duration, window: Durati
     sum
 }
 
-/// Demand in executors (largest signal) over the panic window ending at `at`, if any sample
-/// falls in it.
-fn level_at(spec: &ScalingSpec, samples: &[Sample], at: Duration) -> Option<f64> {
-    let (sum, n) = recent(samples, at, spec.panic_window)
-        .fold((0.0, 0.0), |(sum, n), s| (sum + spec.load(s).max().1, n + 1.0));
-    (n > 0.0).then(|| sum / n)
-}
+/// The least growth that counts as a trend, as a share of the current level per third of the
+/// stable window (below it, the thirds' means differ by noise).
+const TREND_MIN_GROWTH: f64 = 0.05;
 
-/// The current load carried `ahead` along its trend: the growth over the last half stable
-/// window, if the half before it grew as well (the smaller of the two, so a step, which grows
-/// in one half only, is not mistaken for the start of a ramp). Never below `floor`, never
-/// above twice the current load. Samples must reach back a stable and a panic window.
+/// The current load carried `ahead` along its trend. The stable window is cut in thirds; a
+/// trend is a rise from each third to the next by at least [`TREND_MIN_GROWTH`] of the latest
+/// third's mean, the two rises within a factor of two of each other (so a step, which rises
+/// mostly between two thirds, or noise is not taken for a ramp); it is the smaller rise. The latest third's mean is carried ahead by
+/// that slope over `ahead` plus half a third (the mean stands for the middle of its third).
+/// Never below `floor`, never above twice the latest third's mean.
 fn extrapolate(
     spec: &ScalingSpec,
     samples: &[Sample],
@@ -334,21 +332,31 @@ fn extrapolate(
     floor: f64,
     ahead: Duration,
 ) -> f64 {
-    let half = spec.stable_window / 2;
-    let (Some(now_level), Some(mid), Some(old)) = (
-        level_at(spec, samples, now),
-        now.checked_sub(half).and_then(|t| level_at(spec, samples, t)),
-        now.checked_sub(2 * half)
-            .and_then(|t| level_at(spec, samples, t)),
+    let third = spec.stable_window / 3;
+    if third.is_zero() {
+        return floor;
+    }
+    let mean = |end: Duration| {
+        let (sum, n) = recent(samples, end, third).fold((0.0, 0.0), |(sum, n), s| {
+            (sum + spec.load(s).max().1, n + 1.0)
+        });
+        (n > 0.0).then(|| sum / n)
+    };
+    let (Some(m3), Some(m2), Some(m1)) = (
+        mean(now),
+        now.checked_sub(third).and_then(mean),
+        now.checked_sub(2 * third).and_then(mean),
     ) else {
         return floor;
     };
-    let growth = (now_level - mid).min(mid - old);
-    if growth <= 0.0 || half.is_zero() {
+    let (late, early) = (m3 - m2, m2 - m1);
+    let growth = late.min(early);
+    // A ramp rises about evenly; a step caught across a boundary rises mostly in one third.
+    if growth <= TREND_MIN_GROWTH * m3 || growth < 0.5 * late.max(early) {
         return floor;
     }
-    let projected = now_level + growth * ahead.as_secs_f64() / half.as_secs_f64();
-    projected.min(2.0 * now_level).max(floor)
+    let steps = (ahead + third / 2).as_secs_f64() / third.as_secs_f64();
+    (m3 + growth * steps).min(2.0 * m3).max(floor)
 }
 
 /// Rounds executors up, forgiving float noise just above a whole number.
@@ -372,9 +380,7 @@ pub fn decide(spec: &ScalingSpec, obs: &Observations<'_>) -> Decision {
     let (signal, stable_level) = stable_load.max();
     let panic_level = executors(panic_load.max().1);
     let ahead = match obs.cold_start {
-        Some(cold) if spec.lookahead => {
-            extrapolate(spec, obs.samples, now, stable_level, cold)
-        }
+        Some(cold) if spec.lookahead => extrapolate(spec, obs.samples, now, stable_level, cold),
         _ => stable_level,
     };
     let stable = executors(stable_level);
@@ -446,7 +452,11 @@ pub fn decide(spec: &ScalingSpec, obs: &Observations<'_>) -> Decision {
 
     let warm = spec.min_warm.min(spec.max_replicas);
     let drain = if desired < capacity {
-        choose_drains(obs.executors, capacity - desired, warm_now.saturating_sub(warm))
+        choose_drains(
+            obs.executors,
+            capacity - desired,
+            warm_now.saturating_sub(warm),
+        )
     } else {
         Vec::new()
     };
@@ -866,7 +876,11 @@ mod tests {
             choose_drains(&executors, 3, 0),
             ["idle-long", "idle-short", "light"]
         );
-        assert_eq!(choose_drains(&executors, 9, 0).len(), 4, "never the booting one");
+        assert_eq!(
+            choose_drains(&executors, 9, 0).len(),
+            4,
+            "never the booting one"
+        );
         assert_eq!(choose_drains(&executors, 9, 1).last().unwrap(), "warm-idle");
     }
 
@@ -937,7 +951,10 @@ mod tests {
             );
             sim.run(400, ramp);
             let waiting: u32 = sim.samples.iter().map(|s| s.queued).sum();
-            (waiting, sim.decisions.iter().any(|d| d.reason == Reason::Lookahead))
+            (
+                waiting,
+                sim.decisions.iter().any(|d| d.reason == Reason::Lookahead),
+            )
         };
         let ((ahead, looked), (behind, _)) = (queued(true), queued(false));
         assert!(looked, "the ramp was extrapolated");

@@ -1,0 +1,220 @@
+//! The executor model of the replay: what one executor does with requests, from a small TOML
+//! file (`perf/executor-models/*.toml`):
+//!
+//! ```toml
+//! cold_start_secs = 45.0          # launch to ready
+//! prefill_tokens_per_s = 30000.0  # prompt tokens prefilled per second
+//! decode_tokens_per_s = [[1, 120.0], [16, 1500.0], [64, 4200.0], [256, 7000.0]]  # by batch
+//! max_running = 256               # requests in the running batch at most
+//! kv_tokens = 400000              # tokens the KV cache holds
+//! max_batched_tokens = 2048       # tokens in one engine step (decode + prefill chunk)
+//! ```
+//!
+//! Decode throughput between two listed batch sizes is interpolated linearly, and held flat
+//! beyond the last one.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::autoscaler::Capacity;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecutorModel {
+    pub cold_start: Duration,
+    pub prefill_tokens_per_s: f64,
+    /// (batch, output tokens per second), batch ascending.
+    pub decode_tokens_per_s: Vec<(u32, f64)>,
+    pub max_running: u32,
+    pub kv_tokens: u64,
+    pub max_batched_tokens: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    cold_start_secs: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: Vec<(u32, f64)>,
+    max_running: u32,
+    kv_tokens: u64,
+    max_batched_tokens: Option<u32>,
+    /// Where the numbers come from (free text, kept for the reader).
+    #[allow(dead_code)]
+    source: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: `{field}` = {value}: {reason}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+impl ExecutorModel {
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Parse {
+            path: origin.clone(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, &origin)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ModelError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ModelError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |field, value: String, reason| ModelError::Invalid {
+            path: origin.to_owned(),
+            field,
+            value,
+            reason,
+        };
+        if !(raw.cold_start_secs.is_finite() && (0.0..1e6).contains(&raw.cold_start_secs)) {
+            let v = raw.cold_start_secs.to_string();
+            return Err(invalid("cold_start_secs", v, "must be seconds, 0 or more"));
+        }
+        if !(raw.prefill_tokens_per_s.is_finite() && raw.prefill_tokens_per_s > 0.0) {
+            let v = raw.prefill_tokens_per_s.to_string();
+            return Err(invalid("prefill_tokens_per_s", v, "must be positive"));
+        }
+        let table = &raw.decode_tokens_per_s;
+        let ascending = table.windows(2).all(|w| w[0].0 < w[1].0);
+        if table.is_empty()
+            || !ascending
+            || table
+                .iter()
+                .any(|&(b, t)| b == 0 || !(t.is_finite() && t > 0.0))
+        {
+            return Err(invalid(
+                "decode_tokens_per_s",
+                format!("{table:?}"),
+                "must list [batch, tokens per second] pairs, batches ascending from 1, rates positive",
+            ));
+        }
+        if raw.max_running == 0 {
+            return Err(invalid("max_running", "0".into(), "must be positive"));
+        }
+        if raw.kv_tokens == 0 {
+            return Err(invalid("kv_tokens", "0".into(), "must be positive"));
+        }
+        let max_batched_tokens = raw.max_batched_tokens.unwrap_or(2048);
+        if max_batched_tokens == 0 {
+            return Err(invalid(
+                "max_batched_tokens",
+                "0".into(),
+                "must be positive",
+            ));
+        }
+        Ok(Self {
+            cold_start: Duration::from_secs_f64(raw.cold_start_secs),
+            prefill_tokens_per_s: raw.prefill_tokens_per_s,
+            decode_tokens_per_s: raw.decode_tokens_per_s,
+            max_running: raw.max_running,
+            kv_tokens: raw.kv_tokens,
+            max_batched_tokens,
+        })
+    }
+
+    /// Output tokens per second of the whole batch at batch size `batch`.
+    pub fn decode_rate(&self, batch: u32) -> f64 {
+        let t = &self.decode_tokens_per_s;
+        let b = batch.max(1);
+        if b <= t[0].0 {
+            // Below the first point the step time holds (a smaller batch is no faster a step).
+            return t[0].1 * b as f64 / t[0].0 as f64;
+        }
+        for w in t.windows(2) {
+            let ((b0, r0), (b1, r1)) = (w[0], w[1]);
+            if b <= b1 {
+                let f = (b - b0) as f64 / (b1 - b0) as f64;
+                return r0 + f * (r1 - r0);
+            }
+        }
+        t[t.len() - 1].1
+    }
+
+    /// Seconds one engine step takes: `batch` decode tokens and `prefill` prompt tokens.
+    pub fn step_seconds(&self, batch: u32, prefill: u32) -> f64 {
+        let decode = if batch > 0 {
+            batch as f64 / self.decode_rate(batch)
+        } else {
+            0.0
+        };
+        decode + prefill as f64 / self.prefill_tokens_per_s
+    }
+
+    /// The autoscaler's view of one executor: decode throughput at its full batch.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            prefill_tokens_per_s: self.prefill_tokens_per_s,
+            decode_tokens_per_s: self.decode_rate(self.max_running),
+            kv_tokens: self.kv_tokens as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODEL: &str = r#"
+        cold_start_secs = 30
+        prefill_tokens_per_s = 10000.0
+        decode_tokens_per_s = [[1, 100.0], [8, 600.0], [32, 1600.0]]
+        max_running = 32
+        kv_tokens = 100000
+        source = "test"
+    "#;
+
+    #[test]
+    fn decode_rate_interpolates_and_holds_flat() {
+        let m = ExecutorModel::parse(MODEL, "m").unwrap();
+        assert_eq!(m.decode_rate(1), 100.0);
+        assert_eq!(m.decode_rate(20), 1100.0);
+        assert_eq!(m.decode_rate(64), 1600.0);
+        // A step of 8 decodes and 2,000 prompt tokens: 8/600 s + 0.2 s.
+        assert!((m.step_seconds(8, 2000) - (8.0 / 600.0 + 0.2)).abs() < 1e-12);
+        assert_eq!(m.capacity().decode_tokens_per_s, 1600.0);
+        assert_eq!(m.max_batched_tokens, 2048);
+    }
+
+    #[test]
+    fn bad_models_name_the_field() {
+        for (text, field) in [
+            (
+                MODEL.replace(
+                    "[[1, 100.0], [8, 600.0], [32, 1600.0]]",
+                    "[[8, 1.0], [1, 2.0]]",
+                ),
+                "decode_tokens_per_s",
+            ),
+            (
+                MODEL.replace("max_running = 32", "max_running = 0"),
+                "max_running",
+            ),
+            (MODEL.replace("10000.0", "-1.0"), "prefill_tokens_per_s"),
+            (
+                MODEL.replace("kv_tokens = 100000", "kv_tokens = 0"),
+                "kv_tokens",
+            ),
+            (
+                MODEL.replace("cold_start_secs = 30", "cold_start_secs = -2"),
+                "cold_start_secs",
+            ),
+        ] {
+            let err = ExecutorModel::parse(&text, "m").unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}`")), "{err}");
+        }
+        assert!(ExecutorModel::parse("cold_start_secs = 1\nextra = 2", "m").is_err());
+    }
+}

@@ -1,0 +1,679 @@
+//! The replay's simulation core: a pool of executors (the executor model's engine: continuous
+//! batching with chunked prefill over a KV budget) behind one gateway queue (bounded, FIFO, each
+//! entry with a deadline), in simulated time. The gateway places requests with the very
+//! function it runs in production (`llmctl_protocol::routing::pick`: least outstanding, prefix
+//! affinity), demand is sampled once a tick as the gateways report it, and the policy under test
+//! decides once a tick: our autoscaler (`autoscaler::decide`, the code the reconciler runs), the
+//! Knative KPA baseline (`autoscaler::kpa`), or a static pool. A drained executor gets nothing
+//! new and stops when its last request ends.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use llmctl_protocol::routing::{self, Candidate};
+
+use super::executor::ExecutorModel;
+use super::trace::TraceRequest;
+use crate::autoscaler::{
+    self, Class, ExecutorView, Memory, Observations, Phase, Sample, ScalingSpec,
+    kpa::{self, KpaSpec, KpaState},
+};
+
+/// Time resolution of arrivals and dispatch (engine steps are timed exactly).
+const QUANTUM: f64 = 0.01;
+/// Decode tokens expected of a request before any has finished.
+const PRIOR_OUTPUT_TOKENS: f64 = 256.0;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Policy {
+    Llmctl,
+    Kpa(KpaSpec),
+    Static(u32),
+}
+
+impl Policy {
+    pub fn name(&self) -> String {
+        match self {
+            Self::Llmctl => "llmctl".into(),
+            Self::Kpa(_) => "kpa".into(),
+            Self::Static(n) => format!("static:{n}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The pool's scaling (its `capacity` filled from the executor model if it had none).
+    pub scaling: ScalingSpec,
+    /// Requests the gateway sends one executor at once.
+    pub max_concurrency: usize,
+    pub queue_deadline: Duration,
+    pub queue_max: usize,
+    /// Time between demand samples and decisions.
+    pub tick: Duration,
+    pub affinity: bool,
+    /// Executors ready when the replay starts under an autoscaler (at least its floor): a trace
+    /// starts with traffic under way, not with the pool at its floor.
+    pub initial: u32,
+}
+
+/// What happened to one request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fate {
+    /// Seconds from arrival to first token.
+    Served { ttft: f64 },
+    /// The queue was full, or the request cannot fit an executor's KV cache.
+    Refused,
+    /// Its queue deadline passed.
+    TimedOut,
+}
+
+/// One tick of the run, for the plot.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Point {
+    pub t: f64,
+    /// Requests queued + in flight.
+    pub demand: u32,
+    /// Demand in executors as our autoscaler measures it (stable window, largest signal).
+    pub demand_executors: f64,
+    pub desired: u32,
+    pub ready: u32,
+    /// Age of the oldest queued request, seconds.
+    pub queue_wait: f64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    pub fates: Vec<Fate>,
+    pub executor_seconds: f64,
+    pub scale_ups: u32,
+    pub scale_downs: u32,
+    pub flaps: u32,
+    pub launched: u32,
+    pub timeline: Vec<Point>,
+    /// When the last request ended.
+    pub end: f64,
+}
+
+struct Running {
+    req: usize,
+    prefilled: u32,
+    generated: u32,
+}
+
+struct Executor {
+    id: String,
+    address: String,
+    class: Class,
+    launched_at: f64,
+    ready_at: f64,
+    draining: bool,
+    stopped_at: Option<f64>,
+    /// Gateway slots taken (dispatched, not finished).
+    outstanding: usize,
+    waiting: VecDeque<usize>,
+    running: Vec<Running>,
+    kv_used: u64,
+    /// The current engine step ends then (`None`: idle).
+    step_end: Option<f64>,
+    /// Prefill chunks of the current step, by running index.
+    chunks: Vec<(usize, u32)>,
+    idle_since: Option<f64>,
+}
+
+impl Executor {
+    fn live(&self) -> bool {
+        self.stopped_at.is_none() && !self.draining
+    }
+
+    fn ready(&self, t: f64) -> bool {
+        self.stopped_at.is_none() && t >= self.ready_at
+    }
+}
+
+struct Queued {
+    req: usize,
+}
+
+pub struct Sim<'a> {
+    config: &'a SimConfig,
+    model: &'a ExecutorModel,
+    trace: &'a [TraceRequest],
+    policy: Policy,
+    executors: Vec<Executor>,
+    queue: VecDeque<Queued>,
+    fates: Vec<Option<Fate>>,
+    t: f64,
+    next_id: u32,
+    samples: Vec<Sample>,
+    memory: Memory,
+    kpa: KpaState,
+    /// Output tokens of finished requests (sum, count): the expected-decode history.
+    history: (f64, f64),
+    /// Tokens admitted since the last sample (prompt, expected decode).
+    arrived: (f64, f64),
+    last_desired: Option<u32>,
+    last_change: Option<(f64, i8)>,
+    out: Outcome,
+}
+
+impl<'a> Sim<'a> {
+    pub fn new(
+        config: &'a SimConfig,
+        model: &'a ExecutorModel,
+        trace: &'a [TraceRequest],
+        policy: Policy,
+    ) -> Self {
+        let mut sim = Self {
+            config,
+            model,
+            trace,
+            policy,
+            executors: Vec::new(),
+            queue: VecDeque::new(),
+            fates: vec![None; trace.len()],
+            t: 0.0,
+            next_id: 0,
+            samples: Vec::new(),
+            memory: Memory::default(),
+            kpa: KpaState::default(),
+            history: (0.0, 0.0),
+            arrived: (0.0, 0.0),
+            last_desired: None,
+            last_change: None,
+            out: Outcome::default(),
+        };
+        // Autoscalers start where the trace's first minute needs them (at least their floor),
+        // ready; a static pool starts whole.
+        let (floor, initial) = match &sim.policy {
+            Policy::Llmctl => (config.scaling.min_warm, config.initial),
+            Policy::Kpa(k) => (k.min_scale, config.initial),
+            Policy::Static(n) => (*n, *n),
+        };
+        for i in 0..initial.max(floor) {
+            let class = if i < floor {
+                Class::Warm
+            } else {
+                Class::Ephemeral
+            };
+            sim.launch(class, true);
+        }
+        sim.out.launched = 0;
+        sim
+    }
+
+    fn launch(&mut self, class: Class, ready_now: bool) {
+        self.next_id += 1;
+        let cold = if ready_now {
+            0.0
+        } else {
+            self.model.cold_start.as_secs_f64()
+        };
+        self.executors.push(Executor {
+            id: format!("e{}", self.next_id),
+            address: format!("10.0.{}.{}:8000", self.next_id / 256, self.next_id % 256),
+            class,
+            launched_at: self.t,
+            ready_at: self.t + cold,
+            draining: false,
+            stopped_at: None,
+            outstanding: 0,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv_used: 0,
+            step_end: None,
+            chunks: Vec::new(),
+            idle_since: Some(self.t + cold),
+        });
+        self.out.launched += 1;
+    }
+
+    fn expected_output(&self) -> f64 {
+        if self.history.1 >= 1.0 {
+            self.history.0 / self.history.1
+        } else {
+            PRIOR_OUTPUT_TOKENS
+        }
+    }
+
+    /// Runs the whole trace and until every request has ended.
+    pub fn run(mut self) -> Outcome {
+        let tick = self.config.tick.as_secs_f64();
+        let mut next_arrival = 0;
+        let mut next_tick = 0.0;
+        loop {
+            let t = self.t;
+            while next_arrival < self.trace.len() && self.trace[next_arrival].at <= t {
+                self.arrive(next_arrival);
+                next_arrival += 1;
+            }
+            self.expire();
+            self.dispatch();
+            self.advance(t + QUANTUM);
+            if t >= next_tick {
+                self.decide();
+                next_tick += tick;
+            }
+            self.stop_drained();
+            let done = next_arrival == self.trace.len()
+                && self.queue.is_empty()
+                && self.executors.iter().all(|e| e.outstanding == 0);
+            if done {
+                break;
+            }
+            self.t += QUANTUM;
+        }
+        self.out.end = self.t;
+        let end = self.t;
+        self.out.executor_seconds = self
+            .executors
+            .iter()
+            .map(|e| e.stopped_at.unwrap_or(end).min(end) - e.launched_at)
+            .sum();
+        self.out.fates = self
+            .fates
+            .into_iter()
+            .map(|f| f.expect("every request ends before the run does"))
+            .collect();
+        self.out
+    }
+
+    fn arrive(&mut self, req: usize) {
+        let r = &self.trace[req];
+        self.arrived.0 += r.prompt_tokens as f64;
+        self.arrived.1 += self.expected_output();
+        let fits =
+            u64::from(r.prompt_tokens) + u64::from(r.output_tokens.max(1)) <= self.model.kv_tokens;
+        if !fits || self.queue.len() >= self.config.queue_max {
+            self.fates[req] = Some(Fate::Refused);
+            return;
+        }
+        self.queue.push_back(Queued { req });
+    }
+
+    fn expire(&mut self) {
+        let deadline = self.config.queue_deadline.as_secs_f64();
+        let t = self.t;
+        let trace = self.trace;
+        let fates = &mut self.fates;
+        self.queue.retain(|q| {
+            let late = t - trace[q.req].at >= deadline;
+            if late {
+                fates[q.req] = Some(Fate::TimedOut);
+            }
+            !late
+        });
+    }
+
+    /// The gateway: the head of the queue goes where `routing::pick` says, while anything can
+    /// take it.
+    fn dispatch(&mut self) {
+        let t = self.t;
+        while let Some(head) = self.queue.front() {
+            let affinity = if self.config.affinity {
+                self.trace[head.req].affinity
+            } else {
+                None
+            };
+            let choice = {
+                let candidates: Vec<Candidate<'_>> = self
+                    .executors
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| {
+                        e.ready(t) && !e.draining && e.outstanding < self.config.max_concurrency
+                    })
+                    .map(|(index, e)| Candidate {
+                        index,
+                        address: &e.address,
+                        outstanding: e.outstanding,
+                    })
+                    .collect();
+                routing::pick(&candidates, affinity)
+            };
+            let Some(i) = choice else {
+                return;
+            };
+            let q = self.queue.pop_front().expect("the head exists");
+            let e = &mut self.executors[i];
+            e.outstanding += 1;
+            e.idle_since = None;
+            e.waiting.push_back(q.req);
+            if e.step_end.is_none() {
+                Self::start_step(e, self.model, self.trace, t);
+            }
+        }
+    }
+
+    /// Admits waiting requests and plans the next engine step starting at `t`.
+    fn start_step(e: &mut Executor, model: &ExecutorModel, trace: &[TraceRequest], t: f64) {
+        while let Some(&req) = e.waiting.front() {
+            let r = &trace[req];
+            let need = u64::from(r.prompt_tokens) + u64::from(r.output_tokens.max(1));
+            if e.running.len() as u32 >= model.max_running || e.kv_used + need > model.kv_tokens {
+                break;
+            }
+            e.waiting.pop_front();
+            e.kv_used += need;
+            e.running.push(Running {
+                req,
+                prefilled: 0,
+                generated: 0,
+            });
+        }
+        let decoders = e
+            .running
+            .iter()
+            .filter(|r| r.prefilled >= trace[r.req].prompt_tokens && r.generated > 0)
+            .count() as u32;
+        let mut budget = model.max_batched_tokens.saturating_sub(decoders);
+        e.chunks.clear();
+        for (i, r) in e.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            let left = trace[r.req].prompt_tokens.saturating_sub(r.prefilled);
+            if r.generated == 0 {
+                // A zero-token prompt still takes one step to produce its first token.
+                let chunk = left.min(budget);
+                e.chunks.push((i, chunk));
+                budget -= chunk;
+            }
+        }
+        let prefill: u32 = e.chunks.iter().map(|c| c.1).sum();
+        if decoders == 0 && e.chunks.is_empty() {
+            e.step_end = None;
+            return;
+        }
+        e.step_end = Some(t + model.step_seconds(decoders, prefill).max(1e-6));
+    }
+
+    /// Runs every executor's engine up to `until`.
+    fn advance(&mut self, until: f64) {
+        for e in &mut self.executors {
+            while let Some(end) = e.step_end.filter(|&end| end <= until) {
+                let finished = Self::end_step(e, self.trace, &mut self.fates, end);
+                for output in finished {
+                    self.history.0 += output as f64;
+                    self.history.1 += 1.0;
+                }
+                Self::start_step(e, self.model, self.trace, end);
+                if e.step_end.is_none() && e.outstanding == 0 {
+                    e.idle_since = Some(end);
+                }
+            }
+        }
+    }
+
+    /// Applies a finished step at time `end`; returns the output lengths of the requests that
+    /// completed.
+    fn end_step(
+        e: &mut Executor,
+        trace: &[TraceRequest],
+        fates: &mut [Option<Fate>],
+        end: f64,
+    ) -> Vec<u32> {
+        let chunks = std::mem::take(&mut e.chunks);
+        for r in e.running.iter_mut() {
+            if r.generated > 0 {
+                r.generated += 1;
+            }
+        }
+        for (i, chunk) in chunks {
+            let r = &mut e.running[i];
+            r.prefilled += chunk;
+            if r.prefilled >= trace[r.req].prompt_tokens {
+                r.generated = 1;
+                fates[r.req] = Some(Fate::Served {
+                    ttft: end - trace[r.req].at,
+                });
+            }
+        }
+        let mut finished = Vec::new();
+        let (kv_used, outstanding) = (&mut e.kv_used, &mut e.outstanding);
+        e.running.retain(|r| {
+            let tr = &trace[r.req];
+            let done = r.generated > 0 && r.generated >= tr.output_tokens.max(1);
+            if done {
+                finished.push(tr.output_tokens);
+                *kv_used -= u64::from(tr.prompt_tokens) + u64::from(tr.output_tokens.max(1));
+                *outstanding -= 1;
+            }
+            !done
+        });
+        e.step_end = None;
+        finished
+    }
+
+    fn stop_drained(&mut self) {
+        let t = self.t;
+        for e in &mut self.executors {
+            if e.draining && e.stopped_at.is_none() && e.outstanding == 0 {
+                e.stopped_at = Some(t);
+            }
+        }
+    }
+
+    /// The demand sample the gateways would report now.
+    fn sample(&mut self) -> Sample {
+        let tick = self.config.tick.as_secs_f64();
+        let expected = self.expected_output();
+        let queued = self.queue.len() as u32;
+        let in_flight: u32 = self.executors.iter().map(|e| e.outstanding as u32).sum();
+        let mut prompt: u64 = self
+            .queue
+            .iter()
+            .map(|q| u64::from(self.trace[q.req].prompt_tokens))
+            .sum();
+        for e in &self.executors {
+            prompt += e
+                .waiting
+                .iter()
+                .map(|&r| u64::from(self.trace[r].prompt_tokens))
+                .sum::<u64>();
+            prompt += e
+                .running
+                .iter()
+                .map(|r| u64::from(self.trace[r.req].prompt_tokens))
+                .sum::<u64>();
+        }
+        let s = Sample {
+            at: Duration::from_secs_f64(self.t),
+            queued,
+            in_flight,
+            prompt_tokens: prompt,
+            decode_tokens: ((queued + in_flight) as f64 * expected) as u64,
+            prompt_tokens_per_s: self.arrived.0 / tick,
+            decode_tokens_per_s: self.arrived.1 / tick,
+        };
+        self.arrived = (0.0, 0.0);
+        s
+    }
+
+    fn views(&self) -> Vec<ExecutorView> {
+        let t = self.t;
+        self.executors
+            .iter()
+            .filter(|e| e.stopped_at.is_none())
+            .map(|e| ExecutorView {
+                id: e.id.clone(),
+                class: e.class,
+                phase: if e.draining {
+                    Phase::Draining
+                } else if e.ready(t) {
+                    Phase::Ready
+                } else {
+                    Phase::Starting
+                },
+                in_flight: e.outstanding as u32,
+                idle_since: e.idle_since.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            })
+            .collect()
+    }
+
+    /// One tick: sample demand, ask the policy, act on its answer, record the point.
+    fn decide(&mut self) {
+        let sample = self.sample();
+        self.samples.push(sample);
+        let keep = self.config.scaling.stable_window;
+        let now = sample.at;
+        let cut = self
+            .samples
+            .iter()
+            .position(|s| now.saturating_sub(s.at) <= keep)
+            .unwrap_or(0);
+        self.samples.drain(..cut);
+        let t = self.t;
+        let live = |s: &Self, c: Class| {
+            s.executors
+                .iter()
+                .filter(|e| e.class == c && e.live())
+                .count() as u32
+        };
+        let desired = match self.policy.clone() {
+            Policy::Llmctl => {
+                let views = self.views();
+                let d = autoscaler::decide(
+                    &self.config.scaling,
+                    &Observations {
+                        now,
+                        samples: &self.samples,
+                        executors: &views,
+                        cold_start: Some(self.model.cold_start),
+                        memory: self.memory,
+                    },
+                );
+                self.memory = d.memory;
+                if std::env::var_os("LLMCTL_REPLAY_DEBUG").is_some()
+                    && (d.total() != self.last_desired.unwrap_or(0) || !d.drain.is_empty())
+                {
+                    eprintln!(
+                        "{:.0} {} {:?} {:?} {:?}",
+                        t,
+                        d.total(),
+                        d.reason,
+                        d.signal,
+                        d.inputs
+                    );
+                }
+                for id in &d.drain {
+                    if let Some(e) = self.executors.iter_mut().find(|e| &e.id == id) {
+                        e.draining = true;
+                    }
+                }
+                for (class, target) in [(Class::Warm, d.warm), (Class::Ephemeral, d.ephemeral)] {
+                    for _ in live(self, class)..target {
+                        self.launch(class, false);
+                    }
+                }
+                d.total()
+            }
+            Policy::Kpa(spec) => {
+                let ready = self
+                    .executors
+                    .iter()
+                    .filter(|e| e.live() && e.ready(t))
+                    .count() as u32;
+                let desired = kpa::decide(&spec, &mut self.kpa, now, &self.samples, ready);
+                let have = live(self, Class::Warm) + live(self, Class::Ephemeral);
+                for _ in have..desired {
+                    self.launch(Class::Ephemeral, false);
+                }
+                if desired < have {
+                    self.remove_like_a_replicaset(have - desired);
+                }
+                desired
+            }
+            Policy::Static(n) => n,
+        };
+        self.count_change(desired);
+        let demand_executors = self.config.scaling.load(&sample).max().1.max(0.0);
+        let queue_wait = self.queue.front().map_or(0.0, |q| t - self.trace[q.req].at);
+        self.out.timeline.push(Point {
+            t,
+            demand: sample.queued + sample.in_flight,
+            demand_executors,
+            desired,
+            ready: self
+                .executors
+                .iter()
+                .filter(|e| e.live() && e.ready(t))
+                .count() as u32,
+            queue_wait,
+        });
+    }
+
+    /// Kubernetes' ReplicaSet scale-down order: pods not ready first, then the newest.
+    fn remove_like_a_replicaset(&mut self, mut count: u32) {
+        let t = self.t;
+        let mut order: Vec<usize> = (0..self.executors.len())
+            .filter(|&i| self.executors[i].live())
+            .collect();
+        order.sort_by(|&a, &b| {
+            let (ea, eb) = (&self.executors[a], &self.executors[b]);
+            (ea.ready(t), std::cmp::Reverse(ea.launched_at.to_bits()))
+                .cmp(&(eb.ready(t), std::cmp::Reverse(eb.launched_at.to_bits())))
+        });
+        for i in order {
+            if count == 0 {
+                break;
+            }
+            let e = &mut self.executors[i];
+            if e.ready(t) {
+                e.draining = true;
+            } else {
+                e.stopped_at = Some(t);
+            }
+            count -= 1;
+        }
+    }
+
+    /// Counts scale-ups, scale-downs and flaps (a reversal within one stable window).
+    fn count_change(&mut self, desired: u32) {
+        let Some(before) = self.last_desired.replace(desired) else {
+            return;
+        };
+        if desired == before {
+            return;
+        }
+        let direction: i8 = if desired > before { 1 } else { -1 };
+        if direction > 0 {
+            self.out.scale_ups += 1;
+        } else {
+            self.out.scale_downs += 1;
+        }
+        let window = self.config.scaling.stable_window.as_secs_f64();
+        if let Some((at, previous)) = self.last_change
+            && previous != direction
+            && self.t - at < window
+        {
+            self.out.flaps += 1;
+        }
+        self.last_change = Some((self.t, direction));
+    }
+}
+
+/// Static provisioning at the trace's peak: the most executors any minute of the trace needs
+/// for its prompt and output tokens at the executor model's rates and the pool's target
+/// utilisation, within the pool's `max_replicas`.
+pub fn peak_executors(trace: &[TraceRequest], model: &ExecutorModel, scaling: &ScalingSpec) -> u32 {
+    let minute = 60.0;
+    let c = model.capacity();
+    let mut busiest: f64 = 0.0;
+    let mut start = 0;
+    let mut work = 0.0;
+    let cost = |r: &TraceRequest| {
+        r.prompt_tokens as f64 / c.prefill_tokens_per_s
+            + r.output_tokens as f64 / c.decode_tokens_per_s
+    };
+    for r in trace {
+        work += cost(r);
+        while trace[start].at <= r.at - minute {
+            work -= cost(&trace[start]);
+            start += 1;
+        }
+        busiest = busiest.max(work);
+    }
+    let util = scaling.target_utilization.clamp(0.01, 1.0);
+    ((busiest / minute / util).ceil() as u32).clamp(1, scaling.max_replicas.max(1))
+}
