@@ -22,6 +22,9 @@
 //!   launch-to-ready time, so executors launched now are ready when the ramp gets there. The
 //!   trend must rise through all three thirds of the stable window by a margin (a step rises
 //!   between two thirds only, noise by less). Only upward, at most doubling the current load.
+//! - **Bursts shorter than a boot are absorbed, not chased.** A panic launches executors only
+//!   when the live ones would still be working through the backlog (prompt and decode tokens
+//!   held, over their token capacity) when a new one became ready.
 //! - **Scale from zero** on the first queued request, without waiting for a window.
 //! - **Drain-based scale-down.** Capacity that has been above what the stable window asks for
 //!   during `idle_ttl` is given back: the decision names the executors to drain (ephemeral
@@ -359,6 +362,35 @@ fn extrapolate(
     (m3 + growth * steps).min(2.0 * m3).max(floor)
 }
 
+/// Share of demand kept above it when scaling down.
+const SCALE_DOWN_HEADROOM: f64 = 0.1;
+
+/// The panic window's demand in executors. With a token capacity: what the arrival rate needs
+/// plus what clears the queued work within one cold start, so a queue that grows while
+/// executors boot does not count again and again; without one, the largest signal. The queued
+/// share of the tokens held is taken pro rata by request count (gateways report the tokens of
+/// queued and running requests together).
+fn panic_demand(spec: &ScalingSpec, obs: &Observations<'_>, panic: Load) -> f64 {
+    let (Some(c), Some(s)) = (spec.capacity, obs.samples.last()) else {
+        return panic.max().1;
+    };
+    let horizon = obs.cold_start.unwrap_or(spec.panic_window).max(spec.panic_window);
+    let held = s.prompt_tokens as f64 / c.prefill_tokens_per_s
+        + s.decode_tokens as f64 / c.decode_tokens_per_s;
+    let queued = s.queued as f64 / (s.queued + s.in_flight).max(1) as f64;
+    panic.token_rate + held * queued / horizon.as_secs_f64()
+}
+
+/// Seconds the `capacity` live executors need for the work the latest sample holds (prompt
+/// tokens to prefill and decode tokens to generate), or `None` without a token capacity.
+fn backlog_seconds(spec: &ScalingSpec, samples: &[Sample], capacity: u32) -> Option<f64> {
+    let c = spec.capacity?;
+    let s = samples.last()?;
+    let work = s.prompt_tokens as f64 / c.prefill_tokens_per_s
+        + s.decode_tokens as f64 / c.decode_tokens_per_s;
+    Some(work / capacity.max(1) as f64)
+}
+
 /// Rounds executors up, forgiving float noise just above a whole number.
 fn executors(load: f64) -> u32 {
     (load - 1e-9).ceil().max(0.0) as u32
@@ -378,7 +410,7 @@ pub fn decide(spec: &ScalingSpec, obs: &Observations<'_>) -> Decision {
     let stable_load = average(spec, obs.samples, now, spec.stable_window);
     let panic_load = average(spec, obs.samples, now, spec.panic_window);
     let (signal, stable_level) = stable_load.max();
-    let panic_level = executors(panic_load.max().1);
+    let panic_level = executors(panic_demand(spec, obs, panic_load));
     let ahead = match obs.cold_start {
         Some(cold) if spec.lookahead => extrapolate(spec, obs.samples, now, stable_level, cold),
         _ => stable_level,
@@ -406,9 +438,17 @@ pub fn decide(spec: &ScalingSpec, obs: &Observations<'_>) -> Decision {
     }
     let in_panic = memory.panic_since.is_some();
 
-    let (mut desired, mut reason) = if in_panic {
+    // A burst whose backlog the live executors clear before a new one could boot is not worth
+    // a launch: those executors would arrive to an empty queue.
+    let outlasts_boot = match (obs.cold_start, backlog_seconds(spec, obs.samples, capacity)) {
+        (Some(cold), Some(clear)) => clear > cold.as_secs_f64(),
+        _ => true,
+    };
+    let (mut desired, mut reason) = if in_panic && (outlasts_boot || capacity == 0) {
         let d = panic_level.max(memory.panic_peak).max(capacity).max(stable);
         (d, Reason::Panic)
+    } else if in_panic {
+        (capacity.max(stable), Reason::Panic)
     } else if executors(ahead) > stable && executors(ahead) > capacity {
         (executors(ahead), Reason::Lookahead)
     } else {
@@ -440,7 +480,12 @@ pub fn decide(spec: &ScalingSpec, obs: &Observations<'_>) -> Decision {
         memory.panic_peak = memory.panic_peak.max(desired);
     }
 
-    // Scale-down: only once the excess has lasted `idle_ttl`; until then the pool holds.
+    // Scale-down keeps a margin over the demand (hysteresis against the scale-up threshold), and
+    // only once the excess has lasted `idle_ttl`; until then the pool holds.
+    if desired < capacity {
+        let keep = executors(stable_level.max(panic_load.max().1) * (1.0 + SCALE_DOWN_HEADROOM));
+        desired = desired.max(keep).min(capacity);
+    }
     if desired < capacity {
         let since = *memory.excess_since.get_or_insert(now);
         if now.saturating_sub(since) < spec.idle_ttl {
@@ -838,9 +883,9 @@ mod tests {
         sim.run(90, |_| 32);
         assert_eq!(sim.executors.len(), 8);
         let start = sim.decisions.len();
-        sim.run(2 * 60, |_| 8);
+        sim.run(2 * 60, |_| 7);
         let after: Vec<&Decision> = sim.decisions[start..].iter().collect();
-        assert_eq!(sim.executors.len(), 2, "what 8 requests at 4 each need");
+        assert_eq!(sim.executors.len(), 2, "what 7 requests at 4 each need");
         assert!(
             sim.executors.iter().all(|(e, _)| e.in_flight > 0),
             "spread routing keeps every executor busy, yet the pool shrank"
@@ -899,7 +944,9 @@ mod tests {
         // 4 requests: by count, one executor of 8; but each holds 60k tokens of KV.
         let mut sim = Sim::new(base.clone(), 5 * SEC);
         sim.tokens = (59_000, 1_000);
-        sim.run(120, |_| 4);
+        // (Starting from zero, the first 236k queued prompt tokens are a burst worth more
+        // executors for a while; the steady state is what counts here.)
+        sim.run(400, |_| 4);
         let d = sim.decisions.last().unwrap();
         assert_eq!(d.signal, Signal::KvTokens, "{d:?}");
         assert_eq!(sim.executors.len(), 3, "240k tokens over 100k a piece");

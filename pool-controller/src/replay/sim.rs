@@ -544,17 +544,8 @@ impl<'a> Sim<'a> {
                     },
                 );
                 self.memory = d.memory;
-                if std::env::var_os("LLMCTL_REPLAY_DEBUG").is_some()
-                    && (d.total() != self.last_desired.unwrap_or(0) || !d.drain.is_empty())
-                {
-                    eprintln!(
-                        "{:.0} {} {:?} {:?} {:?}",
-                        t,
-                        d.total(),
-                        d.reason,
-                        d.signal,
-                        d.inputs
-                    );
+                if Some(d.total()) != self.last_desired || !d.drain.is_empty() {
+                    tracing::debug!(t, total = d.total(), reason = d.reason.as_str(), signal = d.signal.as_str(), inputs = ?d.inputs, "replay decision");
                 }
                 for id in &d.drain {
                     if let Some(e) = self.executors.iter_mut().find(|e| &e.id == id) {
@@ -676,4 +667,135 @@ pub fn peak_executors(trace: &[TraceRequest], model: &ExecutorModel, scaling: &S
     }
     let util = scaling.target_utilization.clamp(0.01, 1.0);
     ((busiest / minute / util).ceil() as u32).clamp(1, scaling.max_replicas.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ExecutorModel {
+        ExecutorModel::parse(
+            r#"
+            cold_start_secs = 20
+            prefill_tokens_per_s = 5000.0
+            decode_tokens_per_s = [[1, 50.0], [8, 300.0], [32, 800.0]]
+            max_running = 32
+            kv_tokens = 50000
+            "#,
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn config(model: &ExecutorModel) -> SimConfig {
+        SimConfig {
+            scaling: ScalingSpec {
+                min_warm: 1,
+                max_replicas: 16,
+                target_concurrency: 16.0,
+                idle_ttl: Duration::from_secs(30),
+                capacity: Some(model.capacity()),
+                ..ScalingSpec::default()
+            },
+            max_concurrency: 32,
+            queue_deadline: Duration::from_secs(60),
+            queue_max: 10_000,
+            tick: Duration::from_secs(1),
+            affinity: true,
+            initial: 1,
+        }
+    }
+
+    /// `rate(t)` requests a second for `seconds`, evenly spaced, 200 prompt and 50 output
+    /// tokens each.
+    fn trace(seconds: u32, rate: impl Fn(u32) -> u32) -> Vec<TraceRequest> {
+        let mut out = Vec::new();
+        for s in 0..seconds {
+            let n = rate(s);
+            for i in 0..n {
+                out.push(TraceRequest {
+                    at: s as f64 + i as f64 / n as f64,
+                    prompt_tokens: 200,
+                    output_tokens: 50,
+                    affinity: Some(u64::from(i % 7)),
+                });
+            }
+        }
+        out
+    }
+
+    fn ttfts(o: &Outcome) -> Vec<f64> {
+        o.fates
+            .iter()
+            .filter_map(|f| match f {
+                Fate::Served { ttft } => Some(*ttft),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_static_pool_serves_everything_and_never_scales() {
+        let m = model();
+        let c = config(&m);
+        let t = trace(120, |_| 4);
+        let o = Sim::new(&c, &m, &t, Policy::Static(2)).run();
+        assert_eq!(o.fates.len(), t.len());
+        assert_eq!(ttfts(&o).len(), t.len(), "every request served");
+        assert_eq!((o.scale_ups, o.scale_downs, o.launched), (0, 0, 0));
+        // Two executors for the whole run.
+        assert!((o.executor_seconds - 2.0 * o.end).abs() < 1e-6, "{o:?}");
+        // Unloaded, a first token takes at least one prefill step: 200 tokens at 5,000/s.
+        assert!(ttfts(&o).iter().all(|&x| x >= 0.04 - 1e-9));
+    }
+
+    #[test]
+    fn our_autoscaler_follows_a_step_up_and_back_down_without_losing_a_request() {
+        let m = model();
+        let c = config(&m);
+        // 2/s, then 30/s for four minutes, then 2/s: the pool grows and drains back.
+        let t = trace(600, |s| if (120..360).contains(&s) { 30 } else { 2 });
+        let o = Sim::new(&c, &m, &t, Policy::Llmctl).run();
+        assert_eq!(ttfts(&o).len(), t.len(), "every request served");
+        let peak = o.timeline.iter().map(|p| p.ready).max().unwrap();
+        assert!(peak >= 3, "scaled up to {peak}");
+        let last = o.timeline.last().unwrap();
+        assert!(last.ready <= 2, "drained back: {last:?}");
+        assert!(o.scale_downs >= 1);
+        assert_eq!(
+            o.flaps, 0,
+            "no reversal within a stable window on a clean step"
+        );
+    }
+
+    #[test]
+    fn kpa_and_static_peak_run_the_same_trace() {
+        let m = model();
+        let c = config(&m);
+        let t = trace(300, |s| if s % 100 < 50 { 20 } else { 2 });
+        let peak = peak_executors(&t, &m, &c.scaling);
+        assert!(peak >= 2, "{peak}");
+        let kpa = Policy::Kpa(KpaSpec::knative_defaults(32.0, 1, 16));
+        for p in [kpa, Policy::Static(peak)] {
+            let o = Sim::new(&c, &m, &t, p).run();
+            assert_eq!(o.fates.len(), t.len());
+            assert!(o.executor_seconds > 0.0);
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_a_late_one_times_out() {
+        let m = model();
+        let mut c = config(&m);
+        c.queue_max = 5;
+        c.queue_deadline = Duration::from_secs(1);
+        // 400 requests in one second against one executor of 32 slots.
+        let t = trace(1, |_| 400);
+        let o = Sim::new(&c, &m, &t, Policy::Static(1)).run();
+        let refused = o.fates.iter().filter(|f| **f == Fate::Refused).count();
+        let late = o.fates.iter().filter(|f| **f == Fate::TimedOut).count();
+        assert!(refused > 300, "{refused}");
+        assert!(late > 0, "{late}");
+        assert_eq!(o.fates.len(), 400);
+    }
 }
