@@ -1,7 +1,8 @@
 //! The whole plane with real processes: `llmctl up --config` runs the controller and the
 //! gateway, which start `llmctl worker` children on demand. Scale from zero, a burst raising
 //! ephemeral executors to `max_replicas` and their reaping back to the warm floor, and a
-//! `kill -9` of a worker under load with every request accounted for; the controller's
+//! `kill -9` of a worker under load with every request accounted for, eight executors drained
+//! down to what a partial, spread load needs with every request answered; the controller's
 //! metrics are checked at each step.
 
 use std::io::{BufRead, BufReader};
@@ -274,7 +275,7 @@ idle_ttl_secs = 1
     assert!(terminated.iter().all(|e| e["class"] == "ephemeral"));
     assert!(
         plane
-            .metric("llmctl_controller_scale_decisions_total{pool=\"burst\",reason=\"idle_reap\"}")
+            .metric("llmctl_controller_scale_decisions_total{pool=\"burst\",reason=\"scale_down\"}")
             .await
             >= 1.0
     );
@@ -289,6 +290,103 @@ idle_ttl_secs = 1
             .metric(
                 "llmctl_controller_executors{pool=\"burst\",class=\"ephemeral\",phase=\"ready\"}"
             )
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spread_partial_load_drains_eight_executors_to_what_it_needs_and_answers_everything() {
+    // The case that pinned the old autoscaler: eight executors, demand for two, and the
+    // gateway's least-outstanding routing keeping every executor busy, so none is ever idle.
+    let dir = tempfile::tempdir().unwrap();
+    let dir = Box::leak(Box::new(dir));
+    let pools = "\
+[[controller.pools]]
+name = \"spread\"
+[controller.pools.executor]
+model = \"MODEL\"
+args = [\"--kv-cache-mib\", \"16\"]
+max_concurrency = 2
+drain_grace_secs = 10
+[controller.pools.scaling]
+min_warm = 1
+max_replicas = 8
+target_concurrency = 1
+stable_window_secs = 4
+panic_window_secs = 0.5
+idle_ttl_secs = 2
+";
+    let plane = Plane::start(dir.path(), pools);
+    plane
+        .wait_pool("spread", "the warm executor", |p| p["ready"] == 1)
+        .await;
+    let clients = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(16));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (gateway, stop, clients) = (plane.gateway.clone(), stop.clone(), clients.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut answered = 0;
+            // Client i sends while i is below the number of clients wanted; the rest wait.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if i >= clients.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let (status, body) = http(
+                    &gateway,
+                    "POST",
+                    "/v1/chat/completions",
+                    Some(&chat("spread", 24, i % 2 == 0)),
+                )
+                .await;
+                if let Err(e) = classify(status, &body, i % 2 == 0) {
+                    panic!("client {i}: {e}: {body}");
+                }
+                answered += 1;
+            }
+            answered
+        }));
+    }
+    plane
+        .wait_pool("spread", "eight executors ready", |p| p["ready"] == 8)
+        .await;
+    // Partial load: two clients, spread over all eight executors by the gateway.
+    clients.store(2, std::sync::atomic::Ordering::Relaxed);
+    let partial = Instant::now();
+    let settled = plane
+        .wait_pool("spread", "draining down to what two clients need", |p| {
+            let ready = p["ready"].as_u64().unwrap_or(0);
+            (1..=3).contains(&ready) && p["draining"] == 0 && p["starting"] == 0
+        })
+        .await;
+    eprintln!(
+        "partial load: 8 -> {} ready in {:?}",
+        settled["ready"],
+        partial.elapsed()
+    );
+    // And it stays there while the load goes on (no flapping back up).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let later = plane.pool("spread").await;
+    assert!(later["ready"].as_u64().unwrap() <= 3, "{later:#}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for t in tasks {
+        answered += t.await.expect("no client saw a failed request");
+    }
+    assert!(answered > 16);
+    assert!(
+        plane
+            .metric(
+                "llmctl_controller_scale_decisions_total{pool=\"spread\",reason=\"scale_down\"}"
+            )
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        plane
+            .metric("llmctl_controller_executor_failures_total{pool=\"spread\"")
             .await,
         0.0
     );

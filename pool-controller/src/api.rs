@@ -32,6 +32,18 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 
 type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
+/// Serves the control API for `controller` on `listen`; returns the bound address.
+pub async fn listen(
+    controller: &Arc<Controller>,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the control API on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    Ok((addr, tokio::spawn(serve(listener, controller.clone()))))
+}
+
 pub async fn serve(listener: tokio::net::TcpListener, controller: Arc<Controller>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {

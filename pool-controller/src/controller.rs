@@ -1,7 +1,8 @@
 //! The controller process: one reconciler per pool, the demand book the gateways report into,
 //! and the endpoint snapshot the gateways watch. Pools come and go while it runs (the local spec
 //! file adds them all at start; on Kubernetes they follow the `InferencePool` resources). The
-//! control API (`api`) reads and writes through [`Controller`]. [`start`] brings up the local
+//! control API (`api`, which depends on this module, not the reverse) reads and writes through
+//! [`Controller`]. [`start`] brings up the local
 //! controller; [`Controller::shutdown`] stops every reconciler (the local provider drains its
 //! executors and waits for the children to be gone).
 
@@ -240,21 +241,6 @@ impl Controller {
             }
         })
     }
-
-    /// Serves the control API on `listen`.
-    pub async fn listen(
-        self: &Arc<Self>,
-        listen: SocketAddr,
-    ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("binding the control API on {listen}: {e}"))?;
-        let addr = listener.local_addr()?;
-        Ok((
-            addr,
-            tokio::spawn(crate::api::serve(listener, self.clone())),
-        ))
-    }
 }
 
 /// The started local controller.
@@ -320,7 +306,7 @@ pub async fn start(config: ControllerConfig, worker_program: PathBuf) -> anyhow:
         );
     }
     let refresh = controller.spawn_demand_refresh();
-    let (addr, api) = controller.listen(config.listen).await?;
+    let (addr, api) = crate::api::listen(&controller, config.listen).await?;
     tracing::info!(%addr, pools = config.pools.len(), "controller listening");
     Ok(Running {
         addr,

@@ -374,7 +374,10 @@ fn panic_demand(spec: &ScalingSpec, obs: &Observations<'_>, panic: Load) -> f64 
     let (Some(c), Some(s)) = (spec.capacity, obs.samples.last()) else {
         return panic.max().1;
     };
-    let horizon = obs.cold_start.unwrap_or(spec.panic_window).max(spec.panic_window);
+    let horizon = obs
+        .cold_start
+        .unwrap_or(spec.panic_window)
+        .max(spec.panic_window);
     let held = s.prompt_tokens as f64 / c.prefill_tokens_per_s
         + s.decode_tokens as f64 / c.decode_tokens_per_s;
     let queued = s.queued as f64 / (s.queued + s.in_flight).max(1) as f64;

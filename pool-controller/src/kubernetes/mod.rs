@@ -62,7 +62,7 @@ pub async fn run(args: KubernetesArgs) -> anyhow::Result<()> {
     let controller = Controller::new(Duration::from_millis(args.demand_ttl_ms));
     controller.set_ready(false);
     let _refresh = controller.spawn_demand_refresh();
-    let (addr, _api) = controller.listen(args.listen).await?;
+    let (addr, _api) = crate::api::listen(&controller, args.listen).await?;
     println!(
         "{}",
         serde_json::json!({"event": "listening", "addr": addr.to_string(), "namespace": namespace})

@@ -244,17 +244,16 @@ fn chart(
             right + 4.0
         );
     }
+    // At most one vertex per pixel column: each bucket of points drawn at its largest value,
+    // so spikes survive the thinning.
+    let per_bucket = points.len().div_ceil((right - left) as usize).max(1);
     for (k, (label, color, max, value)) in series.iter().enumerate() {
         let mut d = String::new();
-        for (j, p) in points.iter().enumerate() {
-            let y = y1 - (y1 - y0) * (value(p) / max).clamp(0.0, 1.0);
-            let _ = write!(
-                d,
-                "{}{:.1},{:.1}",
-                if j == 0 { "M" } else { " L" },
-                x(p.t),
-                y
-            );
+        for (j, bucket) in points.chunks(per_bucket).enumerate() {
+            let v = bucket.iter().map(value).fold(f64::MIN, f64::max);
+            let y = y1 - (y1 - y0) * (v / max).clamp(0.0, 1.0);
+            let step = if j == 0 { "M" } else { " L" };
+            let _ = write!(d, "{step}{:.1},{:.1}", x(bucket[0].t), y);
         }
         let _ = writeln!(
             svg,
