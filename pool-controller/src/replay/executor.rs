@@ -8,6 +8,7 @@
 //! max_running = 256               # requests in the running batch at most
 //! kv_tokens = 400000              # tokens the KV cache holds
 //! max_batched_tokens = 2048       # tokens in one engine step (decode + prefill chunk)
+//! first_token_overhead_secs = 0.0 # per request, outside the engine (HTTP, tokenizing)
 //! ```
 //!
 //! Decode throughput between two listed batch sizes is interpolated linearly, and held flat
@@ -29,6 +30,8 @@ pub struct ExecutorModel {
     pub max_running: u32,
     pub kv_tokens: u64,
     pub max_batched_tokens: u32,
+    /// Added to every first token: the request's path outside the engine steps.
+    pub first_token_overhead: Duration,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +43,7 @@ struct Raw {
     max_running: u32,
     kv_tokens: u64,
     max_batched_tokens: Option<u32>,
+    first_token_overhead_secs: Option<f64>,
     /// Where the numbers come from (free text, kept for the reader).
     #[allow(dead_code)]
     source: Option<String>,
@@ -115,7 +119,17 @@ impl ExecutorModel {
                 "must be positive",
             ));
         }
+        let overhead = raw.first_token_overhead_secs.unwrap_or(0.0);
+        if !(overhead.is_finite() && (0.0..60.0).contains(&overhead)) {
+            let v = overhead.to_string();
+            return Err(invalid(
+                "first_token_overhead_secs",
+                v,
+                "must be seconds, 0 to 60",
+            ));
+        }
         Ok(Self {
+            first_token_overhead: Duration::from_secs_f64(overhead),
             cold_start: Duration::from_secs_f64(raw.cold_start_secs),
             prefill_tokens_per_s: raw.prefill_tokens_per_s,
             decode_tokens_per_s: raw.decode_tokens_per_s,

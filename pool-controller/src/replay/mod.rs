@@ -92,31 +92,43 @@ pub fn executor_model(name_or_path: &str) -> anyhow::Result<ExecutorModel> {
     Ok(ExecutorModel::load(std::path::Path::new(name_or_path))?)
 }
 
-/// The trace cut to `--start`/`--duration` and scaled in time and tokens.
+/// Which part of a trace to replay, and how scaled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Span {
+    /// Seconds into the trace.
+    pub start: f64,
+    pub duration: Option<f64>,
+    /// Time compression (2: twice as fast).
+    pub time_scale: f64,
+    /// Factor on prompt and output lengths.
+    pub token_scale: f64,
+}
+
+/// The trace cut to the span, starting at 0, scaled in time and tokens.
 pub fn shape(
     mut trace: Vec<trace::TraceRequest>,
-    args: &ReplayArgs,
+    span: Span,
 ) -> anyhow::Result<Vec<trace::TraceRequest>> {
     for (name, v) in [
-        ("--time-scale", args.time_scale),
-        ("--token-scale", args.token_scale),
+        ("--time-scale", span.time_scale),
+        ("--token-scale", span.token_scale),
     ] {
         if !(v.is_finite() && v > 0.0) {
             bail!("{name} = {v}: must be a positive number");
         }
     }
-    if !(args.start.is_finite() && args.start >= 0.0) {
-        bail!("--start = {}: must be seconds, 0 or more", args.start);
+    if !(span.start.is_finite() && span.start >= 0.0) {
+        bail!("--start = {}: must be seconds, 0 or more", span.start);
     }
-    let end = args.duration.map_or(f64::INFINITY, |d| args.start + d);
-    trace.retain(|r| r.at >= args.start && r.at < end);
+    let end = span.duration.map_or(f64::INFINITY, |d| span.start + d);
+    trace.retain(|r| r.at >= span.start && r.at < end);
     if trace.is_empty() {
         bail!("no request of the trace falls in the chosen span");
     }
     let t0 = trace[0].at;
-    let tokens = |n: u32| ((n as f64 * args.token_scale).round() as u32).max(1);
+    let tokens = |n: u32| ((n as f64 * span.token_scale).round() as u32).max(1);
     for r in &mut trace {
-        r.at = (r.at - t0) / args.time_scale;
+        r.at = (r.at - t0) / span.time_scale;
         r.prompt_tokens = tokens(r.prompt_tokens);
         r.output_tokens = tokens(r.output_tokens);
     }
@@ -126,7 +138,13 @@ pub fn shape(
 /// Runs `llmctl autoscaler replay`.
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let model = executor_model(&args.executor_model)?;
-    let trace = shape(trace::load(&args.trace)?, &args)?;
+    let span = Span {
+        start: args.start,
+        duration: args.duration,
+        time_scale: args.time_scale,
+        token_scale: args.token_scale,
+    };
+    let trace = shape(trace::load(&args.trace)?, span)?;
     let config = ControllerConfig::load(&args.pool)?;
     let pool = match &args.pool_name {
         Some(name) => config

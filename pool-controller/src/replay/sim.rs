@@ -392,7 +392,8 @@ impl<'a> Sim<'a> {
     fn advance(&mut self, until: f64) {
         for e in &mut self.executors {
             while let Some(end) = e.step_end.filter(|&end| end <= until) {
-                let finished = Self::end_step(e, self.trace, &mut self.fates, end);
+                let overhead = self.model.first_token_overhead.as_secs_f64();
+                let finished = Self::end_step(e, self.trace, &mut self.fates, end, overhead);
                 for output in finished {
                     self.history.0 += output as f64;
                     self.history.1 += 1.0;
@@ -412,6 +413,7 @@ impl<'a> Sim<'a> {
         trace: &[TraceRequest],
         fates: &mut [Option<Fate>],
         end: f64,
+        overhead: f64,
     ) -> Vec<u32> {
         let chunks = std::mem::take(&mut e.chunks);
         for r in e.running.iter_mut() {
@@ -425,7 +427,7 @@ impl<'a> Sim<'a> {
             if r.prefilled >= trace[r.req].prompt_tokens {
                 r.generated = 1;
                 fates[r.req] = Some(Fate::Served {
-                    ttft: end - trace[r.req].at,
+                    ttft: end - trace[r.req].at + overhead,
                 });
             }
         }
