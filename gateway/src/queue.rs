@@ -712,6 +712,66 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn token_weight_follows_requests_through_queue_grant_and_release() {
+        let q = QueueHandle::spawn("p".into(), one_slot(), config(10), Arc::new(Metrics::new()));
+        let weigh = |prompt, decode, retry| Ticket {
+            tokens: Tokens { prompt, decode },
+            retry,
+            ..ticket("x", Priority::Normal, Duration::from_secs(30))
+        };
+        let held = q.acquire(weigh(100, 10, false)).await.unwrap();
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.acquire(weigh(7, 3, false)).await }
+        });
+        let gone = tokio::spawn({
+            let q = q.clone();
+            async move { q.acquire(weigh(1000, 1000, true)).await }
+        });
+        settle().await;
+        let load = q.load();
+        assert_eq!(
+            load.tokens,
+            Tokens {
+                prompt: 1107,
+                decode: 1013
+            }
+        );
+        assert_eq!(
+            (load.arrived, load.arrived_tokens),
+            (
+                2,
+                Tokens {
+                    prompt: 107,
+                    decode: 13
+                }
+            ),
+            "retries are not arrivals"
+        );
+        // A client that leaves takes its weight with it; a release hands the slot on.
+        gone.abort();
+        settle().await;
+        assert_eq!(
+            q.load().tokens,
+            Tokens {
+                prompt: 107,
+                decode: 13
+            }
+        );
+        drop(held);
+        let next = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            q.load().tokens,
+            Tokens {
+                prompt: 7,
+                decode: 3
+            }
+        );
+        drop(next);
+        assert_eq!(q.load().tokens, Tokens::default());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failing_endpoint_is_ejected_and_its_slot_goes_elsewhere() {
         let endpoints = vec![
             Endpoint {
