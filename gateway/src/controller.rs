@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use llmctl_protocol::control::{DemandReport, EndpointSnapshot, PoolDemand};
 
 use crate::config::ControllerLink;
-use crate::queue::Load;
+use crate::queue::Arrived;
 use crate::server::Gateway;
 
 /// A watch stream silent for this long is presumed dead (the controller heartbeats every 5 s).
@@ -108,17 +108,17 @@ async fn watch_once(gateway: &Gateway, link: &ControllerLink) -> Result<(), Stri
     }
 }
 
-/// Requests, prompt tokens and decode tokens admitted per second between two loads.
-fn arrival_rates(before: &Load, now: &Load, elapsed: Duration) -> (f64, f64, f64) {
+/// Requests, prompt tokens and decode tokens admitted per second between two counts.
+fn arrival_rates(before: Arrived, now: Arrived, elapsed: Duration) -> (f64, f64, f64) {
     let secs = elapsed.as_secs_f64();
     if secs <= 0.0 {
         return (0.0, 0.0, 0.0);
     }
     let per_s = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
     (
-        per_s(before.arrived, now.arrived),
-        per_s(before.arrived_tokens.prompt, now.arrived_tokens.prompt),
-        per_s(before.arrived_tokens.decode, now.arrived_tokens.decode),
+        per_s(before.requests, now.requests),
+        per_s(before.tokens.prompt, now.tokens.prompt),
+        per_s(before.tokens.decode, now.tokens.decode),
     )
 }
 
@@ -136,7 +136,7 @@ async fn report_demand(gateway: Arc<Gateway>, link: ControllerLink) {
     let mut last_sent = tokio::time::Instant::now() - link.report_interval;
     let mut had_queued: Vec<bool> = Vec::new();
     // Per pool: the arrival counters at the previous report, to turn into rates.
-    let mut counted: HashMap<String, (tokio::time::Instant, Load)> = HashMap::new();
+    let mut counted: HashMap<String, (tokio::time::Instant, Arrived)> = HashMap::new();
     let mut failing = false;
     loop {
         tokio::time::sleep(QUICK_CHECK).await;
@@ -167,7 +167,7 @@ async fn report_demand(gateway: Arc<Gateway>, link: ControllerLink) {
             let now = tokio::time::Instant::now();
             let rates = counted
                 .get(pool)
-                .map(|(at, before)| arrival_rates(before, &load, now.duration_since(*at)));
+                .map(|(at, before)| arrival_rates(*before, load.arrived, now.duration_since(*at)));
             let (arrivals_per_s, prompt_tokens_per_s, decode_tokens_per_s) =
                 rates.unwrap_or_default();
             report.pools.push(PoolDemand {
@@ -176,8 +176,8 @@ async fn report_demand(gateway: Arc<Gateway>, link: ControllerLink) {
                 in_flight: load.in_flight as u32,
                 endpoints: load
                     .per_endpoint
-                    .iter()
-                    .map(|(a, n)| (a.clone(), *n as u32))
+                    .into_iter()
+                    .map(|(a, n)| (a, n as u32))
                     .collect(),
                 prompt_tokens: load.tokens.prompt,
                 decode_tokens: load.tokens.decode,
@@ -185,7 +185,7 @@ async fn report_demand(gateway: Arc<Gateway>, link: ControllerLink) {
                 prompt_tokens_per_s,
                 decode_tokens_per_s,
             });
-            counted.insert(pool.clone(), (now, load));
+            counted.insert(pool.clone(), (now, load.arrived));
         }
         last_sent = tokio::time::Instant::now();
         let body = Bytes::from(serde_json::to_vec(&report).expect("reports serialize"));

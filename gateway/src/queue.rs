@@ -114,10 +114,15 @@ pub struct Load {
     pub per_endpoint: Vec<(String, usize)>,
     /// Token weight of the queued and in-flight requests.
     pub tokens: Tokens,
-    /// Requests (and their token weight) admitted since the queue started, retries left out:
-    /// the reporter turns these into rates.
-    pub arrived: u64,
-    pub arrived_tokens: Tokens,
+    /// Admitted since the queue started, retries left out: the reporter turns these into rates.
+    pub arrived: Arrived,
+}
+
+/// Requests admitted and their token weight, counted since the queue started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Arrived {
+    pub requests: u64,
+    pub tokens: Tokens,
 }
 
 struct Inner {
@@ -177,8 +182,7 @@ impl QueueHandle {
             len: 0,
             in_flight: 0,
             tokens: Tokens::default(),
-            arrived: 0,
-            arrived_tokens: Tokens::default(),
+            arrived: Arrived::default(),
         };
         state.endpoints = endpoints.into_iter().map(|e| state.state(e)).collect();
         let inner = Arc::new(Inner {
@@ -202,8 +206,8 @@ impl QueueHandle {
         let answer = {
             let mut s = self.inner.lock();
             if !ticket.retry {
-                s.arrived += 1;
-                s.arrived_tokens.add(ticket.tokens);
+                s.arrived.requests += 1;
+                s.arrived.tokens.add(ticket.tokens);
             }
             if s.len == 0 && ticket.deadline > Instant::now() {
                 let now = Instant::now();
@@ -251,7 +255,6 @@ impl QueueHandle {
                 .collect(),
             tokens: s.tokens,
             arrived: s.arrived,
-            arrived_tokens: s.arrived_tokens,
         }
     }
 
@@ -340,8 +343,7 @@ struct State {
     in_flight: usize,
     /// Token weight of the waiting requests and of the grants not yet released.
     tokens: Tokens,
-    arrived: u64,
-    arrived_tokens: Tokens,
+    arrived: Arrived,
 }
 
 impl State {
@@ -738,7 +740,7 @@ mod tests {
             }
         );
         assert_eq!(
-            (load.arrived, load.arrived_tokens),
+            (load.arrived.requests, load.arrived.tokens),
             (
                 2,
                 Tokens {

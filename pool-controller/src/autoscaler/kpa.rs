@@ -63,13 +63,9 @@ pub struct KpaState {
 }
 
 fn average(samples: &[Sample], now: Duration, window: Duration) -> f64 {
-    let from = now.saturating_sub(window);
-    let (sum, n) = samples
-        .iter()
-        .filter(|s| s.at > from && s.at <= now)
-        .fold((0.0, 0.0), |(sum, n), s| {
-            (sum + (s.queued + s.in_flight) as f64, n + 1.0)
-        });
+    let (sum, n) = super::recent(samples, now, window).fold((0.0, 0.0), |(sum, n), s| {
+        (sum + (s.queued + s.in_flight) as f64, n + 1.0)
+    });
     if n > 0.0 { sum / n } else { 0.0 }
 }
 

@@ -50,6 +50,15 @@ pub struct Capacity {
     pub kv_tokens: f64,
 }
 
+impl Capacity {
+    /// Seconds one executor spends prefilling `prompt` tokens and generating `decode` tokens
+    /// (given rates instead of counts: the executors those rates keep busy).
+    pub fn seconds(&self, prompt: f64, decode: f64) -> f64 {
+        let per = |x: f64| if x > 0.0 { 1.0 / x } else { 0.0 };
+        prompt * per(self.prefill_tokens_per_s) + decode * per(self.decode_tokens_per_s)
+    }
+}
+
 /// The scaling parameters of a pool.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScalingSpec {
@@ -167,13 +176,15 @@ impl ScalingSpec {
             };
         };
         let util = self.target_utilization.clamp(0.01, 1.0);
-        let per = |x: f64| if x > 0.0 { 1.0 / x } else { 0.0 };
+        let kv = if c.kv_tokens > 0.0 {
+            c.kv_tokens
+        } else {
+            f64::INFINITY
+        };
         Load {
             requests,
-            token_rate: (s.prompt_tokens_per_s * per(c.prefill_tokens_per_s)
-                + s.decode_tokens_per_s * per(c.decode_tokens_per_s))
-                / util,
-            kv_tokens: (s.prompt_tokens + s.decode_tokens) as f64 * per(c.kv_tokens) / util,
+            token_rate: c.seconds(s.prompt_tokens_per_s, s.decode_tokens_per_s) / util,
+            kv_tokens: (s.prompt_tokens + s.decode_tokens) as f64 / kv / util,
         }
     }
 }
@@ -294,7 +305,11 @@ impl Decision {
 }
 
 /// Samples within `window` before `now`.
-fn recent(samples: &[Sample], now: Duration, window: Duration) -> impl Iterator<Item = &Sample> {
+pub(super) fn recent(
+    samples: &[Sample],
+    now: Duration,
+    window: Duration,
+) -> impl Iterator<Item = &Sample> {
     let from = now.saturating_sub(window);
     samples.iter().filter(move |s| s.at > from && s.at <= now)
 }
@@ -378,8 +393,7 @@ fn panic_demand(spec: &ScalingSpec, obs: &Observations<'_>, panic: Load) -> f64 
         .cold_start
         .unwrap_or(spec.panic_window)
         .max(spec.panic_window);
-    let held = s.prompt_tokens as f64 / c.prefill_tokens_per_s
-        + s.decode_tokens as f64 / c.decode_tokens_per_s;
+    let held = c.seconds(s.prompt_tokens as f64, s.decode_tokens as f64);
     let queued = s.queued as f64 / (s.queued + s.in_flight).max(1) as f64;
     panic.token_rate + held * queued / horizon.as_secs_f64()
 }
@@ -389,8 +403,7 @@ fn panic_demand(spec: &ScalingSpec, obs: &Observations<'_>, panic: Load) -> f64 
 fn backlog_seconds(spec: &ScalingSpec, samples: &[Sample], capacity: u32) -> Option<f64> {
     let c = spec.capacity?;
     let s = samples.last()?;
-    let work = s.prompt_tokens as f64 / c.prefill_tokens_per_s
-        + s.decode_tokens as f64 / c.decode_tokens_per_s;
+    let work = c.seconds(s.prompt_tokens as f64, s.decode_tokens as f64);
     Some(work / capacity.max(1) as f64)
 }
 

@@ -183,10 +183,12 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         queue_max: args.queue_max.max(1),
         tick: Duration::from_secs_f64(args.tick_secs),
         affinity: !args.no_affinity,
-        initial: {
-            let first_minute: Vec<_> = trace.iter().take_while(|r| r.at < 60.0).cloned().collect();
-            sim::peak_executors(&first_minute, &model, &scaling)
-        },
+        // The trace is sorted by arrival: its first minute is a prefix.
+        initial: sim::peak_executors(
+            &trace[..trace.partition_point(|r| r.at < 60.0)],
+            &model,
+            &scaling,
+        ),
     };
     let mut policies = Vec::new();
     for p in &args.policy {

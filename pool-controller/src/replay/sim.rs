@@ -131,17 +131,14 @@ impl Executor {
     }
 }
 
-struct Queued {
-    req: usize,
-}
-
 pub struct Sim<'a> {
     config: &'a SimConfig,
     model: &'a ExecutorModel,
     trace: &'a [TraceRequest],
     policy: Policy,
     executors: Vec<Executor>,
-    queue: VecDeque<Queued>,
+    /// The gateway's queue: indexes into the trace.
+    queue: VecDeque<usize>,
     fates: Vec<Option<Fate>>,
     t: f64,
     next_id: u32,
@@ -288,7 +285,7 @@ impl<'a> Sim<'a> {
             self.fates[req] = Some(Fate::Refused);
             return;
         }
-        self.queue.push_back(Queued { req });
+        self.queue.push_back(req);
     }
 
     fn expire(&mut self) {
@@ -296,10 +293,10 @@ impl<'a> Sim<'a> {
         let t = self.t;
         let trace = self.trace;
         let fates = &mut self.fates;
-        self.queue.retain(|q| {
-            let late = t - trace[q.req].at >= deadline;
+        self.queue.retain(|&req| {
+            let late = t - trace[req].at >= deadline;
             if late {
-                fates[q.req] = Some(Fate::TimedOut);
+                fates[req] = Some(Fate::TimedOut);
             }
             !late
         });
@@ -311,7 +308,7 @@ impl<'a> Sim<'a> {
         let t = self.t;
         while let Some(head) = self.queue.front() {
             let affinity = if self.config.affinity {
-                self.trace[head.req].affinity
+                self.trace[*head].affinity
             } else {
                 None
             };
@@ -334,11 +331,11 @@ impl<'a> Sim<'a> {
             let Some(i) = choice else {
                 return;
             };
-            let q = self.queue.pop_front().expect("the head exists");
+            let req = self.queue.pop_front().expect("the head exists");
             let e = &mut self.executors[i];
             e.outstanding += 1;
             e.idle_since = None;
-            e.waiting.push_back(q.req);
+            e.waiting.push_back(req);
             if e.step_end.is_none() {
                 Self::start_step(e, self.model, self.trace, t);
             }
@@ -465,7 +462,7 @@ impl<'a> Sim<'a> {
         let mut prompt: u64 = self
             .queue
             .iter()
-            .map(|q| u64::from(self.trace[q.req].prompt_tokens))
+            .map(|&r| u64::from(self.trace[r].prompt_tokens))
             .sum();
         for e in &self.executors {
             prompt += e
@@ -581,7 +578,7 @@ impl<'a> Sim<'a> {
         };
         self.count_change(desired);
         let demand_executors = self.config.scaling.load(&sample).max().1.max(0.0);
-        let queue_wait = self.queue.front().map_or(0.0, |q| t - self.trace[q.req].at);
+        let queue_wait = self.queue.front().map_or(0.0, |&r| t - self.trace[r].at);
         self.out.timeline.push(Point {
             t,
             demand: sample.queued + sample.in_flight,
@@ -655,10 +652,7 @@ pub fn peak_executors(trace: &[TraceRequest], model: &ExecutorModel, scaling: &S
     let mut busiest: f64 = 0.0;
     let mut start = 0;
     let mut work = 0.0;
-    let cost = |r: &TraceRequest| {
-        r.prompt_tokens as f64 / c.prefill_tokens_per_s
-            + r.output_tokens as f64 / c.decode_tokens_per_s
-    };
+    let cost = |r: &TraceRequest| c.seconds(r.prompt_tokens as f64, r.output_tokens as f64);
     for r in trace {
         work += cost(r);
         while trace[start].at <= r.at - minute {
