@@ -16,8 +16,12 @@
 // launches, copies, memsets and cuBLAS calls (cublas.cpp hands them over through
 // `llmctl_emulator_submit`) are recorded, kernel arguments copied, instead of run; cuGraphLaunch
 // runs the recording. As on a GPU, the legacy (null) stream cannot capture, a synchronisation or
-// a stream-ordered allocation on a capturing stream is refused and invalidates the capture, and
-// a recorded launch reads its pointers' memory when replayed, not when recorded.
+// a synchronisation on a capturing stream is refused and invalidates the capture, and a recorded
+// launch reads its pointers' memory when replayed, not when recorded. Memory pools are supported
+// (as on every GPU the worker targets), so cudarc allocates stream-ordered, and a stream-ordered
+// allocation on a capturing stream becomes the graph's allocation node, as on a GPU: a graph
+// whose allocation is still live (not freed in the graph nor since its last launch) cannot be
+// launched again (CUDA_ERROR_INVALID_VALUE).
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -64,6 +68,7 @@ using Op = std::function<CUresult()>;
 
 struct Graph {
     std::vector<Op> ops;
+    std::set<CUdeviceptr> allocs;  // allocation nodes the graph does not free itself
 };
 struct Stream {
     std::unique_ptr<Graph> capture;  // set while capturing
@@ -95,6 +100,9 @@ int context_tag, stream_tag;  // their addresses are the context and stream hand
 std::map<CUdeviceptr, Allocation> allocations;
 std::set<Function*> functions;
 size_t allocated;
+// Memory of graph allocation nodes (kept mapped for the graphs' later launches), and which of it
+// is live: launched and not freed since.
+std::set<CUdeviceptr> graph_memory, graph_live;
 
 size_t total_memory() {
     static const size_t total = [] {
@@ -228,7 +236,8 @@ API cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
         case 75: *value = 9; break;       // compute capability major
         case 76: *value = 0; break;       // minor
         case 97: *value = 232448; break;  // opt-in shared memory per block
-        default: *value = 0;              // memory pools (115) and the rest: not supported
+        case 115: *value = 1; break;      // memory pools (stream-ordered allocation)
+        default: *value = 0;              // the rest: not supported
     }
     return SUCCESS;
 }
@@ -314,7 +323,15 @@ API cuGraphLaunch(void* exec, CUstream s) {
     GUARD;
     if (!exec) return INVALID_VALUE;
     if (capturing(s)) return refuse_if_capturing(s, "cuGraphLaunch");
-    for (Op& op : static_cast<Graph*>(exec)->ops) {
+    Graph* graph = static_cast<Graph*>(exec);
+    for (CUdeviceptr p : graph->allocs) {
+        if (graph_live.count(p)) {
+            fprintf(stderr, "llmctl CUDA emulator: cuGraphLaunch of a graph whose allocation node's memory is still live\n");
+            return INVALID_VALUE;
+        }
+    }
+    graph_live.insert(graph->allocs.begin(), graph->allocs.end());
+    for (Op& op : graph->ops) {
         if (const CUresult r = op(); r != SUCCESS) return r;
     }
     return SUCCESS;
@@ -363,17 +380,30 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
 }
 API cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
     GUARD;
-    if (const CUresult r = refuse_if_capturing(s, "cuMemAllocAsync (a graph allocation node)")) return r;
-    return alloc(p, bytes);
+    const CUresult r = alloc(p, bytes);
+    if (Stream* stream = capturing(s); stream && r == SUCCESS) {
+        stream->capture->allocs.insert(*p);
+        graph_memory.insert(*p);
+    }
+    return r;
+}
+// Graph memory freed outside its graph stays mapped for the graph's next launch.
+static CUresult free_now(CUdeviceptr p) {
+    if (graph_memory.count(p)) return graph_live.erase(p) ? SUCCESS : INVALID_VALUE;
+    return release(p);
 }
 API cuMemFree_v2(CUdeviceptr p) {
     GUARD;
-    return release(p);
+    return free_now(p);
 }
 API cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     GUARD;
-    if (const CUresult r = refuse_if_capturing(s, "cuMemFreeAsync (a graph free node)")) return r;
-    return release(p);
+    if (Stream* stream = capturing(s)) {
+        // A free node: only of memory this graph allocated.
+        if (stream->capture->allocs.erase(p)) return SUCCESS;
+        return refuse_if_capturing(s, "cuMemFreeAsync of memory the graph did not allocate");
+    }
+    return free_now(p);
 }
 API cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     GUARD;

@@ -485,3 +485,31 @@ fn a_captured_stream_records_and_its_graph_replays_on_current_memory() {
         Err(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED))
     ));
 }
+
+#[test]
+#[ignore = "needs libnvrtc.so.13 on LD_LIBRARY_PATH and a C++ compiler; .ci/run runs it"]
+fn a_graph_whose_allocation_is_still_live_cannot_launch_again() {
+    // Seen on an H200 (perf/results/2026-12-04-gpu-h200.md): with memory pools, cudarc allocates
+    // stream-ordered, and an allocation on a capturing stream becomes the graph's allocation node.
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
+    let d = device();
+    let stream = d.stream.context().new_stream().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .unwrap();
+    let inside = stream.alloc_zeros::<f32>(64).unwrap();
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    graph.launch().unwrap();
+    assert_eq!(stream.clone_dtoh(&inside).unwrap(), vec![0.0; 64]);
+    assert!(matches!(
+        graph.launch(),
+        Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE))
+    ));
+    // Freed outside the graph, its memory waits for the graph's next launch.
+    drop(inside);
+    stream.synchronize().unwrap();
+    graph.launch().unwrap();
+}

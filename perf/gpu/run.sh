@@ -22,7 +22,8 @@
 #   perf/gpu/run.sh all [S] # on the GPU machine: all of the above in one call of at most S
 #                           # seconds (default 540), most wanted first, each part under its own
 #                           # time limit, so a short device lease still brings back the first
-#                           # numbers; see all() for the order
+#                           # numbers; see all() for the order. SKIP=REGEX leaves out the parts
+#                           # whose name and command match (a rerun of what failed)
 #
 # With the device tool: run `perf/gpu/run.sh build` here, then run `bash perf/gpu/run.sh run`
 # there with carry = ["perf/gpu/bin"]. NVRTC 13 and cuBLAS 13 are found in PyTorch's nvidia-*
@@ -77,15 +78,17 @@ build() {
     du -sh "$BIN"
 }
 
-# NVRTC and cuBLAS from PyTorch's wheels unless the system has them; the binaries unpacked.
+# NVRTC and cuBLAS from the system, the CUDA toolkit or PyTorch's wheels, whichever has them
+# first; the binaries unpacked.
 cuda_env() {
-    if ! ls /usr/lib/x86_64-linux-gnu/libnvrtc.so.13 >/dev/null 2>&1; then
-        local nv
-        nv=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
-        if [ -n "$nv" ] && [ -e "$nv/libnvrtc.so.13" ]; then
-            export LD_LIBRARY_PATH="$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        fi
-    fi
+    local dirs=() d nv
+    nv=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
+    for d in /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib "$nv"; do
+        [ -n "$d" ] && { [ -e "$d/libnvrtc.so.13" ] || [ -e "$d/libcublas.so.13" ]; } && dirs+=("$d")
+    done
+    for d in "${dirs[@]}"; do
+        [[ ":${LD_LIBRARY_PATH:-}:" == *":$d:"* ]] || export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+    done
     # Compiled kernels stay out of $OUT: what comes back from the device machine is capped at 8
     # files.
     export LLMCTL_KERNEL_CACHE=/tmp/llmctl-kernel-cache
@@ -158,6 +161,7 @@ all() {
         # The binaries were built elsewhere: say at once if one cannot start here, instead of
         # a part failing with the loader's message in all.log.
         echo "here: $(ldd --version 2>&1 | head -1)"
+        echo "CUDA libraries from: ${LD_LIBRARY_PATH:-nowhere}"
         cat "$BIN/built.txt" 2>/dev/null || true
         local exe missing
         for exe in "$BIN"/*; do
@@ -172,6 +176,10 @@ all() {
         local cap=$1 name=$2 left
         shift 2
         left=$((deadline - $(date +%s)))
+        if [ -n "${SKIP:-}" ] && [[ "$name $*" =~ $SKIP ]]; then
+            echo "- $name: skipped (SKIP), alone: perf/gpu/run.sh exec $*" >>"$results"
+            return
+        fi
         if ((left < 20)); then
             echo "- $name: skipped, ${left}s left (alone: perf/gpu/run.sh exec $*)" >>"$results"
             return
@@ -183,7 +191,7 @@ all() {
         echo "== $name (cap ${cap}s): $*" >>"$log"
         if [[ $name == *.md ]]; then
             timeout -k 10 "$cap" "$@" --out "$table" >>"$log" 2>&1 || rc=$?
-            { echo; echo "## $name"; echo; cat "$table" 2>/dev/null; } >>"$results"
+            { echo; echo "## $name"; echo; cat "$table" 2>/dev/null || true; } >>"$results"
         else
             timeout -k 10 "$cap" "$@" >>"$out/$name" 2>&1 || rc=$?
         fi

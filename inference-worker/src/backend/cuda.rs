@@ -32,9 +32,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DeviceRepr, DriverError, result};
-use llmctl_kernels::cuda::{
-    Dtype, GEMV_MAX_ROWS, GemvThen, KernelError, Kernels, PagedCache, RotaryKv, Split,
-};
+use llmctl_kernels::cuda::{Dtype, GemvThen, KernelError, Kernels, PagedCache, RotaryKv, Split};
 use rayon::prelude::*;
 
 use super::{
@@ -48,6 +46,12 @@ use crate::model::weights::{TensorView, WeightDtype, fuse_f32, fused_shape};
 /// The largest decode batch replayed from a CUDA graph; bigger batches run op by op, where
 /// launch overhead is a small share of the step.
 pub const MAX_GRAPH_BATCH: usize = 256;
+
+/// The most rows a sublayer input runs as fused GEMVs (the kernels take up to
+/// [`llmctl_kernels::cuda::GEMV_MAX_ROWS`]).
+/// On an H200 the fused kernels beat cuBLAS at one row (0.62–0.99x its time at every Llama 1B
+/// and 8B projection) and lose at four (1.06–1.87x); `perf/results/2026-12-04-gpu-h200.md`.
+pub const FUSED_GEMV_MAX_ROWS: usize = 1;
 
 /// Batch sizes a graph is recorded for; a decode step is padded up to the next one.
 const GRAPH_BUCKETS: [usize; 13] = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
@@ -320,7 +324,7 @@ pub struct CudaBackend<T> {
     stream: Arc<CudaStream>,
     pool: Arc<Pool>,
     graphs: Mutex<Graphs<T>>,
-    /// Sublayer inputs of up to [`GEMV_MAX_ROWS`] rows run as fused GEMV kernels.
+    /// Sublayer inputs of up to [`FUSED_GEMV_MAX_ROWS`] rows run as fused GEMV kernels.
     fused_gemv: bool,
     /// Every activation buffer is filled with all-ones bytes (NaN) when handed out, so an op
     /// that leaves part of its output unwritten shows: on the emulator, or where
@@ -412,7 +416,7 @@ where
         self
     }
 
-    /// Whether each sublayer input of a step of at most [`GEMV_MAX_ROWS`] tokens (small-batch
+    /// Whether each sublayer input of a step of at most [`FUSED_GEMV_MAX_ROWS`] tokens (small-batch
     /// decode) runs as two fused GEMV kernels (the previous output's projection with the
     /// residual add; the norm and input projection with SiLU-and-mul, or with rotary and the
     /// cache write) rather than cuBLAS and separate kernels (on by default).
@@ -421,7 +425,7 @@ where
         self
     }
 
-    /// Whether a sublayer input runs as fused GEMVs: on, at most [`GEMV_MAX_ROWS`] rows, rows
+    /// Whether a sublayer input runs as fused GEMVs: on, at most [`FUSED_GEMV_MAX_ROWS`] rows, rows
     /// in whole 16-byte chunks, no biases (the kernels take none).
     fn fuses(
         &self,
@@ -430,7 +434,7 @@ where
     ) -> bool {
         let whole_chunks = |cols: usize| (cols * std::mem::size_of::<T>()).is_multiple_of(16);
         self.fused_gemv
-            && (1..=GEMV_MAX_ROWS).contains(&residual.rows)
+            && (1..=FUSED_GEMV_MAX_ROWS).contains(&residual.rows)
             && whole_chunks(residual.cols)
             && input.into.bias.is_none()
             && input
@@ -562,15 +566,12 @@ where
         let outputs = &mut graphs.outputs;
         let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let logits = forward(cache, step);
-            let out = outputs.entry(key.batch).or_insert_with(|| GpuMatrix {
-                data: DeviceBuf::owned(
-                    self.stream
-                        .alloc_zeros::<T>(logits.rows * logits.cols)
-                        .or_die("allocating graph outputs"),
-                ),
-                rows: logits.rows,
-                cols: logits.cols,
-            });
+            // From the pool, which allocates outside the stream: a stream-ordered allocation
+            // here would become the graph's allocation node, and a graph whose allocation is
+            // still live cannot be launched again (seen on an H200).
+            let out = outputs
+                .entry(key.batch)
+                .or_insert_with(|| self.matrix(logits.rows, logits.cols));
             self.stream
                 .memcpy_dtod(&*logits.data, &mut *out.data)
                 .or_die("copying graph outputs");
@@ -850,14 +851,24 @@ where
             drop(graphs);
             return forward(cache, step);
         }
-        let entry = &graphs.entries[&key];
-        entry
+        let entry = graphs
+            .entries
+            .get_mut(&key)
+            .expect("prepared with the step");
+        let launched = entry
             .recorded
             .as_ref()
             .expect("recorded above")
             .graph
-            .launch()
-            .or_die("launching a decode CUDA graph");
+            .launch();
+        if let Err(e) = launched {
+            // The step has not run: it runs op by op, and so does every later one.
+            tracing::warn!(error = %e, "cannot launch a decode CUDA graph; decode steps run op by op from now on");
+            entry.recorded = None;
+            graphs.enabled = false;
+            drop(graphs);
+            return forward(cache, step);
+        }
         self.stats.replayed.fetch_add(1, Ordering::Relaxed);
         // The asked rows of the bucket's output, which the backend keeps: nothing else writes
         // it before the next step's graph.

@@ -80,7 +80,7 @@ pub struct WorkerArgs {
     /// batch-size bucket (`--cuda-graphs false` runs every step op by op).
     #[arg(long, env = "LLMCTL_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
-    /// On CUDA: steps of at most 4 tokens (small-batch decode) build each sublayer's input as
+    /// On CUDA: single-token steps (batch-1 decode) build each sublayer's input as
     /// two fused GEMV kernels instead of cuBLAS and separate residual, norm, rotary/KV-write
     /// and SiLU kernels (`--fused-gemv false` keeps the separate ones).
     #[arg(long, env = "LLMCTL_FUSED_GEMV", default_value_t = true, action = clap::ArgAction::Set)]

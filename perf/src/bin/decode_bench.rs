@@ -20,12 +20,11 @@ use clap::Parser;
 use half::bf16;
 use llmctl_inference_worker::backend::Backend;
 use llmctl_inference_worker::backend::cpu::CpuBackend;
-use llmctl_inference_worker::backend::cuda::CudaBackend;
+use llmctl_inference_worker::backend::cuda::{CudaBackend, FUSED_GEMV_MAX_ROWS};
 use llmctl_inference_worker::backend::profiled::{OpTimes, Profiled};
 use llmctl_inference_worker::engine::{Engine, EngineConfig, SamplingParams};
 use llmctl_inference_worker::model::{self, init::Preset};
 use llmctl_inference_worker::server::Device;
-use llmctl_kernels::cuda::GEMV_MAX_ROWS;
 use rayon::prelude::*;
 use serde_json::Value;
 
@@ -229,7 +228,7 @@ fn measure<B: Backend>(
     };
     let step = plain(gpu, true)?;
     let op_by_op_step = gpu.then(|| plain(false, true)).transpose()?;
-    let unfused_step = (gpu && batch <= GEMV_MAX_ROWS)
+    let unfused_step = (gpu && batch <= FUSED_GEMV_MAX_ROWS)
         .then(|| plain(true, false))
         .transpose()?;
     // Op by op: a graph's replay cannot be timed by op, and its padding would inflate them.
@@ -366,7 +365,7 @@ fn main() -> Result<()> {
     table.push_str(
         "\nStep: decode steps replayed from CUDA graphs on a GPU; op-by-op: the same with graphs \
          off; unfused: graphs on, but each sublayer input on cuBLAS and separate residual, norm, \
-         rotary/KV-write and SiLU kernels instead of the fused GEMVs (batches of at most 4). Roofline: \
+         rotary/KV-write and SiLU kernels instead of the fused GEMVs (batch 1, the only one fused). Roofline: \
          weights (the embedding's batch rows, or all of it when tied) plus K/V at the mean \
          context, over the copy bandwidth. Breakdown from a second run that waits for the \
          device around each operation (a sublayer input counts as GEMM whole); host = that run's \
