@@ -15,7 +15,7 @@ use crate::error::GatewayError;
 /// Bytes of prompt text that decide prefix affinity.
 const AFFINITY_PREFIX: usize = 512;
 /// `max_tokens` assumed for the up-front charge when a request gives none.
-const DEFAULT_MAX_TOKENS: u32 = 512;
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Api {
@@ -32,8 +32,10 @@ pub struct Inspected {
     pub charge: u32,
     /// Estimated prompt tokens.
     pub prompt_tokens: u32,
-    /// Decode tokens it may generate: `max_tokens` (or the assumed default) for each choice.
-    pub decode_tokens: u32,
+    /// Its `max_tokens`, if it names one (per choice).
+    pub max_tokens: Option<u32>,
+    /// Choices asked for (`n`, at least 1).
+    pub choices: u32,
     pub affinity: Option<u64>,
     /// The body to send upstream.
     pub upstream_body: Bytes,
@@ -159,7 +161,8 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
         client_wants_usage: wants_usage,
         charge,
         prompt_tokens,
-        decode_tokens,
+        max_tokens,
+        choices: n,
         affinity: affinity(&prompt_text.prefix),
         upstream_body,
     })

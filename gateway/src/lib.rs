@@ -7,7 +7,8 @@
 //! and `proxy` (relaying the executor's response, read by `upstream`, the HTTP/1.1 client to
 //! executors). `config` is the TOML file; `metrics` the Prometheus registry; `error` the one
 //! mapping to OpenAI error bodies; `controller` follows the pool controller (live endpoint sets
-//! in, demand reports out). No GPU code here.
+//! in, demand reports out); `history` is what each pool's requests generated, for the decode
+//! tokens those reports expect. No GPU code here.
 
 pub mod auth;
 pub mod body;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod controller;
 pub mod dispatch;
 pub mod error;
+pub mod history;
 pub mod inspect;
 pub mod limit;
 pub mod metrics;

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::TenantState;
 use crate::body::{self, Body};
+use crate::history::DecodeHistory;
 use crate::metrics::Metrics;
 use crate::queue::Permit;
 use crate::upstream::UpstreamBody;
@@ -48,6 +49,10 @@ pub struct Settle {
     /// The client asked for the final usage chunk (otherwise it is removed).
     pub client_wants_usage: bool,
     pub request_id: String,
+    /// Where the completion tokens of a successful response are recorded, and over how many
+    /// choices.
+    pub history: Arc<DecodeHistory>,
+    pub choices: u32,
     /// Counts the request as in flight until the relay ends (the drain waits on it).
     pub _inflight: InflightGuard,
 }
@@ -69,17 +74,23 @@ impl Drop for InflightGuard {
 }
 
 impl Settle {
-    fn finish(mut self, status: u16, usage: Option<u32>, failed: bool) {
+    fn finish(mut self, status: u16, usage: Option<Usage>, failed: bool) {
         if failed {
             self.permit.fail();
         }
         // Without a usage report the charge stands.
-        self.tenant
-            .limits
-            .true_up(self.charged, usage.unwrap_or(self.charged));
+        let total = usage.map_or(self.charged, |u| u.total);
+        self.tenant.limits.true_up(self.charged, total);
+        if let Some(completion) = usage
+            .and_then(|u| u.completion)
+            .filter(|_| !failed && (200..300).contains(&status))
+        {
+            self.history.record(completion.into(), self.choices);
+        }
         self.e2e.observe(self.started.elapsed().as_secs_f64());
         self.metrics.request(&self.pool, &self.tenant.name, status);
-        tracing::info!(request_id = %self.request_id, pool = %self.pool, tenant = %self.tenant.name, status, tokens = ?usage, failed, "request finished");
+        let tokens = usage.map(|u| u.total);
+        tracing::info!(request_id = %self.request_id, pool = %self.pool, tenant = %self.tenant.name, status, tokens = ?tokens, failed, "request finished");
     }
 }
 
@@ -96,10 +107,17 @@ struct UsageCounts {
     completion_tokens: Option<u64>,
 }
 
+/// What a response reports in its `usage`: all tokens, and the generated ones where it says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Usage {
+    total: u32,
+    completion: Option<u32>,
+}
+
 /// Tokens a JSON response (or stream chunk) reports in its `usage`. Fast path: `usage` is
 /// normally the last key, so its object is read from the last `"usage":` on (an unescaped
 /// quote can only open a key or string, never sit inside one); otherwise the whole body.
-fn usage_tokens(json: &[u8]) -> Option<u32> {
+fn usage_tokens(json: &[u8]) -> Option<Usage> {
     const KEY: &[u8] = b"\"usage\":";
     let tail = json
         .windows(KEY.len())
@@ -116,7 +134,11 @@ fn usage_tokens(json: &[u8]) -> Option<u32> {
     let total = u
         .total_tokens
         .or_else(|| Some(u.prompt_tokens? + u.completion_tokens.unwrap_or(0)))?;
-    Some(total.min(u32::MAX as u64) as u32)
+    let clamp = |n: u64| n.min(u32::MAX as u64) as u32;
+    Some(Usage {
+        total: clamp(total),
+        completion: u.completion_tokens.map(clamp),
+    })
 }
 
 /// Relays `upstream` to the client; settles when the relay ends (or the client leaves).
@@ -219,7 +241,14 @@ impl JsonRelay {
             let ok = self.status.is_success();
             settle.finish(
                 self.status.as_u16(),
-                if ok { usage } else { Some(0) },
+                if ok {
+                    usage
+                } else {
+                    Some(Usage {
+                        total: 0,
+                        completion: None,
+                    })
+                },
                 false,
             );
         }
@@ -291,7 +320,7 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
 /// Returns the bytes to forward for one event, noting usage and `[DONE]`.
 fn process_event(
     event: &[u8],
-    usage: &mut Option<u32>,
+    usage: &mut Option<Usage>,
     done: &mut bool,
     client_wants_usage: bool,
 ) -> Bytes {
@@ -370,7 +399,13 @@ mod tests {
             process_event(last, &mut usage, &mut done, false).is_empty(),
             "usage chunk dropped"
         );
-        assert_eq!(usage, Some(12));
+        assert_eq!(
+            usage,
+            Some(Usage {
+                total: 12,
+                completion: Some(7)
+            })
+        );
         assert_eq!(
             process_event(last, &mut usage, &mut done, true),
             Bytes::copy_from_slice(last)
@@ -382,9 +417,18 @@ mod tests {
     #[test]
     fn usage_is_found_wherever_it_is() {
         let last = br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {} trap"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
-        assert_eq!(usage_tokens(last), Some(12));
+        let total = |json: &[u8]| usage_tokens(json).map(|u| u.total);
+        assert_eq!(total(last), Some(12));
         let middle = br#"{"usage":{"prompt_tokens":2,"completion_tokens":3},"choices":[]}"#;
-        assert_eq!(usage_tokens(middle), Some(5));
+        assert_eq!(usage_tokens(middle).and_then(|u| u.completion), Some(3));
+        assert_eq!(total(middle), Some(5));
+        assert_eq!(
+            usage_tokens(br#"{"usage":{"prompt_tokens":2}}"#),
+            Some(Usage {
+                total: 2,
+                completion: None
+            })
+        );
         assert_eq!(usage_tokens(br#"{"choices":[],"usage":null}"#), None);
         assert_eq!(usage_tokens(br#"{"choices":[]}"#), None);
         assert_eq!(usage_tokens(b"not json"), None);

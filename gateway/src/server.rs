@@ -23,7 +23,8 @@ use crate::auth::{AuthError, Tenants};
 use crate::body::{self, Body};
 use crate::config::{Config, Priority};
 use crate::error::GatewayError;
-use crate::inspect::{self, Api};
+use crate::history::DecodeHistory;
+use crate::inspect::{self, Api, DEFAULT_MAX_TOKENS};
 use crate::limit;
 use crate::metrics::{Metrics, PoolHandles};
 use crate::proxy::{self, InflightGuard, Settle, names};
@@ -40,6 +41,8 @@ struct PoolRuntime {
     models: Vec<String>,
     queue: QueueHandle,
     metrics: PoolHandles,
+    /// What its requests generated, for the decode tokens its demand reports expect.
+    decode_history: Arc<DecodeHistory>,
 }
 
 /// The paths the gateway answers.
@@ -91,6 +94,7 @@ impl Gateway {
                 header: proxy::header_value(&p.name),
                 models: p.models.clone(),
                 metrics: metrics.pool_handles(&p.name),
+                decode_history: Arc::default(),
                 queue: QueueHandle::spawn(
                     p.name.clone(),
                     p.endpoints.clone(),
@@ -302,7 +306,10 @@ impl Gateway {
                 retry: attempt > 0,
                 tokens: Tokens {
                     prompt: inspected.prompt_tokens.into(),
-                    decode: inspected.decode_tokens.into(),
+                    decode: pool
+                        .decode_history
+                        .expect(inspected.max_tokens, DEFAULT_MAX_TOKENS, inspected.choices)
+                        .into(),
                 },
             };
             let grant = match pool.queue.acquire(ticket).await {
@@ -353,6 +360,8 @@ impl Gateway {
                         permit: grant.permit,
                         client_wants_usage: inspected.client_wants_usage,
                         request_id: request_id.to_owned(),
+                        history: pool.decode_history.clone(),
+                        choices: inspected.choices,
                         _inflight: inflight,
                     };
                     let mut response = proxy::relay(upstream, settle);

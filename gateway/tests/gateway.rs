@@ -988,6 +988,8 @@ async fn follows_the_controller_and_keeps_the_last_endpoints_when_it_goes_away()
     };
     assert_eq!(report["gateway"], "gw-test");
     assert_eq!(report["pools"][0]["pool"], "main");
+    // No history yet: the request's max_tokens.
+    assert_eq!(report["pools"][0]["decode_tokens"], 10);
 
     // The controller publishes an executor: the queued request is dispatched to it.
     let endpoint = json!({"name": "exec-1", "address": up.to_string(), "max_concurrency": 4});
@@ -998,6 +1000,30 @@ async fn follows_the_controller_and_keeps_the_last_endpoints_when_it_goes_away()
         .unwrap();
     assert_eq!(status, 200);
     assert_eq!(headers["x-llmctl-executor"], "exec-1");
+
+    // Once enough requests have finished (each generating 5 tokens), a request's expected
+    // decode is what the pool generates, not its max_tokens ceiling: two choices, 10 tokens.
+    for _ in 0..llmctl_gateway::history::MIN_SAMPLES {
+        assert_eq!(gw.chat("ka", "hi", json!({})).await.0, 200);
+    }
+    let running = tokio::spawn({
+        let gw = gw.clone();
+        async move {
+            gw.chat("ka", "slow:1500", json!({"max_tokens": 1000, "n": 2}))
+                .await
+        }
+    });
+    let report = loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), demand.recv())
+            .await
+            .expect("demand reports arrive")
+            .unwrap();
+        if r["pools"][0]["in_flight"] == 1 {
+            break r;
+        }
+    };
+    assert_eq!(report["pools"][0]["decode_tokens"], 10);
+    assert_eq!(running.await.unwrap().0, 200);
 
     // The controller dies: the gateway keeps serving from the last endpoint set.
     controller_task.abort();

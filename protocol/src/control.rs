@@ -30,8 +30,9 @@ pub struct PoolDemand {
     /// yet (prefill still to do, as far as the gateway can tell).
     #[serde(default)]
     pub prompt_tokens: u64,
-    /// Decode tokens the queued and running requests are still expected to generate (their
-    /// `max_tokens`, or the pool's observed mean where none was given).
+    /// Decode tokens the queued and running requests are expected to generate: each one's
+    /// `max_tokens` (or a default of 512), lowered to what the pool's recent requests generated
+    /// once enough have finished (the gateway's `history`).
     #[serde(default)]
     pub decode_tokens: u64,
     /// Requests admitted per second, averaged over the gateway's last few seconds.
