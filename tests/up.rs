@@ -352,6 +352,32 @@ idle_ttl_secs = 2
     plane
         .wait_pool("spread", "eight executors ready", |p| p["ready"] == 8)
         .await;
+    // The controller reads each ready worker's own load from its /metrics: under this load
+    // every one answers, and their engines report requests running and KV in use.
+    let loaded = plane
+        .wait_pool(
+            "spread",
+            "every executor's load read from its /metrics",
+            |p| {
+                let ready: Vec<&Value> = p["executors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| e["phase"] == "ready")
+                    .collect();
+                ready.len() == 8
+                    && ready.iter().all(|e| e["kv_used"].is_number())
+                    && ready.iter().any(|e| e["running"].as_f64() > Some(0.0))
+            },
+        )
+        .await;
+    assert!(
+        plane
+            .metric("llmctl_controller_executors_reporting_load{pool=\"spread\"}")
+            .await
+            >= 1.0,
+        "{loaded:#}"
+    );
     // Partial load: two clients, spread over all eight executors by the gateway.
     clients.store(2, std::sync::atomic::Ordering::Relaxed);
     let partial = Instant::now();

@@ -2,7 +2,8 @@
 //!
 //! `spec` is the pool spec file; `autoscaler` the pure decision function (observations in,
 //! decision out); `demand` sums the gateways' demand reports; `reconciler` drives a `provider`
-//! (local child processes now, Kubernetes pods later) to the autoscaler's decisions;
+//! (local child processes now, Kubernetes pods later) to the autoscaler's decisions, reading
+//! each ready executor's own load from its `/metrics` through `scrape`;
 //! `controller` assembles one reconciler per pool behind the control API (`api`); `metrics`
 //! is the Prometheus registry; `crd` is the `InferencePool` custom resource; `kubernetes` runs
 //! the controller in a cluster (pools from `InferencePool`s, executor pods through
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod provider;
 pub mod reconciler;
 pub mod replay;
+pub mod scrape;
 pub mod spec;
 
 use std::path::PathBuf;

@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::autoscaler::{Class, Inputs, Reason};
+use crate::scrape::ExecutorLoad;
 use llmctl_protocol::control::PoolDemand;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -80,6 +81,9 @@ pub struct Metrics {
     demand_tokens: Family<DemandLabels, Gauge>,
     demand_token_rate: Family<DemandLabels, FloatGauge>,
     signals: Family<SignalLabels, FloatGauge>,
+    executor_requests: Family<DemandLabels, FloatGauge>,
+    executor_kv_used: Family<PoolLabel, FloatGauge>,
+    executors_reporting: Family<PoolLabel, Gauge>,
     gateways: Gauge,
 }
 
@@ -109,6 +113,9 @@ impl Metrics {
             demand_tokens: Family::default(),
             demand_token_rate: Family::default(),
             signals: Family::default(),
+            executor_requests: Family::default(),
+            executor_kv_used: Family::default(),
+            executors_reporting: Family::default(),
             gateways: Gauge::default(),
         };
         registry.register(
@@ -165,6 +172,21 @@ impl Metrics {
             "demand_executors",
             "Demand in executors as the autoscaler sees it, by pool, signal (requests, token_rate, kv_tokens, ahead) and window (stable, panic)",
             m.signals.clone(),
+        );
+        registry.register(
+            "executor_requests",
+            "Requests the ready executors report in their engines, summed, by pool and kind (running, waiting)",
+            m.executor_requests.clone(),
+        );
+        registry.register(
+            "executor_kv_used_ratio",
+            "Mean share of KV cache in use that the ready executors report, by pool",
+            m.executor_kv_used.clone(),
+        );
+        registry.register(
+            "executors_reporting_load",
+            "Ready executors whose /metrics answered at the last scrape, by pool",
+            m.executors_reporting.clone(),
         );
         registry.register(
             "demand_gateways",
@@ -257,6 +279,32 @@ impl Metrics {
             self.demand_token_rate.get_or_create(&labels(kind)).set(r);
         }
         self.gateways.set(gateways as i64);
+    }
+
+    /// The loads the pool's ready executors reported at the last scrape.
+    pub fn executor_loads(&self, pool: &str, loads: &[ExecutorLoad]) {
+        let sum = |f: fn(&ExecutorLoad) -> f64| loads.iter().map(f).sum::<f64>();
+        for (kind, v) in [
+            ("running", sum(|l| l.running)),
+            ("waiting", sum(|l| l.waiting)),
+        ] {
+            self.executor_requests
+                .get_or_create(&DemandLabels {
+                    pool: pool.into(),
+                    kind,
+                })
+                .set(v);
+        }
+        let label = PoolLabel { pool: pool.into() };
+        let mean = if loads.is_empty() {
+            0.0
+        } else {
+            sum(|l| l.kv_used) / loads.len() as f64
+        };
+        self.executor_kv_used.get_or_create(&label).set(mean);
+        self.executors_reporting
+            .get_or_create(&label)
+            .set(loads.len() as i64);
     }
 
     /// The demand each signal measured for the latest decision, in executors.

@@ -22,6 +22,7 @@ use crate::autoscaler::{
 };
 use crate::metrics::{Counts, Metrics, class_name};
 use crate::provider::{Adopted, ExecutorEvent, Provider};
+use crate::scrape::{self, ExecutorLoad};
 use llmctl_protocol::control::{Endpoint, PoolDemand};
 
 #[derive(Clone, Debug)]
@@ -53,6 +54,8 @@ struct Record {
     draining_since: Option<Instant>,
     /// Asked to stop by us (its exit is not a failure).
     stopping: bool,
+    /// Its load as its `/metrics` said at the last scrape (`None`: not ready, or no answer).
+    load: Option<ExecutorLoad>,
 }
 
 impl Record {
@@ -68,6 +71,7 @@ impl Record {
             idle_since: None,
             draining_since: None,
             stopping: false,
+            load: None,
         }
     }
 
@@ -82,6 +86,8 @@ impl Record {
 const DRAIN_SETTLE: Duration = Duration::from_secs(2);
 /// Cold starts remembered for the autoscaler's look-ahead (the median is used).
 const COLD_STARTS_KEPT: usize = 8;
+/// How often the ready executors' `/metrics` are read, at the least (the tick, if longer).
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One executor as the control API lists it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -96,6 +102,14 @@ pub struct ExecutorInfo {
     /// Launch to ready.
     pub cold_start_secs: Option<f64>,
     pub in_flight: u32,
+    /// What its own `/metrics` said at the last scrape: requests running and waiting in its
+    /// engine, and the share of its KV cache in use (ready executors that answered only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_used: Option<f64>,
     /// Why it terminated (terminated executors only).
     pub reason: Option<String>,
 }
@@ -227,11 +241,19 @@ impl<P: Provider> Reconciler<P> {
             self.on_demand(report);
         }
         self.publish();
+        let (loads_tx, mut loads) = mpsc::channel(2);
+        let scraper = scrape::spawn(
+            self.config.name.clone(),
+            self.status.subscribe(),
+            self.config.tick.max(SCRAPE_INTERVAL),
+            loads_tx,
+        );
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 Some(event) = events.recv() => self.on_event(event),
+                Some(found) = loads.recv() => self.on_loads(found),
                 report = demand.recv() => match report {
                     Some(report) => {
                         // The first queued request of an empty pool is not kept waiting for
@@ -247,6 +269,7 @@ impl<P: Provider> Reconciler<P> {
                 _ = tick.tick() => self.reconcile().await,
             }
         }
+        scraper.abort();
         self.provider
             .shutdown(self.config.drain_grace, events)
             .await;
@@ -277,8 +300,24 @@ impl<P: Provider> Reconciler<P> {
         self.origin.elapsed()
     }
 
+    /// The executors' loads from the latest scrape (those missing did not answer).
+    fn on_loads(&mut self, mut found: HashMap<String, ExecutorLoad>) {
+        for (id, r) in &mut self.executors {
+            r.load = found.remove(id).filter(|_| r.phase == Phase::Ready);
+        }
+        let loads: Vec<ExecutorLoad> = self.executors.values().filter_map(|r| r.load).collect();
+        self.metrics.executor_loads(&self.config.name, &loads);
+    }
+
     fn on_demand(&mut self, demand: PoolDemand) {
         let now = self.now();
+        let kv_used = self
+            .executors
+            .values()
+            .filter(|r| !r.leaving())
+            .filter_map(|r| r.load)
+            .map(|l| l.kv_used)
+            .sum();
         self.samples.push_back(Sample {
             at: now,
             queued: demand.queued,
@@ -287,6 +326,7 @@ impl<P: Provider> Reconciler<P> {
             decode_tokens: demand.decode_tokens,
             prompt_tokens_per_s: demand.prompt_tokens_per_s,
             decode_tokens_per_s: demand.decode_tokens_per_s,
+            kv_used,
         });
         let keep = self.config.scaling.stable_window;
         while self
@@ -558,6 +598,9 @@ impl<P: Provider> Reconciler<P> {
             age_secs: r.launched.elapsed().as_secs_f64(),
             cold_start_secs: r.ready_after.map(|d| d.as_secs_f64()),
             in_flight: r.in_flight,
+            running: r.load.map(|l| l.running),
+            waiting: r.load.map(|l| l.waiting),
+            kv_used: r.load.map(|l| l.kv_used),
             reason: None,
         }
     }

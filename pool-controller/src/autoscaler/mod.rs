@@ -120,6 +120,9 @@ pub struct Sample {
     pub prompt_tokens_per_s: f64,
     /// Expected decode tokens admitted per second.
     pub decode_tokens_per_s: f64,
+    /// KV cache in use as the executors themselves report it, in executors' worth: the sum over
+    /// the ready executors of each one's share in use (0 where none reports).
+    pub kv_used: f64,
 }
 
 /// The signal a decision followed.
@@ -169,13 +172,16 @@ impl ScalingSpec {
     pub fn load(&self, s: &Sample) -> Load {
         let requests =
             (s.queued + s.in_flight) as f64 / self.target_concurrency.max(f64::MIN_POSITIVE);
+        let util = self.target_utilization.clamp(0.01, 1.0);
+        // What the executors report holds with or without a configured capacity.
+        let measured_kv = s.kv_used / util;
         let Some(c) = self.capacity else {
             return Load {
                 requests,
+                kv_tokens: measured_kv,
                 ..Load::default()
             };
         };
-        let util = self.target_utilization.clamp(0.01, 1.0);
         let kv = if c.kv_tokens > 0.0 {
             c.kv_tokens
         } else {
@@ -184,7 +190,9 @@ impl ScalingSpec {
         Load {
             requests,
             token_rate: c.seconds(s.prompt_tokens_per_s, s.decode_tokens_per_s) / util,
-            kv_tokens: (s.prompt_tokens + s.decode_tokens) as f64 / kv / util,
+            // The gateways' estimate of what the requests will hold, or what the executors hold
+            // now, whichever is more.
+            kv_tokens: ((s.prompt_tokens + s.decode_tokens) as f64 / kv / util).max(measured_kv),
         }
     }
 }
@@ -997,6 +1005,52 @@ mod tests {
             },
         );
         assert_eq!((d.total(), d.signal), (3, Signal::TokenRate), "{d:?}");
+    }
+
+    #[test]
+    fn kv_the_executors_report_in_use_counts_beside_the_gateways_estimate() {
+        // 4 short requests by the gateways' estimate, but the 2 executors report their KV
+        // caches 90% full (long contexts the gateway could not see): at 80% utilisation that is
+        // 1.8 / 0.8 = 2.25 executors' worth, so 3, with or without a configured capacity.
+        let samples = |kv_used: f64| -> Vec<Sample> {
+            (0..60)
+                .map(|s| Sample {
+                    at: s * SEC,
+                    in_flight: 4,
+                    prompt_tokens: 400,
+                    decode_tokens: 400,
+                    kv_used,
+                    ..Sample::default()
+                })
+                .collect()
+        };
+        let with_capacity = ScalingSpec {
+            capacity: Some(Capacity {
+                prefill_tokens_per_s: 10_000.0,
+                decode_tokens_per_s: 1_000.0,
+                kv_tokens: 100_000.0,
+            }),
+            ..spec(1, 20, 8.0)
+        };
+        for spec in [with_capacity, spec(1, 20, 8.0)] {
+            let decide_at = |kv_used| {
+                decide(
+                    &spec,
+                    &Observations {
+                        now: 59 * SEC,
+                        samples: &samples(kv_used),
+                        executors: &[],
+                        cold_start: None,
+                        memory: Memory::default(),
+                    },
+                )
+            };
+            let d = decide_at(1.8);
+            assert_eq!((d.total(), d.signal), (3, Signal::KvTokens), "{d:?}");
+            // Nothing reported: the request count decides, as before.
+            let d = decide_at(0.0);
+            assert_eq!((d.total(), d.signal), (1, Signal::Requests), "{d:?}");
+        }
     }
 
     #[test]

@@ -249,6 +249,9 @@ mod tests {
             age_secs: 0.0,
             cold_start_secs: None,
             in_flight: 0,
+            running: None,
+            waiting: None,
+            kv_used: None,
             reason: None,
         }
     }

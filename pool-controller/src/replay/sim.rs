@@ -484,6 +484,12 @@ impl<'a> Sim<'a> {
             decode_tokens: ((queued + in_flight) as f64 * expected) as u64,
             prompt_tokens_per_s: self.arrived.0 / tick,
             decode_tokens_per_s: self.arrived.1 / tick,
+            // What the executors' /metrics would say: each one's share of its KV in use.
+            kv_used: self
+                .executors
+                .iter()
+                .map(|e| e.kv_used as f64 / self.model.kv_tokens.max(1) as f64)
+                .sum(),
         };
         self.arrived = (0.0, 0.0);
         s
