@@ -451,6 +451,67 @@ async fn sigterm_drains_in_flight_work_and_refuses_new_work() {
     assert_eq!(exit.code(), Some(0));
 }
 
+/// Fault injection (debug builds only): the engine panics at its fourth step, as a CUDA error
+/// would. Both requests in flight end with an explicit OpenAI error (the stream with an error
+/// event and `[DONE]`), and the worker exits non-zero for its controller to replace it instead
+/// of serving on with a dead engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_engine_ends_its_requests_with_errors_and_the_worker_exits_for_a_replacement() {
+    let mut w = Worker::start_env(
+        &model_dir(Preset::Tiny),
+        &["--served-model-name", "tiny"],
+        &[("LLMCTL_TEST_ENGINE_PANIC_AFTER_STEPS", "3".to_owned())],
+    )
+    .await;
+    let req = |stream: bool| json!({"model": "tiny", "prompt": "go on", "max_tokens": 64, "ignore_eos": true, "stream": stream});
+    let (streaming, plain) = (serde_json::to_vec(&req(true)).unwrap(), req(false));
+    let (streamed, plain) = tokio::join!(
+        w.send("POST", "/v1/completions", streaming),
+        w.post("/v1/completions", &plain),
+    );
+    let status = streamed.status().as_u16();
+    let text = String::from_utf8(
+        streamed
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    if status == 200 {
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.last(), Some(&"data: [DONE]"), "{text}");
+        let error: Value =
+            serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
+        assert!(error["error"]["message"].is_string(), "{text}");
+    } else {
+        // It reached the engine only after the failure: refused outright.
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            status >= 500 && body["error"]["message"].is_string(),
+            "{status} {text}"
+        );
+    }
+    let (status, body) = plain;
+    assert!(status >= 500, "{status} {body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    // Exits on its own, non-zero, once its handlers have answered.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = w.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker kept running with a failed engine"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(exit.code(), Some(70));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_status_and_an_openai_error_body() {
     let w = Worker::start(&["--max-body-bytes", "4096", "--max-model-len", "256"]).await;

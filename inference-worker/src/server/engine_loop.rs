@@ -3,12 +3,17 @@
 //! back on its own channel; when that channel's receiver is dropped (the client went away) the
 //! request is aborted at the next step and its KV blocks are freed at once. The loop also
 //! records per-request latencies and copies engine stats into the metrics.
+//!
+//! An engine that cannot continue (a panic in a step: a CUDA error, a broken invariant) does
+//! not leave a live server with a dead engine behind it: each request in flight gets an explicit
+//! error (its channel closes), and [`EngineHandle::stopped`] says why, so the server can report
+//! unhealthy at once and exit for the controller to replace it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::metrics::Metrics;
 use crate::backend::Backend;
@@ -33,6 +38,8 @@ pub struct EngineHandle {
     pub max_model_len: usize,
     pub vocab_size: usize,
     pub eos_token_ids: Vec<u32>,
+    /// Why the engine thread stopped (`None` while it runs).
+    stopped: watch::Receiver<Option<String>>,
 }
 
 /// The engine thread stopped (it panicked); nothing more can be served.
@@ -44,8 +51,10 @@ impl EngineHandle {
     /// Starts the engine thread.
     pub fn spawn<B: Backend>(engine: Engine<B>, metrics: Arc<Metrics>) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped) = watch::channel(None);
         let handle = Self {
             commands,
+            stopped,
             tokenizer: engine.tokenizer().clone(),
             max_model_len: engine.max_model_len(),
             vocab_size: engine.model().config.vocab_size,
@@ -53,9 +62,43 @@ impl EngineHandle {
         };
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || run(engine, rx, &metrics))
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(engine, rx, &metrics)
+                }));
+                // Unwinding dropped every request's channel: their handlers have answered with
+                // an error. What is left is to say why.
+                if let Err(panic) = ran {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "a panic with no message".to_owned());
+                    tracing::error!(error = %why, "the engine failed; every request in flight ended with an error");
+                    let _ = stopped_tx.send(Some(why));
+                }
+            })
             .expect("spawning the engine thread");
         handle
+    }
+
+    /// Why the engine stopped, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.stopped.borrow().clone()
+    }
+
+    /// Waits until the engine stops with a failure, and says why (pending forever while it
+    /// runs, or once it ended normally).
+    pub async fn stopped(&self) -> String {
+        let mut rx = self.stopped.clone();
+        let why = match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
     }
 
     /// Queues a request; its outputs arrive on the returned channel. Dropping the receiver
@@ -122,6 +165,8 @@ fn run<B: Backend>(
             continue;
         }
 
+        #[cfg(debug_assertions)]
+        fault::before_step();
         let outputs = engine.step();
         // Before any output goes out: a client that reads /metrics after its last token sees
         // the step that produced it (its blocks freed, its tokens counted).
@@ -204,6 +249,32 @@ fn accept<B: Backend>(
             }
             // A client gone before the answer is handled by the closed-channel check.
             let _ = reply.send(result);
+        }
+    }
+}
+
+/// Fault injection for tests, compiled into debug builds only (the test builds): with
+/// `LLMCTL_TEST_ENGINE_PANIC_AFTER_STEPS=N` the engine panics before its step N+1, as a CUDA
+/// error or a broken invariant would.
+#[cfg(debug_assertions)]
+mod fault {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static STEPS: AtomicU64 = AtomicU64::new(0);
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+
+    pub fn before_step() {
+        let limit = LIMIT.get_or_init(|| {
+            std::env::var("LLMCTL_TEST_ENGINE_PANIC_AFTER_STEPS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        let Some(limit) = *limit else {
+            return;
+        };
+        if STEPS.fetch_add(1, Ordering::Relaxed) >= limit {
+            panic!("injected engine failure (LLMCTL_TEST_ENGINE_PANIC_AFTER_STEPS={limit})");
         }
     }
 }

@@ -190,8 +190,10 @@ async fn serve(args: WorkerArgs) -> Result<()> {
     let load_args = args.clone();
     tokio::task::spawn_blocking(move || match load(&load_args, &loader_state.metrics) {
         Ok(handle) => {
+            let watched = handle.clone();
             let _ = loader_state.engine.set(handle);
             tracing::info!("ready");
+            tokio::spawn(fail_when_the_engine_stops(watched, loader_state));
         }
         Err(e) => {
             tracing::error!("model load failed: {e:#}");
@@ -229,6 +231,23 @@ async fn serve(args: WorkerArgs) -> Result<()> {
         }
     }
 }
+
+/// How long a worker whose engine failed waits for its handlers to send their errors.
+const ENGINE_FAILURE_GRACE: Duration = Duration::from_secs(5);
+
+/// A failed engine cannot be restarted in place: stop taking work (`/health` says so from the
+/// failure on), let the requests in flight finish sending their errors, and exit non-zero so
+/// the controller replaces the worker.
+async fn fail_when_the_engine_stops(engine: EngineHandle, state: Arc<AppState>) {
+    let why = engine.stopped().await;
+    state.lifecycle.begin_drain();
+    let drained = state.lifecycle.wait_idle(ENGINE_FAILURE_GRACE).await;
+    tracing::error!(error = %why, drained, "the engine failed: exiting for a replacement");
+    std::process::exit(EXIT_ENGINE_FAILED);
+}
+
+/// Exit status of a worker whose engine failed (sysexits' EX_SOFTWARE).
+pub const EXIT_ENGINE_FAILED: i32 = 70;
 
 /// First signal: stop taking work and exit 0 once idle (or after `grace`). Second: exit now.
 fn drain(state: &Arc<AppState>, grace: Duration) {
@@ -376,12 +395,18 @@ async fn route(req: Request<Incoming>, state: Arc<AppState>) -> Response<Body> {
 }
 
 fn health(state: &AppState) -> Response<Body> {
-    let (status, text) = if state.lifecycle.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    let failure = state.engine().and_then(EngineHandle::failure);
+    let (status, text) = if let Some(why) = &failure {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("engine failed: {why}"),
+        )
+    } else if state.lifecycle.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining".to_owned())
     } else if state.engine().is_none() {
-        (StatusCode::SERVICE_UNAVAILABLE, "loading")
+        (StatusCode::SERVICE_UNAVAILABLE, "loading".to_owned())
     } else {
-        (StatusCode::OK, "ok")
+        (StatusCode::OK, "ok".to_owned())
     };
     body::text_response(status, "text/plain", format!("{text}\n"))
 }
