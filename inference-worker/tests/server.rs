@@ -907,3 +907,43 @@ async fn serves_on_the_emulated_cuda_device() {
     assert!(w.metric("llmctl_worker_graph_recorded_steps_total").await >= 1.0);
     assert!(w.metric("llmctl_worker_graph_replayed_steps_total").await >= 1.0);
 }
+
+/// A client that holds a connection without finishing its request: a trickled body gets a 408
+/// in OpenAI format once the body timeout passes, and a connection that sends nothing is closed
+/// after the header timeout; the worker keeps answering others meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_clients_are_timed_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = Worker::start(&[
+        "--body-read-timeout-secs",
+        "1",
+        "--header-read-timeout-secs",
+        "1",
+    ])
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(&w.addr).await.unwrap();
+    let mut trickle = tokio::net::TcpStream::connect(&w.addr).await.unwrap();
+    trickle
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nhost: w\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"")
+        .await
+        .unwrap();
+    let (status, _) = w.get("/health").await;
+    assert_eq!(status, 200, "others are served meanwhile");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), trickle.read_to_end(&mut answer))
+        .await
+        .expect("the trickled request was answered and closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection that sent nothing was kept open"
+    );
+}

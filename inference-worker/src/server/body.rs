@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -70,9 +71,30 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-pub fn channel() -> (mpsc::Sender<Bytes>, ChannelBody) {
+/// The producing side of a streamed body.
+pub struct StreamSender {
+    tx: mpsc::Sender<Bytes>,
+    stall: Duration,
+}
+
+/// The client is gone, or took nothing for the write-stall timeout while the buffer was full.
+#[derive(Debug)]
+pub struct ClientGone;
+
+impl StreamSender {
+    /// Queues one chunk for the client, waiting while the buffer is full, at most `stall`.
+    pub async fn send(&self, chunk: Bytes) -> Result<(), ClientGone> {
+        self.tx
+            .send_timeout(chunk, self.stall)
+            .await
+            .map_err(|_| ClientGone)
+    }
+}
+
+/// A bounded stream body: a client that reads nothing for `stall` with the buffer full ends it.
+pub fn channel(stall: Duration) -> (StreamSender, ChannelBody) {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    (tx, ChannelBody { rx })
+    (StreamSender { tx, stall }, ChannelBody { rx })
 }
 
 pub fn sse_response(body: ChannelBody) -> Response<Body> {

@@ -23,6 +23,8 @@ pub enum ServerError {
     MethodNotAllowed(String),
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     /// Loading, or draining for shutdown.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -45,6 +47,7 @@ impl ServerError {
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -72,6 +75,9 @@ impl ServerError {
             }
             Self::TooLarge(_) => {
                 ErrorResponse::invalid_request(message).with_code("request_too_large")
+            }
+            Self::BodyTimeout(_) => {
+                ErrorResponse::invalid_request(message).with_code("request_timeout")
             }
             Self::Unavailable(_) => {
                 ErrorResponse::new("service_unavailable", message).with_code("service_unavailable")

@@ -191,6 +191,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Adds the HTTP server's connection counters (`llmctl_worker_http_*`).
+    pub fn register_http(&mut self, stats: &llmctl_http_server::Stats) {
+        stats.register(&mut self.registry);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -21,9 +21,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use llmctl_http_server::{BodyError, Limits, Refusal, Server};
 use llmctl_protocol::{ChatCompletionRequest, CompletionRequest, Model, ModelList};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -58,6 +57,21 @@ pub struct WorkerArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
+    /// Seconds a connection gets for its first request head (or HTTP/2 preface).
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request body gets to arrive whole (a trickled body is refused with 408).
+    #[arg(long, default_value_t = 30)]
+    pub body_read_timeout_secs: u64,
+    /// Seconds a connection with no request in flight stays open.
+    #[arg(long, default_value_t = 75)]
+    pub idle_timeout_secs: u64,
+    /// Seconds a client may accept no bytes of its response before it is cut off.
+    #[arg(long, default_value_t = 30)]
+    pub write_stall_timeout_secs: u64,
+    /// Connections open at once; more are refused with 503.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 512)]
     pub kv_cache_mib: usize,
@@ -140,6 +154,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
     max_body_bytes: usize,
+    body_read_timeout: Duration,
+    /// How long a stream waits for a client that reads nothing.
+    pub write_stall: Duration,
 }
 
 impl AppState {
@@ -178,22 +195,41 @@ async fn serve(args: WorkerArgs) -> Result<()> {
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
     tracing::info!(%addr, model = %served_model_name, "listening; loading the model");
+    let server = Arc::new(Server::new(
+        Limits {
+            header_read: Duration::from_secs(args.header_read_timeout_secs),
+            idle: Duration::from_secs(args.idle_timeout_secs),
+            write_stall: Duration::from_secs(args.write_stall_timeout_secs),
+            max_connections: args.max_connections,
+            ..Limits::default()
+        },
+        Refusal::Http503,
+    ));
+    let mut metrics = Metrics::new();
+    metrics.register_http(server.stats());
     let state = Arc::new(AppState {
         engine: OnceLock::new(),
         served_model_name,
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(metrics),
         lifecycle: Arc::new(Lifecycle::default()),
         max_body_bytes: args.max_body_bytes,
+        body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
+        write_stall: Duration::from_secs(args.write_stall_timeout_secs),
     });
 
     let loader_state = state.clone();
+    let loader_server = server.clone();
     let load_args = args.clone();
     tokio::task::spawn_blocking(move || match load(&load_args, &loader_state.metrics) {
         Ok(handle) => {
             let watched = handle.clone();
             let _ = loader_state.engine.set(handle);
             tracing::info!("ready");
-            tokio::spawn(fail_when_the_engine_stops(watched, loader_state));
+            tokio::spawn(fail_when_the_engine_stops(
+                watched,
+                loader_state,
+                loader_server,
+            ));
         }
         Err(e) => {
             tracing::error!("model load failed: {e:#}");
@@ -206,28 +242,13 @@ async fn serve(args: WorkerArgs) -> Result<()> {
     let grace = Duration::from_secs(args.drain_grace_secs);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        continue;
-                    }
-                };
+            (stream, slot) = server.accept(&listener) => {
+                let _ = stream.set_nodelay(true);
                 let state = state.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(route(req, state).await) }
-                    });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
-                        tracing::debug!("connection ended: {e}");
-                    }
-                });
+                tokio::spawn(server.serve(stream, slot, move |req| route(req, state.clone())));
             }
-            _ = term.recv() => drain(&state, grace),
-            _ = int.recv() => drain(&state, grace),
+            _ = term.recv() => drain(&state, &server, grace),
+            _ = int.recv() => drain(&state, &server, grace),
         }
     }
 }
@@ -238,19 +259,33 @@ const ENGINE_FAILURE_GRACE: Duration = Duration::from_secs(5);
 /// A failed engine cannot be restarted in place: stop taking work (`/health` says so from the
 /// failure on), let the requests in flight finish sending their errors, and exit non-zero so
 /// the controller replaces the worker.
-async fn fail_when_the_engine_stops(engine: EngineHandle, state: Arc<AppState>) {
+async fn fail_when_the_engine_stops(
+    engine: EngineHandle,
+    state: Arc<AppState>,
+    server: Arc<Server>,
+) {
     let why = engine.stopped().await;
     state.lifecycle.begin_drain();
-    let drained = state.lifecycle.wait_idle(ENGINE_FAILURE_GRACE).await;
+    let drained = finish_and_close(&state, &server, ENGINE_FAILURE_GRACE).await;
     tracing::error!(error = %why, drained, "the engine failed: exiting for a replacement");
     std::process::exit(EXIT_ENGINE_FAILED);
+}
+
+/// Waits, up to `grace` in all, for the requests in flight to finish and then for every
+/// connection to have sent its last bytes and closed, so exiting next cuts no response short;
+/// true when both happened in time.
+async fn finish_and_close(state: &AppState, server: &Server, grace: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
+    let idle = state.lifecycle.wait_idle(grace).await;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    server.shutdown(left).await && idle
 }
 
 /// Exit status of a worker whose engine failed (sysexits' EX_SOFTWARE).
 pub const EXIT_ENGINE_FAILED: i32 = 70;
 
 /// First signal: stop taking work and exit 0 once idle (or after `grace`). Second: exit now.
-fn drain(state: &Arc<AppState>, grace: Duration) {
+fn drain(state: &Arc<AppState>, server: &Arc<Server>, grace: Duration) {
     if state.lifecycle.is_draining() {
         tracing::warn!("second signal: exiting now");
         std::process::exit(1);
@@ -261,10 +296,10 @@ fn drain(state: &Arc<AppState>, grace: Duration) {
         grace_secs = grace.as_secs(),
         "draining"
     );
-    let lifecycle = state.lifecycle.clone();
+    let (state, server) = (state.clone(), server.clone());
     tokio::spawn(async move {
-        let drained = lifecycle.wait_idle(grace).await;
-        tracing::info!(drained, left = lifecycle.inflight(), "exiting");
+        let drained = finish_and_close(&state, &server, grace).await;
+        tracing::info!(drained, left = state.lifecycle.inflight(), "exiting");
         std::process::exit(0);
     });
 }
@@ -433,7 +468,7 @@ async fn completions(
         .engine()
         .ok_or(ServerError::Unavailable("the model is still loading"))?
         .clone();
-    let bytes = read_body(req, state.max_body_bytes).await?;
+    let bytes = read_body(req, state.max_body_bytes, state.body_read_timeout).await?;
     let valid = match endpoint {
         Endpoint::Chat => validate::chat(
             parse::<ChatCompletionRequest>(&bytes)?,
@@ -449,7 +484,11 @@ async fn completions(
     openai::handle(state, endpoint, valid, guard).await
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ServerError> {
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ServerError> {
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -457,15 +496,17 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Server
     if declared.is_some_and(|n| n > limit) {
         return Err(ServerError::TooLarge(limit));
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ServerError::TooLarge(limit)),
-        Err(e) => Err(ServerError::BadRequest {
-            param: None,
-            message: format!("reading the request body: {e}"),
-            code: None,
-        }),
-    }
+    llmctl_http_server::read_timeout(req.into_body(), limit, timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => ServerError::TooLarge(limit),
+            BodyError::TimedOut => ServerError::BodyTimeout(timeout),
+            BodyError::Broken(e) => ServerError::BadRequest {
+                param: None,
+                message: format!("reading the request body: {e}"),
+                code: None,
+            },
+        })
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServerError> {

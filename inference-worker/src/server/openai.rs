@@ -134,7 +134,7 @@ pub async fn handle(
         model: state.served_model_name.clone(),
     };
     if valid.stream {
-        let (tx, body) = body::channel();
+        let (tx, body) = body::channel(state.write_stall);
         tokio::spawn(stream(state, endpoint, valid, meta, rx, tx, guard));
         Ok(body::sse_response(body))
     } else {
@@ -244,7 +244,7 @@ async fn stream(
     valid: ValidRequest,
     meta: Meta,
     mut rx: mpsc::UnboundedReceiver<Piece>,
-    tx: mpsc::Sender<Bytes>,
+    tx: body::StreamSender,
     _guard: InflightGuard,
 ) {
     let tok = state
@@ -332,7 +332,7 @@ async fn stream(
             }
         };
         if tx.send(bytes).await.is_err() {
-            // The client is gone: dropping `rx` aborts the request in the engine.
+            // The client is gone (or stalled): dropping `rx` aborts the request in the engine.
             return;
         }
     }
