@@ -72,6 +72,12 @@ struct RawConfig {
     max_body_bytes: Option<usize>,
     max_header_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    write_stall_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+    upstream_response_timeout_ms: Option<u64>,
+    upstream_idle_timeout_ms: Option<u64>,
     drain_grace_secs: Option<u64>,
     tls: Option<RawTls>,
     #[serde(default)]
@@ -201,6 +207,16 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// A request body must arrive whole within this (408 otherwise).
+    pub body_read_timeout: Duration,
+    /// Client connections with no request in flight are closed after this.
+    pub idle_timeout: Duration,
+    /// A client that accepts no bytes for this long, with bytes waiting for it, is cut off.
+    pub write_stall_timeout: Duration,
+    /// Client connections open at once (read at start).
+    pub max_connections: usize,
+    /// Toward executors: from sending a request to its response head, and between body bytes.
+    pub upstream: UpstreamTimeouts,
     pub drain_grace: Duration,
     pub tls: Option<TlsConfig>,
     pub tenants: Vec<Tenant>,
@@ -208,6 +224,30 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Endpoints from a pool controller (static `endpoints` are then the initial set).
     pub controller: Option<ControllerLink>,
+}
+
+/// How long the gateway waits on an executor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamTimeouts {
+    /// From the request sent to the response head (non-streamed responses come after the
+    /// whole generation, so this bounds the longest one).
+    pub response: Duration,
+    /// Between two reads of a response body (a stream's tokens, or a prefill before the first).
+    pub idle: Duration,
+}
+
+impl Config {
+    /// The client-connection limits, as the HTTP server applies them.
+    pub fn connection_limits(&self) -> llmctl_http_server::Limits {
+        llmctl_http_server::Limits {
+            header_read: self.header_read_timeout,
+            idle: self.idle_timeout,
+            write_stall: self.write_stall_timeout,
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+            ..llmctl_http_server::Limits::default()
+        }
+    }
 }
 
 /// SHA-256 of an API key, as stored in the config.
@@ -425,6 +465,18 @@ impl Config {
             header_read_timeout: Duration::from_millis(
                 raw.header_read_timeout_ms.unwrap_or(10_000),
             ),
+            body_read_timeout: Duration::from_millis(raw.body_read_timeout_ms.unwrap_or(30_000)),
+            idle_timeout: Duration::from_millis(raw.idle_timeout_ms.unwrap_or(75_000)),
+            write_stall_timeout: Duration::from_millis(
+                raw.write_stall_timeout_ms.unwrap_or(30_000),
+            ),
+            max_connections: raw.max_connections.unwrap_or(10_000),
+            upstream: UpstreamTimeouts {
+                response: Duration::from_millis(
+                    raw.upstream_response_timeout_ms.unwrap_or(300_000),
+                ),
+                idle: Duration::from_millis(raw.upstream_idle_timeout_ms.unwrap_or(120_000)),
+            },
             drain_grace: Duration::from_secs(raw.drain_grace_secs.unwrap_or(30)),
             tls,
             tenants,

@@ -29,6 +29,8 @@ pub enum GatewayError {
     MethodNotAllowed,
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     #[error("rate limit reached for {}: retry after {:.1}s", .0.kind.as_str(), .0.retry_after.as_secs_f64())]
     RateLimited(Refusal),
     #[error("the queue for this model is full")]
@@ -39,6 +41,8 @@ pub enum GatewayError {
     Draining,
     #[error("the executor failed: {0}")]
     Upstream(String),
+    #[error("the executor did not answer in time: {0}")]
+    UpstreamTimeout(String),
 }
 
 impl GatewayError {
@@ -49,9 +53,11 @@ impl GatewayError {
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited(_) | Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NoCapacity(_) | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -64,11 +70,13 @@ impl GatewayError {
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::TooLarge(_) => "request_too_large",
+            Self::BodyTimeout(_) => "request_timeout",
             Self::RateLimited(_) => "rate_limit_exceeded",
             Self::QueueFull(_) => "queue_full",
             Self::NoCapacity(_) => "no_capacity",
             Self::Draining => "shutting_down",
             Self::Upstream(_) => "upstream_failed",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
         }
     }
 
@@ -101,7 +109,7 @@ impl GatewayError {
                     None => e,
                 }
             }
-            Self::Upstream(_) | Self::NoCapacity(_) | Self::Draining => {
+            Self::Upstream(_) | Self::UpstreamTimeout(_) | Self::NoCapacity(_) | Self::Draining => {
                 ErrorResponse::server_error(message).with_code(self.code())
             }
             _ => ErrorResponse::invalid_request(message).with_code(self.code()),

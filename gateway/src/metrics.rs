@@ -73,6 +73,7 @@ pub struct Metrics {
     ejections: Family<EndpointLabels, Counter>,
     inflight: Family<EndpointLabels, Gauge>,
     upstream_errors: Family<ReasonLabels, Counter>,
+    client_stalled: Family<PoolLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -98,6 +99,7 @@ impl Metrics {
             ejections: Family::default(),
             inflight: Family::default(),
             upstream_errors: Family::default(),
+            client_stalled: Family::default(),
         };
         registry.register(
             "requests",
@@ -154,7 +156,23 @@ impl Metrics {
             "Executor failures seen by the proxy, by reason",
             m.upstream_errors.clone(),
         );
+        registry.register(
+            "client_stalled",
+            "Requests ended because their client read nothing for the write-stall timeout",
+            m.client_stalled.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Adds the HTTP server's connection counters (`llmctl_gateway_http_*`).
+    pub fn register_http(&mut self, stats: &llmctl_http_server::Stats) {
+        stats.register(&mut self.registry);
+    }
+
+    pub fn client_stalled(&self, pool: &str) {
+        self.client_stalled
+            .get_or_create(&PoolLabel { pool: pool.into() })
+            .inc();
     }
 
     pub fn request(&self, pool: &str, tenant: &str, status: u16) {

@@ -5,8 +5,9 @@
 //! event. When the relay ends, the endpoint slot is freed, the tenant's token charge is trued
 //! up and the request is counted.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
@@ -141,8 +142,18 @@ fn usage_tokens(json: &[u8]) -> Option<Usage> {
     })
 }
 
-/// Relays `upstream` to the client; settles when the relay ends (or the client leaves).
-pub fn relay(upstream: Response<UpstreamBody>, settle: Settle) -> Response<Body> {
+/// Bytes of a stream held for a client that reads slower than its executor writes; when they
+/// are full the executor is read no further until the client catches up (or stalls out).
+const RELAY_BUFFER: usize = 256 << 10;
+
+/// Relays `upstream` to the client; settles when the executor is done (freeing its slot
+/// whatever the client does next), or when the client leaves or stalls first. A client that
+/// takes nothing for `write_stall` while bytes wait for it ends the request (`client_stalled`).
+pub async fn relay(
+    upstream: Response<UpstreamBody>,
+    settle: Settle,
+    write_stall: Duration,
+) -> Response<Body> {
     let (parts, incoming) = upstream.into_parts();
     let sse = parts
         .headers
@@ -154,20 +165,44 @@ pub fn relay(upstream: Response<UpstreamBody>, settle: Settle) -> Response<Body>
         headers.remove(header::CONTENT_LENGTH);
     }
     let status = parts.status;
+    let whole = http_body::Body::size_hint(&incoming)
+        .exact()
+        .is_some_and(|n| n <= USAGE_COPY_LIMIT as u64);
     let client_body = if sse {
         let (tx, client_body) = body::channel();
-        tokio::spawn(relay_sse(incoming, tx, settle, status));
+        tokio::spawn(relay_sse(incoming, tx, settle, status, write_stall));
         client_body.boxed_unsync()
     } else {
-        // Plain bodies need no task: the body itself forwards frames and settles at the end.
-        JsonRelay {
+        let mut json = JsonRelay {
             incoming,
             copy: Vec::new(),
             copied: 0,
             settle: Some(settle),
             status,
+            failed: false,
+        };
+        if !whole {
+            // Plain bodies need no task: the body itself forwards frames and settles at the end.
+            json.boxed_unsync()
+        } else {
+            // An answer of known, bounded size (the executor is done generating): read it
+            // whole, which settles and frees the executor's slot, then send it at the
+            // client's pace.
+            let mut bytes = Vec::new();
+            while let Some(Ok(frame)) = json.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    bytes.extend_from_slice(&data);
+                }
+            }
+            if json.failed {
+                return crate::error::GatewayError::Upstream(
+                    "the executor failed mid-response".into(),
+                )
+                .response();
+            }
+            headers.remove(header::CONTENT_LENGTH);
+            body::full(bytes)
         }
-        .boxed_unsync()
     };
     let mut response = Response::new(client_body);
     *response.status_mut() = status;
@@ -184,6 +219,8 @@ struct JsonRelay {
     copied: usize,
     settle: Option<Settle>,
     status: StatusCode,
+    /// The executor failed before the end of the body.
+    failed: bool,
 }
 
 impl http_body::Body for JsonRelay {
@@ -214,6 +251,7 @@ impl http_body::Body for JsonRelay {
                     Poll::Ready(Some(Ok(http_body::Frame::data(data))))
                 }
                 Poll::Ready(Some(Err(e))) => {
+                    this.failed = true;
                     if let Some(settle) = this.settle.take() {
                         settle.metrics.upstream_error(&settle.pool, "mid_body");
                         tracing::warn!(request_id = %settle.request_id, "executor failed mid-response: {e}");
@@ -263,53 +301,114 @@ impl Drop for JsonRelay {
     }
 }
 
+/// Reads the executor's stream at its own pace into a bounded buffer and feeds the client from
+/// it; see [`relay`].
 async fn relay_sse(
     mut incoming: UpstreamBody,
     tx: mpsc::Sender<Bytes>,
     settle: Settle,
     status: StatusCode,
+    write_stall: Duration,
 ) {
+    let (metrics, pool, request_id) = (
+        settle.metrics.clone(),
+        settle.pool.clone(),
+        settle.request_id.clone(),
+    );
+    let mut settle = Some(settle);
     let mut pending = BytesMut::new();
     let mut usage = None;
     let mut done = false;
+    let mut reading = true;
+    let mut out: VecDeque<Bytes> = VecDeque::new();
+    let mut buffered = 0;
+    // Since when bytes have waited for the client without it taking any.
+    let mut waiting_since = Instant::now();
     loop {
-        let frame = match incoming.frame().await {
-            None => break,
-            Some(Ok(frame)) => frame,
-            Some(Err(e)) => {
-                tracing::warn!(request_id = %settle.request_id, "executor failed mid-stream: {e}");
-                break;
-            }
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        pending.extend_from_slice(&data);
-        let mut out = BytesMut::new();
-        while let Some(end) = find_event_end(&pending) {
-            let event = pending.split_to(end);
-            let forward = process_event(&event, &mut usage, &mut done, settle.client_wants_usage);
-            out.extend_from_slice(&forward);
-        }
-        if !out.is_empty() && tx.send(out.freeze()).await.is_err() {
-            settle.finish(499, usage, false);
+        if !reading && out.is_empty() {
             return;
         }
+        tokio::select! {
+            frame = incoming.frame(), if reading && buffered < RELAY_BUFFER => {
+                let data = match frame {
+                    None => None,
+                    Some(Ok(frame)) => frame.into_data().ok().map(Some).unwrap_or(Some(Bytes::new())),
+                    Some(Err(e)) => {
+                        tracing::warn!(%request_id, "executor failed mid-stream: {e}");
+                        None
+                    }
+                };
+                let mut forward = BytesMut::new();
+                match data {
+                    Some(data) => {
+                        pending.extend_from_slice(&data);
+                        while let Some(end) = find_event_end(&pending) {
+                            let event = pending.split_to(end);
+                            let client_wants_usage =
+                                settle.as_ref().is_some_and(|s| s.client_wants_usage);
+                            forward.extend_from_slice(&process_event(
+                                &event,
+                                &mut usage,
+                                &mut done,
+                                client_wants_usage,
+                            ));
+                        }
+                    }
+                    None => {
+                        reading = false;
+                        let settle = settle.take().expect("settled once, when reading ends");
+                        if done {
+                            settle.finish(status.as_u16(), usage, false);
+                        } else {
+                            // The executor went away before `[DONE]`: end the client's stream
+                            // with an error event.
+                            metrics.upstream_error(&pool, "mid_stream");
+                            forward.extend_from_slice(&stream_error_event());
+                            settle.finish(502, usage, true);
+                        }
+                    }
+                }
+                if !forward.is_empty() {
+                    if out.is_empty() {
+                        waiting_since = Instant::now();
+                    }
+                    buffered += forward.len();
+                    out.push_back(forward.freeze());
+                }
+            }
+            permit = tx.reserve(), if !out.is_empty() => {
+                let Ok(permit) = permit else {
+                    // The client is gone.
+                    if let Some(settle) = settle.take() {
+                        settle.finish(499, usage, false);
+                    }
+                    return;
+                };
+                let chunk = out.pop_front().expect("only reserved with bytes waiting");
+                buffered -= chunk.len();
+                permit.send(chunk);
+                waiting_since = Instant::now();
+            }
+            () = tokio::time::sleep_until((waiting_since + write_stall).into()), if !out.is_empty() => {
+                metrics.client_stalled(&pool);
+                tracing::warn!(%request_id, %pool, buffered, "client_stalled: it read nothing for {write_stall:?}; request ended");
+                if let Some(settle) = settle.take() {
+                    settle.finish(499, usage, false);
+                }
+                return;
+            }
+        }
     }
-    if !done {
-        // The executor went away before `[DONE]`: end the client's stream with an error event.
-        settle.metrics.upstream_error(&settle.pool, "mid_stream");
-        let err =
-            ErrorResponse::server_error("the executor serving this request failed mid-stream")
-                .with_code("upstream_failed");
-        let mut event = b"data: ".to_vec();
-        event.extend(serde_json::to_vec(&err).expect("error bodies serialize"));
-        event.extend_from_slice(b"\n\ndata: [DONE]\n\n");
-        let _ = tx.send(Bytes::from(event)).await;
-        settle.finish(502, usage, true);
-        return;
-    }
-    settle.finish(status.as_u16(), usage, false);
+}
+
+/// An OpenAI error event and `[DONE]`, for a stream whose executor failed.
+fn stream_error_event() -> Vec<u8> {
+    let err = ErrorResponse::server_error("the executor serving this request failed mid-stream")
+        .with_code("upstream_failed");
+    let mut event = b"data: ".to_vec();
+    event.extend(serde_json::to_vec(&err).expect("error bodies serialize"));
+    event.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+    event
 }
 
 /// End of the first complete SSE event (after its blank line), if any.

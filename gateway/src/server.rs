@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use llmctl_http_server::{BodyError, Refusal, Server};
 use llmctl_protocol::{Model, ModelList};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -76,6 +76,8 @@ pub struct Gateway {
     tenants: Tenants,
     pools: Vec<PoolRuntime>,
     upstream: Upstream,
+    /// Client connections: their limits, and the graceful close at the end of a drain.
+    http: Server,
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
     /// Requests from arrival until their response body is fully relayed.
@@ -85,7 +87,15 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the gateway (spawns one queue actor per pool; needs a tokio runtime).
     pub fn new(config: Config) -> Arc<Self> {
-        let metrics = Arc::new(Metrics::new());
+        let refusal = if config.tls.is_some() {
+            Refusal::Close
+        } else {
+            Refusal::Http503
+        };
+        let http = Server::new(config.connection_limits(), refusal);
+        let mut metrics = Metrics::new();
+        metrics.register_http(http.stats());
+        let metrics = Arc::new(metrics);
         let pools = config
             .pools
             .iter()
@@ -108,6 +118,7 @@ impl Gateway {
             config: std::sync::RwLock::new(Arc::new(config)),
             pools,
             upstream: Upstream::spawn(),
+            http,
             metrics,
             draining: AtomicBool::new(false),
             inflight: Arc::new(AtomicUsize::new(0)),
@@ -242,7 +253,14 @@ impl Gateway {
         // Lower only: a larger enum value is a lower class.
         let priority = requested_priority.map_or(tenant.priority, |p| p.max(tenant.priority));
         let (parts, incoming) = req.into_parts();
-        let bytes = match read_body(incoming, &parts.headers, config.max_body_bytes).await {
+        let bytes = match read_body(
+            incoming,
+            &parts.headers,
+            config.max_body_bytes,
+            config.body_read_timeout,
+        )
+        .await
+        {
             Ok(b) => b,
             Err(e) => return self.refuse(e, "-", &tenant.name),
         };
@@ -344,6 +362,7 @@ impl Gateway {
                     path,
                     &forward_headers,
                     &inspected.upstream_body,
+                    config.upstream,
                 )
                 .await
             {
@@ -364,7 +383,8 @@ impl Gateway {
                         choices: inspected.choices,
                         _inflight: inflight,
                     };
-                    let mut response = proxy::relay(upstream, settle);
+                    let mut response =
+                        proxy::relay(upstream, settle, config.write_stall_timeout).await;
                     let h = response.headers_mut();
                     h.reserve(12);
                     limit::write_headers(h, &snapshot);
@@ -381,6 +401,7 @@ impl Gateway {
                     grant.permit.fail();
                     let reason = match &failure {
                         AttemptError::Connect(_) => "connect",
+                        AttemptError::Timeout(_) => "timeout",
                         AttemptError::Status(_) => "status_5xx",
                     };
                     self.metrics.upstream_error(&pool.name, reason);
@@ -414,6 +435,11 @@ impl Gateway {
                             AttemptError::Connect(e) => {
                                 self.refuse(GatewayError::Upstream(e), &pool.name, &tenant.name)
                             }
+                            AttemptError::Timeout(e) => self.refuse(
+                                GatewayError::UpstreamTimeout(e),
+                                &pool.name,
+                                &tenant.name,
+                            ),
                         };
                     }
                     self.metrics.retry(&pool.name);
@@ -452,22 +478,19 @@ async fn read_body(
     body: Incoming,
     headers: &HeaderMap,
     limit: usize,
+    timeout: Duration,
 ) -> Result<Bytes, GatewayError> {
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(GatewayError::TooLarge(limit));
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::TooLarge(limit)),
-        Err(e) => Err(GatewayError::BadRequest {
-            message: format!("reading the body: {e}"),
-            param: None,
-            code: "bad_body",
-        }),
-    }
+    llmctl_http_server::read_body(headers, body, limit, timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => GatewayError::TooLarge(limit),
+            BodyError::TimedOut => GatewayError::BodyTimeout(timeout),
+            BodyError::Broken(e) => GatewayError::BadRequest {
+                message: format!("reading the body: {e}"),
+                param: None,
+                code: "bad_body",
+            },
+        })
 }
 
 /// A 128-bit id as 32 hex digits: a per-process random seed and a counter, mixed (SplitMix64),
@@ -594,37 +617,26 @@ pub async fn run(listening: Listening, config: Config) -> Result<()> {
     let mut last_modified = modified(&gateway.config());
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+            (stream, slot) = gateway.http.accept(&listener) => {
                 let _ = stream.set_nodelay(true);
                 let gateway = gateway.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let config = gateway.config();
-                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    builder
-                        .http1()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(config.header_read_timeout)
-                        .max_buf_size(config.max_header_bytes.max(8192));
-                    builder.http2().max_header_list_size(config.max_header_bytes as u32);
-                    let service = hyper::service::service_fn(move |req| {
+                    let handler = {
                         let gateway = gateway.clone();
-                        async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
-                    });
-                    let result = match tls {
-                        Some(acceptor) => match tokio::time::timeout(config.header_read_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(tls_stream)) => builder.serve_connection(TokioIo::new(tls_stream), service).await,
-                            Ok(Err(e)) => {
-                                tracing::debug!("TLS handshake failed: {e}");
-                                return;
-                            }
-                            Err(_) => return,
-                        },
-                        None => builder.serve_connection(TokioIo::new(stream), service).await,
+                        move |req| {
+                            let gateway = gateway.clone();
+                            async move { gateway.handle(req).await }
+                        }
                     };
-                    if let Err(e) = result {
-                        tracing::debug!("connection ended: {e}");
+                    let Some(acceptor) = tls else {
+                        return gateway.http.serve(stream, slot, handler).await;
+                    };
+                    let handshake = gateway.http.limits().header_read;
+                    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => gateway.http.serve(tls_stream, slot, handler).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 });
             }
@@ -655,8 +667,12 @@ fn begin_drain(gateway: &Arc<Gateway>, drained: &Arc<tokio::sync::Notify>) {
     let gateway = gateway.clone();
     let done = drained.clone();
     tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + grace;
         let drained = gateway.drain(grace).await;
-        tracing::info!(drained, "gateway drained");
+        // Every response sent in full before the process exits.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let closed = gateway.http.shutdown(left).await;
+        tracing::info!(drained, closed, "gateway drained");
         done.notify_one();
     });
 }

@@ -27,6 +27,8 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::config::UpstreamTimeouts;
+
 /// Longest response head accepted from an executor.
 const MAX_HEAD: usize = 64 << 10;
 /// Most headers in a response head.
@@ -61,6 +63,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 #[derive(Debug)]
 pub enum AttemptError {
     Connect(String),
+    /// No response head within the response timeout (the request may have been worked on).
+    Timeout(String),
     Status(Box<Response<UpstreamBody>>),
 }
 
@@ -162,8 +166,20 @@ impl Upstream {
         path: &str,
         headers: &HeaderMap,
         body: &[u8],
+        timeouts: UpstreamTimeouts,
     ) -> Result<Response<UpstreamBody>, AttemptError> {
         let request = encode_request(address, path, headers, body);
+        let request = &request;
+        let exchange = |conn| async move {
+            tokio::time::timeout(timeouts.response, exchange(conn, request))
+                .await
+                .map_err(|_| {
+                    AttemptError::Timeout(format!(
+                        "{address} sent no response head within {:?}",
+                        timeouts.response
+                    ))
+                })
+        };
         // A kept-alive connection may have been closed by the executor since its last use
         // without the reactor having seen it yet. When such a connection fails at once, with
         // not one byte of a response, the request was never taken up and is sent again on a
@@ -172,7 +188,7 @@ impl Upstream {
         let mut exchanged = None;
         if let Some(conn) = self.idle.take(address) {
             let sent = Instant::now();
-            match exchange(conn, &request).await {
+            match exchange(conn).await? {
                 Ok(r) => exchanged = Some(r),
                 Err(Failure::Unanswered(_)) if sent.elapsed() < STALE_WINDOW => {}
                 Err(f) => return Err(AttemptError::Connect(f.message())),
@@ -182,8 +198,8 @@ impl Upstream {
             Some(r) => r,
             None => {
                 let conn = connect(address).await.map_err(AttemptError::Connect)?;
-                exchange(conn, &request)
-                    .await
+                exchange(conn)
+                    .await?
                     .map_err(|f| AttemptError::Connect(f.message()))?
             }
         };
@@ -192,6 +208,8 @@ impl Upstream {
             framing: head.framing,
             reusable: head.reusable,
             idle: self.idle.clone(),
+            read_timeout: timeouts.idle,
+            silent: None,
         };
         if matches!(body.framing, Framing::Done) {
             body.end();
@@ -543,6 +561,10 @@ pub struct UpstreamBody {
     framing: Framing,
     reusable: bool,
     idle: Arc<IdleSet>,
+    /// Longest wait for the next bytes of the body.
+    read_timeout: Duration,
+    /// Running while a read waits.
+    silent: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -635,7 +657,27 @@ impl http_body::Body for UpstreamBody {
                 .as_mut()
                 .expect("a body that needs more has its connection");
             conn.buf.reserve(READ_CHUNK);
-            let read = ready!(poll_read(&conn.stream, &mut conn.buf, cx));
+            let read = match poll_read(&conn.stream, &mut conn.buf, cx) {
+                Poll::Ready(read) => {
+                    this.silent = None;
+                    read
+                }
+                Poll::Pending => {
+                    let limit = this.read_timeout;
+                    let timer = this
+                        .silent
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the executor sent nothing for {limit:?}"),
+                    ))));
+                }
+            };
             match read {
                 Ok(0) if matches!(this.framing, Framing::UntilClose) => {
                     this.conn = None;
@@ -678,6 +720,11 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const TIMEOUTS: UpstreamTimeouts = UpstreamTimeouts {
+        response: Duration::from_secs(10),
+        idle: Duration::from_secs(10),
+    };
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -856,16 +903,66 @@ mod tests {
 
     async fn post(upstream: &Upstream, address: &str) -> (StatusCode, Vec<u8>) {
         let response = match upstream
-            .send(address, "/v1/x", &HeaderMap::new(), b"{}")
+            .send(address, "/v1/x", &HeaderMap::new(), b"{}", TIMEOUTS)
             .await
         {
             Ok(r) => r,
             Err(AttemptError::Status(r)) => *r,
-            Err(AttemptError::Connect(e)) => panic!("{e}"),
+            Err(AttemptError::Connect(e) | AttemptError::Timeout(e)) => panic!("{e}"),
         };
         let status = response.status();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, body.to_vec())
+    }
+
+    /// An executor that takes requests and then goes silent (frozen, or stuck mid-stream).
+    async fn silent_server(answer: &'static str) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                socket.write_all(answer.as_bytes()).await.unwrap();
+                held.push(socket);
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_silent_executor_times_out_before_its_head_and_within_its_body() {
+        let upstream = Upstream::spawn();
+        let short = UpstreamTimeouts {
+            response: Duration::from_millis(200),
+            idle: Duration::from_millis(200),
+        };
+        let mute = silent_server("").await;
+        let started = Instant::now();
+        match upstream
+            .send(&mute, "/v1/x", &HeaderMap::new(), b"", short)
+            .await
+        {
+            Err(AttemptError::Timeout(m)) => assert!(m.contains("no response head"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        let stuck = silent_server(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await;
+        let response = upstream
+            .send(&stuck, "/v1/x", &HeaderMap::new(), b"", short)
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"hello");
+        let started = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[tokio::test]
@@ -923,7 +1020,7 @@ mod tests {
             raw_server(&["HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"]).await;
         let upstream = Upstream::spawn();
         let response = upstream
-            .send(&address, "/v1/x", &HeaderMap::new(), b"")
+            .send(&address, "/v1/x", &HeaderMap::new(), b"", TIMEOUTS)
             .await
             .unwrap();
         let error = response.into_body().collect().await.unwrap_err();
@@ -932,7 +1029,10 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead = closed.local_addr().unwrap().to_string();
         drop(closed);
-        match upstream.send(&dead, "/v1/x", &HeaderMap::new(), b"").await {
+        match upstream
+            .send(&dead, "/v1/x", &HeaderMap::new(), b"", TIMEOUTS)
+            .await
+        {
             Err(AttemptError::Connect(e)) => assert!(e.contains(&dead), "{e}"),
             other => panic!("expected a connect error, got {other:?}"),
         }

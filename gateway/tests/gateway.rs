@@ -91,6 +91,23 @@ async fn answer(req: hyper::Request<Incoming>) -> hyper::Response<UpBody> {
             Ok::<_, std::io::Error>(Frame::data(Bytes::from(format!("data: {c}\n\n"))))
         };
         let mut frames = vec![chunk("Hel"), chunk("lo")];
+        // `big:<n>`: n more chunks of about 1 kB, 64 to a frame.
+        if let Some(n) = text
+            .strip_prefix("big:")
+            .and_then(|s| s.split_whitespace().next()?.parse::<usize>().ok())
+        {
+            let filler = "x".repeat(900);
+            for start in (0..n).step_by(64) {
+                let mut frame = Vec::new();
+                for _ in start..n.min(start + 64) {
+                    let Ok(f) = chunk(&filler) else {
+                        unreachable!()
+                    };
+                    frame.extend_from_slice(f.data_ref().unwrap());
+                }
+                frames.push(Ok(Frame::data(Bytes::from(frame))));
+            }
+        }
         if text.contains("die") {
             frames.push(Err(std::io::Error::other("executor died")));
         } else {
@@ -103,6 +120,10 @@ async fn answer(req: hyper::Request<Incoming>) -> hyper::Response<UpBody> {
         let body = FrameBody {
             items: frames.into(),
             sleep: None,
+            // `stall`: silent for 5 s after the first two chunks.
+            pause_after: text
+                .contains("stall")
+                .then_some((2, Duration::from_secs(5))),
         };
         return builder
             .header("content-type", "text/event-stream")
@@ -129,6 +150,8 @@ fn full(s: &str) -> UpBody {
 struct FrameBody {
     items: std::collections::VecDeque<Result<Frame<Bytes>, std::io::Error>>,
     sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// After this many frames, a pause this long.
+    pause_after: Option<(usize, Duration)>,
 }
 
 impl hyper::body::Body for FrameBody {
@@ -140,13 +163,20 @@ impl hyper::body::Body for FrameBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         use std::future::Future;
+        let pause = match self.pause_after {
+            Some((0, pause)) => pause,
+            _ => Duration::from_millis(5),
+        };
         let sleep = self
             .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(5))));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(pause)));
         if sleep.as_mut().poll(cx).is_pending() {
             return std::task::Poll::Pending;
         }
         self.sleep = None;
+        self.pause_after = self
+            .pause_after
+            .and_then(|(n, p)| n.checked_sub(1).map(|n| (n, p)));
         std::task::Poll::Ready(self.items.pop_front())
     }
 }
@@ -1033,4 +1063,160 @@ async fn follows_the_controller_and_keeps_the_last_endpoints_when_it_goes_away()
         assert_eq!(status, 200);
         assert_eq!(headers["x-llmctl-executor"], "exec-1");
     }
+}
+
+/// Opens a stream and never reads it, from a socket with a small receive buffer.
+async fn stalled_stream(addr: &str, content: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let body = serde_json::to_vec(&json!({"model": "m", "stream": true,
+        "messages": [{"role": "user", "content": content}]}))
+    .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer kb\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    tcp
+}
+
+/// A client that stops reading its stream costs a bounded buffer, not the executor: when the
+/// executor's answer fits the buffer its slot is free as soon as the executor is done; when it
+/// does not, the request ends after the write-stall timeout (`client_stalled`) and frees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_no_executor_slot() {
+    let up = upstream().await;
+    let gw = Gateway::start(config_text(
+        &[up.to_string()],
+        &default_tenants(),
+        "write_stall_timeout_ms = 2000",
+    ))
+    .await;
+    // 200 kB: buffered whole; the one slot (max_concurrency 1) is free at once.
+    let _small = stalled_stream(&gw.addr, "big:200").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (status, _, _) = gw.chat("kb", "hi", json!({})).await;
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "waited {:?} for a slot a stalled reader held",
+        started.elapsed()
+    );
+    // 16 MB: more than the buffer and the sockets hold; ended after the stall timeout.
+    let _big = stalled_stream(&gw.addr, "big:16000").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (status, _, _) = gw.chat("kb", "hi", json!({})).await;
+    assert_eq!(status, 200);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(4),
+        "the stalled reader kept the slot for {waited:?}"
+    );
+    // Seen by the connection (its socket took nothing: HTTP/1) or by the relay (its buffer
+    // stayed full), whichever comes first.
+    let m = gw.metrics().await;
+    let stalls = |m: &str| {
+        metric(m, "llmctl_gateway_client_stalled_total{pool=\"main\"}")
+            + metric(m, "llmctl_gateway_http_write_stalls_total")
+    };
+    assert_eq!(stalls(&m), 1.0, "{m}");
+    // HTTP/2: a stream whose client reads nothing keeps its flow-control window closed while the
+    // connection itself stays lively; the relay's buffer is what notices.
+    let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let body = serde_json::to_vec(&json!({"model": "m", "stream": true,
+        "messages": [{"role": "user", "content": "big:16000"}]}))
+    .unwrap();
+    let request = hyper::Request::post("/v1/chat/completions")
+        .header("authorization", "Bearer kb")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let unread = h2.send_request(request).await.unwrap();
+    assert_eq!(unread.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (status, _, _) = gw.chat("kb", "hi", json!({})).await;
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let m = gw.metrics().await;
+    assert_eq!(stalls(&m), 2.0, "{m}");
+    assert_eq!(
+        metric(&m, "llmctl_gateway_client_stalled_total{pool=\"main\"}"),
+        1.0,
+        "{m}"
+    );
+    drop(unread);
+    assert_eq!(
+        metric(
+            &m,
+            &format!("llmctl_gateway_endpoint_inflight{{pool=\"main\",endpoint=\"{up}\"}}")
+        ),
+        0.0
+    );
+}
+
+/// An executor that never answers, or stops mid-stream without closing, is timed out: a 504
+/// in OpenAI format, or an error event and `[DONE]` in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_executor_is_timed_out() {
+    let up = upstream().await;
+    let gw = Gateway::start(config_text(
+        &[up.to_string()],
+        &default_tenants(),
+        "upstream_response_timeout_ms = 300\nupstream_idle_timeout_ms = 300\n[queue]\nmax_retries = 0\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let (status, _, body) = gw.chat("kb", "slow:3000", json!({})).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let started = Instant::now();
+    let r = gw
+        .send(
+            "POST",
+            "/v1/chat/completions",
+            Some("kb"),
+            &[],
+            serde_json::to_vec(&json!({"model": "m", "stream": true,
+                "messages": [{"role": "user", "content": "stall"}]}))
+            .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let text =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{text}");
+    assert!(
+        events[events.len() - 2].contains("upstream_failed"),
+        "{text}"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "llmctl_gateway_upstream_errors_total{pool=\"main\",reason=\"timeout\"}"
+        ),
+        1.0,
+        "{m}"
+    );
 }

@@ -20,7 +20,7 @@
 //! are flushed, then the connection closes) and waits for them, so a process that exits after
 //! it never cuts a response short.
 //!
-//! Request bodies are read by the handlers; [`read_timeout`] is the limit they share.
+//! Request bodies are read by the handlers, with [`read_body`]'s size and time limits.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -352,14 +352,26 @@ fn exhausted(e: &io::Error) -> bool {
     )
 }
 
-/// Reads the body of a request with `limit` bytes and `timeout` as its bounds: a body trickled
-/// slower than that is refused rather than held.
-pub async fn read_timeout<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, BodyError>
+/// Reads a request body with `limit` bytes and `timeout` as its bounds: a declared length over
+/// the limit is refused before reading, and a body trickled slower than the timeout is refused
+/// rather than held.
+pub async fn read_body<B>(
+    headers: &http::HeaderMap,
+    body: B,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, BodyError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use http_body_util::BodyExt;
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(BodyError::TooLarge);
+    }
     let limited = http_body_util::Limited::new(body, limit);
     match tokio::time::timeout(timeout, limited.collect()).await {
         Err(_) => Err(BodyError::TimedOut),

@@ -489,14 +489,8 @@ async fn read_body(
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, ServerError> {
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ServerError::TooLarge(limit));
-    }
-    llmctl_http_server::read_timeout(req.into_body(), limit, timeout)
+    let (parts, body) = req.into_parts();
+    llmctl_http_server::read_body(&parts.headers, body, limit, timeout)
         .await
         .map_err(|e| match e {
             BodyError::TooLarge => ServerError::TooLarge(limit),
