@@ -223,6 +223,14 @@ impl Metrics {
             .clone()
     }
 
+    /// Drops an executor's in-flight series once it left the endpoint set.
+    pub fn remove_endpoint_gauge(&self, pool: &str, endpoint: &str) {
+        self.inflight.remove(&EndpointLabels {
+            pool: pool.into(),
+            endpoint: endpoint.into(),
+        });
+    }
+
     pub fn queue_depth(&self, pool: &str, depth: usize) {
         self.queue_depth
             .get_or_create(&PoolLabel { pool: pool.into() })

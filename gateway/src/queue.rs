@@ -273,6 +273,7 @@ impl QueueHandle {
                     Some(i) => {
                         let mut e = s.endpoints.swap_remove(i);
                         if e.info.name != info.name {
+                            s.metrics.remove_endpoint_gauge(&s.pool, &e.info.name);
                             e.gauge = s.metrics.endpoint_gauge(&s.pool, &info.name);
                         }
                         e.info = info;
@@ -284,7 +285,11 @@ impl QueueHandle {
                     }
                 }
             }
-            s.endpoints = next;
+            // Endpoints that left: their series go with them (requests still running there
+            // keep a detached gauge).
+            for gone in std::mem::replace(&mut s.endpoints, next) {
+                s.metrics.remove_endpoint_gauge(&s.pool, &gone.info.name);
+            }
             let undelivered = s.dispatch(&self.inner);
             s.publish_depth(&self.inner);
             undelivered
@@ -657,7 +662,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn deadlines_expire_and_a_full_queue_refuses_at_once() {
-        let q = QueueHandle::spawn("p".into(), Vec::new(), config(2), Arc::new(Metrics::new()));
+        let metrics = Arc::new(Metrics::new());
+        let q = QueueHandle::spawn("p".into(), Vec::new(), config(2), metrics.clone());
         let waiting = tokio::spawn({
             let q = q.clone();
             async move {
@@ -689,7 +695,17 @@ mod tests {
         assert_eq!(q.depth(), 1);
         // Endpoints arriving later (scale from zero) serve what still waits.
         q.set_endpoints(one_slot());
-        assert!(second.await.unwrap().is_ok());
+        let granted = second.await.unwrap().unwrap();
+        // An executor that leaves the set takes its in-flight series with it, even with a
+        // request still running there.
+        assert!(metrics.encode().contains("endpoint=\"e0\"} 1"));
+        q.set_endpoints(Vec::new());
+        assert!(
+            !metrics.encode().contains("endpoint=\"e0\""),
+            "{}",
+            metrics.encode()
+        );
+        drop(granted);
     }
 
     #[tokio::test(start_paused = true)]
