@@ -554,6 +554,107 @@ target_concurrency = 4
     }
 }
 
+/// A frozen executor (SIGSTOP): the controller's scrapes get no answer, so it leaves the
+/// endpoint set within seconds (gateways stop choosing it), and when it stays frozen it is
+/// killed and replaced; the requests it held end (retried elsewhere or an explicit error) and
+/// every later request is served by the other executor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_executor_leaves_the_endpoint_set_and_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let pools = "\
+[[controller.pools]]
+name = \"pool\"
+models = [\"tiny\"]
+[controller.pools.executor]
+model = \"MODEL\"
+args = [\"--kv-cache-mib\", \"16\"]
+max_concurrency = 4
+drain_grace_secs = 5
+[controller.pools.scaling]
+min_warm = 2
+max_replicas = 2
+";
+    let plane = Plane::start(dir.path(), pools);
+    let pool = plane
+        .wait_pool("pool", "two warm executors", |p| p["ready"] == 2)
+        .await;
+    let victim = pool["executors"][0].clone();
+    let pid = victim["pid"].as_u64().unwrap() as i32;
+    // SAFETY: kill(2) with a pid the controller reported for a worker it runs.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let frozen_at = Instant::now();
+    // Requests sent at once may reach the frozen executor before it is noticed.
+    let early: Vec<_> = (0..4)
+        .map(|_| {
+            let gateway = plane.gateway.clone();
+            tokio::spawn(async move {
+                let request = chat("tiny", 8, false);
+                let fut = http(&gateway, "POST", "/v1/chat/completions", Some(&request));
+                tokio::time::timeout(Duration::from_secs(90), fut)
+                    .await
+                    .expect("no request hangs")
+            })
+        })
+        .collect();
+    let pool = plane
+        .wait_pool("pool", "the frozen executor marked unresponsive", |p| {
+            p["executors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["id"] == victim["id"] && e["phase"] == "unresponsive")
+        })
+        .await;
+    let noticed = frozen_at.elapsed();
+    eprintln!("unresponsive after {noticed:?}");
+    assert!(noticed < Duration::from_secs(15), "{noticed:?}");
+    assert!(
+        !pool["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == victim["id"]),
+        "{pool:#}"
+    );
+    // From now on requests go to the live executor.
+    for _ in 0..4 {
+        let started = Instant::now();
+        let (status, body) = http(
+            &plane.gateway,
+            "POST",
+            "/v1/chat/completions",
+            Some(&chat("tiny", 8, false)),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    let after = plane
+        .wait_pool("pool", "the replacement, and the kill counted", |p| {
+            p["ready"] == 2 && p["restarts"] == 1 && p["failures"] == 1
+        })
+        .await;
+    eprintln!("replaced after {:?}", frozen_at.elapsed());
+    assert!(
+        after["executors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["id"] == victim["id"] && e["phase"] == "terminated"),
+        "{after:#}"
+    );
+    for request in early {
+        let (status, body) = request.await.unwrap();
+        classify(status, &body, false).unwrap();
+    }
+    assert_eq!(
+        plane
+            .metric("llmctl_controller_executor_unresponsive_total{pool=\"pool\"}")
+            .await,
+        1.0
+    );
+}
+
 /// A complete answer, or the explicit error the client saw.
 fn classify(status: u16, body: &str, stream: bool) -> Result<(), String> {
     if status != 200 {

@@ -77,6 +77,7 @@ pub struct Metrics {
     decisions: Family<ReasonLabels, Counter>,
     failures: Family<ClassLabels, Counter>,
     restarts: Family<PoolLabel, Counter>,
+    unresponsive: Family<PoolLabel, Counter>,
     demand: Family<DemandLabels, Gauge>,
     demand_tokens: Family<DemandLabels, Gauge>,
     demand_token_rate: Family<DemandLabels, FloatGauge>,
@@ -109,6 +110,7 @@ impl Metrics {
             decisions: Family::default(),
             failures: Family::default(),
             restarts: Family::default(),
+            unresponsive: Family::default(),
             demand: Family::default(),
             demand_tokens: Family::default(),
             demand_token_rate: Family::default(),
@@ -152,6 +154,11 @@ impl Metrics {
             "executor_restarts",
             "Executors launched to replace failed ones",
             m.restarts.clone(),
+        );
+        registry.register(
+            "executor_unresponsive",
+            "Ready executors that stopped answering (taken out of the endpoint set; replaced if they stay silent)",
+            m.unresponsive.clone(),
         );
         registry.register(
             "demand",
@@ -250,6 +257,12 @@ impl Metrics {
                 pool: pool.into(),
                 class: class_name(class),
             })
+            .inc();
+    }
+
+    pub fn unresponsive(&self, pool: &str) {
+        self.unresponsive
+            .get_or_create(&PoolLabel { pool: pool.into() })
             .inc();
     }
 

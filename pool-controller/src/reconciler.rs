@@ -56,6 +56,12 @@ struct Record {
     stopping: bool,
     /// Its load as its `/metrics` said at the last scrape (`None`: not ready, or no answer).
     load: Option<ExecutorLoad>,
+    /// Scrapes in a row it did not answer at all.
+    silent_scrapes: u32,
+    /// Unresponsive since then: out of the endpoint set, replaced if it stays so.
+    unresponsive_since: Option<Instant>,
+    /// Killed for staying unresponsive: its end is a failure, and it is replaced.
+    replacing: bool,
 }
 
 impl Record {
@@ -72,12 +78,15 @@ impl Record {
             draining_since: None,
             stopping: false,
             load: None,
+            silent_scrapes: 0,
+            unresponsive_since: None,
+            replacing: false,
         }
     }
 
-    /// Leaving: draining or asked to stop.
+    /// Leaving: draining, asked to stop, or killed for a replacement.
     fn leaving(&self) -> bool {
-        self.stopping || self.draining_since.is_some()
+        self.stopping || self.draining_since.is_some() || self.replacing
     }
 }
 
@@ -88,6 +97,13 @@ const DRAIN_SETTLE: Duration = Duration::from_secs(2);
 const COLD_STARTS_KEPT: usize = 8;
 /// How often the ready executors' `/metrics` are read, at the least (the tick, if longer).
 const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
+/// A ready executor that answers this many scrapes in a row with nothing at all (no
+/// connection, or no answer within the scrape interval) while another executor of its pool
+/// answers is unresponsive: frozen, stuck, or partitioned away. It leaves the endpoint set at
+/// once, so gateways stop choosing it.
+const SILENT_SCRAPES_UNRESPONSIVE: u32 = 3;
+/// An executor unresponsive this long is killed and replaced (counted as a failure).
+const UNRESPONSIVE_REPLACE_AFTER: Duration = Duration::from_secs(15);
 
 /// One executor as the control API lists it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -253,7 +269,7 @@ impl<P: Provider> Reconciler<P> {
         loop {
             tokio::select! {
                 Some(event) = events.recv() => self.on_event(event),
-                Some(found) = loads.recv() => self.on_loads(found),
+                Some(scraped) = loads.recv() => self.on_scraped(scraped),
                 report = demand.recv() => match report {
                     Some(report) => {
                         // The first queued request of an empty pool is not kept waiting for
@@ -300,13 +316,69 @@ impl<P: Provider> Reconciler<P> {
         self.origin.elapsed()
     }
 
-    /// The executors' loads from the latest scrape (those missing did not answer).
-    fn on_loads(&mut self, mut found: HashMap<String, ExecutorLoad>) {
+    /// The latest scrapes: each executor's load, and which ones did not answer at all (those
+    /// that stay silent become unresponsive; one that answers again is back).
+    fn on_scraped(&mut self, mut scraped: scrape::Scraped) {
+        let pool = self.config.name.clone();
+        let mut changed = false;
         for (id, r) in &mut self.executors {
-            r.load = found.remove(id).filter(|_| r.phase == Phase::Ready);
+            r.load = scraped.loads.remove(id).filter(|_| r.phase == Phase::Ready);
+            if r.phase != Phase::Ready || r.leaving() {
+                continue;
+            }
+            if scraped.silent.contains(id) {
+                r.silent_scrapes += 1;
+                // When no executor of the pool answers, the fault is more likely the
+                // controller's own network (a NetworkPolicy, a partition) than every executor:
+                // none is taken out.
+                if r.silent_scrapes >= SILENT_SCRAPES_UNRESPONSIVE
+                    && r.unresponsive_since.is_none()
+                    && scraped.answered > 0
+                {
+                    tracing::warn!(%pool, executor = %id, silent_scrapes = r.silent_scrapes, "executor unresponsive (no answer to its metrics); out of the endpoint set");
+                    r.unresponsive_since = Some(Instant::now());
+                    self.metrics.unresponsive(&pool);
+                    changed = true;
+                }
+            } else {
+                r.silent_scrapes = 0;
+                if r.unresponsive_since.take().is_some() {
+                    tracing::info!(%pool, executor = %id, "executor answers again; back in the endpoint set");
+                    changed = true;
+                }
+            }
         }
         let loads: Vec<ExecutorLoad> = self.executors.values().filter_map(|r| r.load).collect();
-        self.metrics.executor_loads(&self.config.name, &loads);
+        self.metrics.executor_loads(&pool, &loads);
+        if changed {
+            self.publish();
+        }
+    }
+
+    /// Kills the executors unresponsive for too long; their exit counts as a failure, so they
+    /// are replaced like a crashed one.
+    async fn replace_unresponsive(&mut self) {
+        let stuck: Vec<String> = self
+            .executors
+            .iter()
+            .filter(|(_, r)| !r.leaving())
+            .filter(|(_, r)| {
+                r.unresponsive_since
+                    .is_some_and(|t| t.elapsed() >= UNRESPONSIVE_REPLACE_AFTER)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stuck {
+            if let Some(r) = self.executors.get_mut(&id) {
+                r.replacing = true;
+                // Its replacement may launch before its exit is seen: counted as a restart.
+                self.to_replace += 1;
+            }
+            tracing::warn!(pool = %self.config.name, executor = %id, after_secs = UNRESPONSIVE_REPLACE_AFTER.as_secs(), "executor still unresponsive; killing it for a replacement");
+            if let Err(e) = self.provider.terminate(&id, Duration::from_secs(1)).await {
+                tracing::warn!(pool = %self.config.name, executor = %id, "terminate failed: {e}");
+            }
+        }
     }
 
     fn on_demand(&mut self, demand: PoolDemand) {
@@ -391,7 +463,9 @@ impl<P: Provider> Reconciler<P> {
                 if let Some(r) = self.executors.remove(&id) {
                     if !r.stopping {
                         self.consecutive_failures += 1;
-                        self.to_replace += 1;
+                        if !r.replacing {
+                            self.to_replace += 1;
+                        }
                         let backoff =
                             Duration::from_millis(250 << self.consecutive_failures.min(8))
                                 .min(Duration::from_secs(60));
@@ -459,6 +533,7 @@ impl<P: Provider> Reconciler<P> {
             }
         }
         self.stop_drained().await;
+        self.replace_unresponsive().await;
         if self.hold_launches_until.is_none_or(|t| Instant::now() >= t) {
             for (class, target) in [
                 (Class::Warm, decision.warm),
@@ -591,6 +666,7 @@ impl<P: Provider> Reconciler<P> {
             phase: match (r.leaving(), r.phase) {
                 (true, _) | (_, Phase::Draining) => "draining",
                 (false, Phase::Starting) => "starting",
+                (false, Phase::Ready) if r.unresponsive_since.is_some() => "unresponsive",
                 (false, Phase::Ready) => "ready",
             },
             endpoint: r.endpoint.clone(),
@@ -609,7 +685,9 @@ impl<P: Provider> Reconciler<P> {
         let mut endpoints: Vec<Endpoint> = self
             .executors
             .iter()
-            .filter(|(_, r)| r.phase == Phase::Ready && !r.stopping)
+            .filter(|(_, r)| {
+                r.phase == Phase::Ready && !r.stopping && r.unresponsive_since.is_none()
+            })
             .filter_map(|(id, r)| {
                 Some(Endpoint {
                     name: id.clone(),

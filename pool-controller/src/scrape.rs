@@ -84,86 +84,124 @@ pub fn parse(text: &str) -> Option<ExecutorLoad> {
     })
 }
 
+/// Why a scrape read no load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScrapeError {
+    /// No answer at all (connection refused or reset, or nothing within the timeout): the
+    /// executor may be frozen.
+    Silent(String),
+    /// An answer without a load in it (an error status, a body that is not metrics).
+    Unreadable(String),
+}
+
+impl std::fmt::Display for ScrapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Silent(e) | Self::Unreadable(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Fetches `http://{address}/metrics` and reads the load from it.
-pub async fn scrape(address: &str, timeout: Duration) -> Result<ExecutorLoad, String> {
+pub async fn scrape(address: &str, timeout: Duration) -> Result<ExecutorLoad, ScrapeError> {
     let fetch = async {
+        let silent = ScrapeError::Silent;
         let stream = tokio::net::TcpStream::connect(address)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|e| silent(format!("connect: {e}")))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .map_err(|e| format!("handshake: {e}"))?;
+                .map_err(|e| silent(format!("handshake: {e}")))?;
         tokio::spawn(conn);
         let req = hyper::Request::builder()
             .uri("/metrics")
             .header("host", address)
             .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ScrapeError::Unreadable(e.to_string()))?;
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| format!("request: {e}"))?;
+            .map_err(|e| silent(format!("request: {e}")))?;
+        let unreadable = ScrapeError::Unreadable;
         if !resp.status().is_success() {
-            return Err(format!("status {}", resp.status()));
+            return Err(unreadable(format!("status {}", resp.status())));
         }
         let body = Limited::new(resp.into_body(), MAX_METRICS_BYTES)
             .collect()
             .await
-            .map_err(|e| format!("body: {e}"))?
+            .map_err(|e| unreadable(format!("body: {e}")))?
             .to_bytes();
-        let text = std::str::from_utf8(&body).map_err(|_| "body is not UTF-8".to_owned())?;
-        parse(text).ok_or_else(|| "no load metrics in the body".to_owned())
+        let text =
+            std::str::from_utf8(&body).map_err(|_| unreadable("body is not UTF-8".to_owned()))?;
+        parse(text).ok_or_else(|| unreadable("no load metrics in the body".to_owned()))
     };
     tokio::time::timeout(timeout, fetch)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|_| ScrapeError::Silent(format!("no answer within {timeout:?}")))?
 }
 
-/// Every `interval`, scrapes the ready executors the pool's status lists (concurrently, each
-/// within the interval) and sends the loads read, by executor id; an executor that did not
-/// answer is left out. Ends when the receiver or the status goes away.
+/// One round of scrapes.
+#[derive(Debug, Default)]
+pub struct Scraped {
+    /// The loads read, by executor id.
+    pub loads: HashMap<String, ExecutorLoad>,
+    /// The executors that did not answer at all.
+    pub silent: Vec<String>,
+    /// How many answered (with a load or without).
+    pub answered: usize,
+}
+
+/// Every `interval`, scrapes the pool's serving executors (ready, or ready but unresponsive:
+/// those are watched until they answer again or are replaced), concurrently, each within the
+/// interval, and sends what it read. Ends when the receiver or the status goes away.
 pub fn spawn(
     pool: String,
     status: watch::Receiver<PoolStatus>,
     interval: Duration,
-    loads: mpsc::Sender<HashMap<String, ExecutorLoad>>,
+    results: mpsc::Sender<Scraped>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Said once per executor, not every interval.
         let mut warned: std::collections::HashSet<String> = Default::default();
         loop {
             tick.tick().await;
             if status.has_changed().is_err() {
                 return;
             }
-            let endpoints: Vec<(String, String)> = status
+            let targets: Vec<(String, String)> = status
                 .borrow()
-                .endpoints
+                .executors
                 .iter()
-                .map(|e| (e.name.clone(), e.address.clone()))
+                .filter(|e| matches!(e.phase, "ready" | "unresponsive"))
+                .filter_map(|e| Some((e.id.clone(), e.endpoint.clone()?)))
                 .collect();
-            let scrapes = endpoints.into_iter().map(|(id, address)| async move {
+            let scrapes = targets.into_iter().map(|(id, address)| async move {
                 let load = scrape(&address, interval).await;
                 (id, load)
             });
-            let mut found = HashMap::new();
+            let mut round = Scraped::default();
             for (id, load) in futures_util::future::join_all(scrapes).await {
+                if !matches!(load, Err(ScrapeError::Silent(_))) {
+                    round.answered += 1;
+                }
                 match load {
                     Ok(load) => {
                         warned.remove(&id);
-                        found.insert(id, load);
+                        round.loads.insert(id, load);
                     }
                     Err(e) => {
                         if warned.insert(id.clone()) {
                             tracing::debug!(%pool, executor = %id, error = %e, "cannot read the executor's load from its /metrics");
                         }
+                        if matches!(e, ScrapeError::Silent(_)) {
+                            round.silent.push(id);
+                        }
                     }
                 }
             }
-            if loads.send(found).await.is_err() {
+            if results.send(round).await.is_err() {
                 return;
             }
         }
@@ -256,6 +294,18 @@ mod tests {
         let load = scrape(&addr, Duration::from_secs(2)).await.unwrap();
         assert_eq!(load.kv_used, 0.25);
         // Nothing listens on port 1.
-        assert!(scrape("127.0.0.1:1", Duration::from_secs(2)).await.is_err());
+        assert!(matches!(
+            scrape("127.0.0.1:1", Duration::from_secs(2)).await,
+            Err(ScrapeError::Silent(_))
+        ));
+        // Accepts and never answers: a frozen executor.
+        let frozen = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let frozen_addr = frozen.local_addr().unwrap().to_string();
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            scrape(&frozen_addr, Duration::from_millis(200)).await,
+            Err(ScrapeError::Silent(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }
