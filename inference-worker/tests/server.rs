@@ -947,3 +947,46 @@ async fn slow_and_silent_clients_are_timed_out() {
         "a connection that sent nothing was kept open"
     );
 }
+
+/// Prompts megabytes long: refused from their size before tokenizing (the tiny model's
+/// tokenizer is byte-level), while the worker keeps answering others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_prompt_is_refused_from_its_size_and_freezes_nothing() {
+    let w = Worker::start(&["--max-model-len", "256"]).await;
+    let huge = "lorem ipsum dolor sit amet ".repeat(280_000);
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": huge}]});
+    let completion = json!({"model": "tiny", "prompt": huge});
+    let started = Instant::now();
+    let (a, b, health) = tokio::join!(
+        w.post("/v1/chat/completions", &chat),
+        w.post("/v1/completions", &completion),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let asked = Instant::now();
+            (w.get("/health").await.0, asked.elapsed())
+        },
+    );
+    for ((status, body), param) in [(a, "messages"), (b, "prompt")] {
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("at least"),
+            "refused from its size: {body}"
+        );
+    }
+    assert_eq!(health.0, 200);
+    assert!(
+        health.1 < Duration::from_secs(1),
+        "/health took {:?}",
+        health.1
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

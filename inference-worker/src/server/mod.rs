@@ -157,6 +157,8 @@ pub struct AppState {
     body_read_timeout: Duration,
     /// How long a stream waits for a client that reads nothing.
     pub write_stall: Duration,
+    /// Requests being parsed and tokenized at once (one per core): the rest wait their turn.
+    preparing: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -215,6 +217,9 @@ async fn serve(args: WorkerArgs) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
         write_stall: Duration::from_secs(args.write_stall_timeout_secs),
+        preparing: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ),
     });
 
     let loader_state = state.clone();
@@ -469,18 +474,26 @@ async fn completions(
         .ok_or(ServerError::Unavailable("the model is still loading"))?
         .clone();
     let bytes = read_body(req, state.max_body_bytes, state.body_read_timeout).await?;
-    let valid = match endpoint {
-        Endpoint::Chat => validate::chat(
-            parse::<ChatCompletionRequest>(&bytes)?,
-            &engine,
-            &state.served_model_name,
-        )?,
-        Endpoint::Completions => validate::completion(
-            parse::<CompletionRequest>(&bytes)?,
-            &engine,
-            &state.served_model_name,
-        )?,
-    };
+    // Parsing, template rendering and tokenizing take CPU in proportion to the body (seconds
+    // for megabytes): on a bounded blocking pool, never on the threads serving connections.
+    let turn = state
+        .preparing
+        .acquire()
+        .await
+        .map_err(|_| ServerError::Unavailable("the worker is shutting down"))?;
+    let served = state.served_model_name.clone();
+    let prepare = engine.clone();
+    let valid = tokio::task::spawn_blocking(move || match endpoint {
+        Endpoint::Chat => {
+            validate::chat(parse::<ChatCompletionRequest>(&bytes)?, &prepare, &served)
+        }
+        Endpoint::Completions => {
+            validate::completion(parse::<CompletionRequest>(&bytes)?, &prepare, &served)
+        }
+    })
+    .await
+    .map_err(|e| ServerError::Internal(format!("preparing the request failed: {e}")))??;
+    drop(turn);
     openai::handle(state, endpoint, valid, guard).await
 }
 

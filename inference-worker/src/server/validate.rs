@@ -134,6 +134,26 @@ fn sampling(k: Knobs<'_>, vocab: usize) -> Result<SamplingParams, ServerError> {
 }
 
 /// Sets `max_tokens` (default: the rest of the context) and checks the context length.
+/// Refuses, before tokenizing it, a prompt whose size alone shows it cannot fit the context
+/// (where the tokenizer allows a sound bound; see `Tokenizer::min_tokens`).
+fn check_size(engine: &EngineHandle, text: &str, param: &str) -> Result<(), ServerError> {
+    let Some(at_least) = engine.tokenizer.min_tokens(text) else {
+        return Ok(());
+    };
+    if at_least < engine.max_model_len {
+        return Ok(());
+    }
+    Err(ServerError::BadRequest {
+        param: Some(param.to_owned()),
+        message: format!(
+            "This model's maximum context length is {} tokens. However, your {param} has at least {at_least} tokens ({} bytes), leaving no room for a completion.",
+            engine.max_model_len,
+            text.len()
+        ),
+        code: Some("context_length_exceeded"),
+    })
+}
+
 fn fit_context(
     params: &mut SamplingParams,
     requested: Option<u32>,
@@ -244,6 +264,7 @@ pub fn chat(
         .tokenizer
         .render_chat(&messages, true)
         .map_err(|e| ServerError::param("messages", e.to_string()))?;
+    check_size(engine, &rendered, "messages")?;
     let tokens = engine
         .tokenizer
         .encode(&rendered, false)
@@ -341,13 +362,16 @@ pub fn completion(
     let mut longest = 0;
     for input in inputs {
         let (tokens, text) = match input {
-            PromptInput::Text(text) => (
-                engine
-                    .tokenizer
-                    .encode(&text, true)
-                    .map_err(|e| ServerError::param("prompt", e))?,
-                text,
-            ),
+            PromptInput::Text(text) => {
+                check_size(engine, &text, "prompt")?;
+                (
+                    engine
+                        .tokenizer
+                        .encode(&text, true)
+                        .map_err(|e| ServerError::param("prompt", e))?,
+                    text,
+                )
+            }
             PromptInput::Tokens(tokens) => {
                 if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= engine.vocab_size) {
                     return Err(ServerError::param(

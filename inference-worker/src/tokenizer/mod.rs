@@ -28,6 +28,9 @@ pub struct Tokenizer {
     chat: Option<Environment<'static>>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    /// For tokenizers that keep every input byte (byte-level, no normalizer): the most bytes
+    /// one token stands for, so a text of `n` bytes is at least `n / this` tokens.
+    max_token_bytes: Option<usize>,
 }
 
 impl Tokenizer {
@@ -83,6 +86,7 @@ impl Tokenizer {
             })
             .transpose()?;
         Ok(Self {
+            max_token_bytes: max_token_bytes(&inner),
             inner,
             chat,
             bos_token: token_field("bos_token"),
@@ -92,11 +96,19 @@ impl Tokenizer {
 
     pub fn from_parts(inner: tokenizers::Tokenizer) -> Self {
         Self {
+            max_token_bytes: max_token_bytes(&inner),
             inner,
             chat: None,
             bos_token: None,
             eos_token: None,
         }
+    }
+
+    /// The fewest tokens `text` can encode to, without encoding it, where the tokenizer allows
+    /// a sound bound (byte-level ones: every byte is kept, and no token stands for more bytes
+    /// than the longest in the vocabulary); `None` otherwise.
+    pub fn min_tokens(&self, text: &str) -> Option<usize> {
+        self.max_token_bytes.map(|l| text.len().div_ceil(l))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -187,6 +199,82 @@ fn describe(e: &minijinja::Error) -> String {
 }
 
 /// Inverse of GPT-2's byte-to-unicode map: the bytes a byte-level BPE token string stands for.
+/// The longest vocabulary entry in bytes, for a tokenizer whose encoding keeps every input byte:
+/// no normalizer, and a byte-level pre-tokenizer (alone or in a sequence) that maps each byte to
+/// a character. Other set-ups can drop input (whitespace splitting, stripping normalizers).
+fn max_token_bytes(inner: &tokenizers::Tokenizer) -> Option<usize> {
+    let json = serde_json::to_value(inner).ok()?;
+    if !json["normalizer"].is_null() {
+        return None;
+    }
+    // An added token that strips the whitespace beside it can swallow any amount of it.
+    let strips = |t: &Value| t["lstrip"] == true || t["rstrip"] == true;
+    if json["added_tokens"]
+        .as_array()
+        .is_some_and(|ts| ts.iter().any(strips))
+    {
+        return None;
+    }
+    let pre = &json["pre_tokenizer"];
+    let byte_level = |p: &Value| p["type"] == "ByteLevel";
+    let keeping_split = |p: &Value| p["type"] == "Split" && p["behavior"] != "Removed";
+    let keeps_bytes = byte_level(pre)
+        || (pre["type"] == "Sequence"
+            && pre["pretokenizers"].as_array().is_some_and(|ps| {
+                ps.iter().any(byte_level) && ps.iter().all(|p| byte_level(p) || keeping_split(p))
+            }));
+    if !keeps_bytes {
+        return None;
+    }
+    // Special tokens are matched before the model: a piece's string is what it stands for,
+    // and a byte-level piece's characters each stand for one byte, at most.
+    inner
+        .get_vocab(true)
+        .keys()
+        .map(|piece| piece.len())
+        .max()
+        .filter(|&l| l > 0)
+}
+
 fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
     piece.chars().map(bpe_builder::char_to_byte).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size bound never claims more tokens than encoding gives, whatever the text.
+    #[test]
+    fn the_size_bound_is_never_above_the_real_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        bpe_builder::write_tokenizer(&path, 512, 7).unwrap();
+        let tok = Tokenizer::load(dir.path()).unwrap();
+        let texts = [
+            String::new(),
+            "hello world".to_owned(),
+            " ".repeat(5000),
+            "aaaa".repeat(3000),
+            "ünïcödé 漢字 🎉 ".repeat(200),
+            (0..4000u32)
+                .map(|i| char::from_u32(32 + i % 5000).unwrap_or('x'))
+                .collect(),
+        ];
+        for text in &texts {
+            let bound = tok.min_tokens(text).expect("a byte-level tokenizer");
+            let real = tok.encode(text, false).unwrap().len();
+            assert!(bound <= real, "bound {bound} > {real} tokens");
+        }
+        // A tokenizer that may drop input gives no bound.
+        let mut json: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json["normalizer"] =
+            serde_json::json!({"type": "Strip", "strip_left": true, "strip_right": true});
+        std::fs::write(&path, json.to_string()).unwrap();
+        assert_eq!(
+            Tokenizer::load(dir.path()).unwrap().min_tokens("  x  "),
+            None
+        );
+    }
 }
