@@ -16,6 +16,9 @@
 //!   counted and backed off (5 ms doubling to 200 ms) instead of retried in a tight loop; the
 //!   pending connection is taken as soon as a descriptor frees.
 //!
+//! - **Malformed HTTP** (a head, URI or header list too large, framing hyper cannot parse):
+//!   hyper's own empty-bodied 400/414/431 gets an OpenAI-format body, like every other error.
+//!
 //! [`Server::shutdown`] closes every connection gracefully (responses in progress finish and
 //! are flushed, then the connection closes) and waits for them, so a process that exits after
 //! it never cuts a response short.
@@ -478,6 +481,9 @@ struct Watched<I> {
     /// Running while writes are refused.
     stall: Option<Pin<Box<Sleep>>>,
     stats: Arc<Stats>,
+    /// hyper's own error answer, rewritten with an OpenAI-format body, and how much of it is
+    /// written; the bytes hyper asked to write count as written once all of it is.
+    rewritten: Option<(Vec<u8>, usize, usize)>,
 }
 
 impl<I> Watched<I> {
@@ -489,6 +495,7 @@ impl<I> Watched<I> {
             write_stall: limits.write_stall,
             stall: None,
             stats,
+            rewritten: None,
         }
     }
 
@@ -558,6 +565,81 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     }
 }
 
+impl<I: AsyncWrite + Unpin> Watched<I> {
+    /// Writes the rewritten error answer; `Ready(n)` once all of it is out.
+    fn poll_rewritten(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            let Some((bytes, done, claimed)) = &mut self.rewritten else {
+                return Poll::Ready(Ok(0));
+            };
+            if *done == bytes.len() {
+                let claimed = *claimed;
+                return Poll::Ready(Ok(claimed));
+            }
+            match Pin::new(&mut self.io).poll_write(cx, &bytes[*done..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    *done += n;
+                    self.wrote(n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return self.stalled(cx),
+            }
+        }
+    }
+
+    /// hyper answers an HTTP request it cannot parse (malformed, head or URI too large) itself,
+    /// with an empty body; no request is in flight then. That answer gets an OpenAI-format body.
+    fn rewrite_bare_error(&mut self, buf: &[u8]) -> bool {
+        if self.rewritten.is_some() || self.activity.is_busy() {
+            return false;
+        }
+        let Some(status) = bare_error_status(buf) else {
+            return false;
+        };
+        self.rewritten = Some((openai_error_answer(status), 0, buf.len()));
+        true
+    }
+}
+
+/// The status of an HTTP/1 error head hyper wrote with an empty body.
+fn bare_error_status(buf: &[u8]) -> Option<u16> {
+    let head = std::str::from_utf8(buf.strip_prefix(b"HTTP/1.1 ")?).ok()?;
+    let status: u16 = head.get(..3)?.parse().ok()?;
+    let empty = head
+        .to_ascii_lowercase()
+        .contains("\r\ncontent-length: 0\r\n");
+    ((400..600).contains(&status) && empty && head.ends_with("\r\n\r\n")).then_some(status)
+}
+
+fn openai_error_answer(status: u16) -> Vec<u8> {
+    let (message, code) = match status {
+        414 => ("the request URI is too long", "uri_too_long"),
+        431 => ("the request headers are too large", "headers_too_large"),
+        408 => ("the request head did not arrive in time", "request_timeout"),
+        _ => ("the HTTP request is malformed", "bad_http_request"),
+    };
+    let kind = if status >= 500 {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let body = format!(
+        r#"{{"error":{{"message":"{message}","type":"{kind}","param":null,"code":"{code}"}}}}"#
+    );
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
 impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -565,6 +647,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.rewritten.is_some() || this.rewrite_bare_error(buf) {
+            return this.poll_rewritten(cx);
+        }
         match Pin::new(&mut this.io).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
                 this.wrote(n);
@@ -581,6 +666,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        if this.rewritten.is_some() || (bufs.len() == 1 && this.rewrite_bare_error(first)) {
+            return this.poll_rewritten(cx);
+        }
         match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
                 this.wrote(n);

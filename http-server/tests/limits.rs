@@ -228,3 +228,45 @@ async fn shutdown_lets_a_response_in_progress_finish_then_closes() {
     assert!(closed.await.unwrap(), "every connection closed");
     assert_eq!(server.stats().open.get(), 0);
 }
+
+#[tokio::test]
+async fn malformed_http_gets_an_openai_format_error() {
+    let (addr, _, _) = start(limits()).await;
+    for (request, status, code) in [
+        (
+            format!(
+                "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+                "h".repeat(100_000)
+            )
+            .into_bytes(),
+            "431",
+            "headers_too_large",
+        ),
+        (
+            b"\x16\x03\x01 not http at all\r\n\r\n".to_vec(),
+            "400",
+            "bad_http_request",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n".to_vec(),
+            "400",
+            "bad_http_request",
+        ),
+    ] {
+        let mut tcp = TcpStream::connect(&addr).await.unwrap();
+        let _ = tcp.write_all(&request).await;
+        let (_, got) = until_closed(&mut tcp, Duration::from_secs(3)).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
+        let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(body["error"]["code"], code, "{text}");
+    }
+    // A request that parses is untouched, even with an empty error body of its own.
+    let mut ok = TcpStream::connect(&addr).await.unwrap();
+    ok.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, got) = until_closed(&mut ok, Duration::from_secs(3)).await;
+    assert!(String::from_utf8_lossy(&got).ends_with("ok"));
+}
