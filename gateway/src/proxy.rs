@@ -532,4 +532,67 @@ mod tests {
         assert_eq!(usage_tokens(br#"{"choices":[]}"#), None);
         assert_eq!(usage_tokens(b"not json"), None);
     }
+
+    /// The relay's event splitting, as `relay_sse` runs it, over chunks cut anywhere.
+    fn relay_events(chunks: &[Vec<u8>], wants_usage: bool) -> (Vec<u8>, Option<Usage>, bool) {
+        let (mut pending, mut out) = (BytesMut::new(), Vec::new());
+        let (mut usage, mut done) = (None, false);
+        for chunk in chunks {
+            pending.extend_from_slice(chunk);
+            while let Some(end) = find_event_end(&pending) {
+                let event = pending.split_to(end);
+                out.extend_from_slice(&process_event(&event, &mut usage, &mut done, wants_usage));
+            }
+        }
+        (out, usage, done)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Whatever the read boundaries, a client that asked for usage gets the stream byte for
+        /// byte, and the usage and `[DONE]` are found; one that did not gets no usage.
+        #[test]
+        fn sse_relay_is_independent_of_read_boundaries(
+            texts in proptest::collection::vec("[a-z \"\\\\{}:,\n]{0,40}", 0..8),
+            cuts in proptest::collection::vec(1usize..64, 1..16),
+            prompt in 0u64..1000,
+            completion in 0u64..1000,
+        ) {
+            let mut wire = Vec::new();
+            for t in &texts {
+                let chunk = serde_json::json!({"id": "x", "choices": [{"index": 0, "delta": {"content": t}}], "usage": null});
+                wire.extend_from_slice(format!("data: {chunk}\n\n").as_bytes());
+            }
+            let last = serde_json::json!({"id": "x", "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}});
+            wire.extend_from_slice(format!("data: {last}\n\ndata: [DONE]\n\n").as_bytes());
+            let mut chunks = Vec::new();
+            let mut rest = &wire[..];
+            for c in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (*c).min(rest.len());
+                chunks.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let (out, usage, done) = relay_events(&chunks, true);
+            proptest::prop_assert_eq!(&out, &wire);
+            proptest::prop_assert!(done);
+            let total = (prompt + completion) as u32;
+            proptest::prop_assert_eq!(usage, Some(Usage { total, completion: Some(completion as u32) }));
+            let (stripped, usage, done) = relay_events(&chunks, false);
+            proptest::prop_assert!(done);
+            proptest::prop_assert_eq!(usage.map(|u| u.total), Some(total));
+            proptest::prop_assert!(!contains(&stripped, b"\"usage\""));
+        }
+
+        /// Any bytes from an executor: usage reading and event processing never panic.
+        #[test]
+        fn arbitrary_executor_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = usage_tokens(&bytes);
+            let _ = relay_events(&[bytes.clone()], false);
+            let _ = relay_events(&[bytes], true);
+        }
+    }
 }

@@ -749,6 +749,42 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any body, chunked any way, read in pieces of any size, decodes to itself.
+        #[test]
+        fn any_chunked_body_decodes_to_itself(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            sizes in proptest::collection::vec(1usize..100, 1..12),
+            piece in 1usize..40,
+            extension in proptest::prelude::any::<bool>(),
+        ) {
+            let mut wire = Vec::new();
+            let mut rest = &body[..];
+            for size in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (*size).min(rest.len());
+                let ext = if extension { ";name=value" } else { "" };
+                wire.extend_from_slice(format!("{n:x}{ext}\r\n").as_bytes());
+                wire.extend_from_slice(&rest[..n]);
+                wire.extend_from_slice(b"\r\n");
+                rest = &rest[n..];
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            proptest::prop_assert_eq!(decode_chunked(&wire, piece), Ok(body));
+        }
+
+        /// Any bytes as a chunked body: an error or a body, never a panic or a loop.
+        #[test]
+        fn arbitrary_chunked_wire_never_panics(
+            wire in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            piece in 1usize..40,
+        ) {
+            let _ = decode_chunked(&wire, piece);
+        }
+    }
+
     #[test]
     fn chunked_bodies_decode_whatever_the_read_boundaries() {
         let wire =
