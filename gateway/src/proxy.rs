@@ -591,7 +591,7 @@ mod tests {
         #[test]
         fn arbitrary_executor_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
             let _ = usage_tokens(&bytes);
-            let _ = relay_events(&[bytes.clone()], false);
+            let _ = relay_events(std::slice::from_ref(&bytes), false);
             let _ = relay_events(&[bytes], true);
         }
     }
