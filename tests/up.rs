@@ -418,12 +418,8 @@ idle_ttl_secs = 2
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_under_load_every_request_is_accounted_for() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = Box::leak(Box::new(dir));
-    eprintln!("DIR {}", dir.path().display());
-    let pools = "\
+/// A pool of exactly two warm executors of four slots each.
+const TWO_WARM: &str = "\
 [[controller.pools]]
 name = \"pool\"
 models = [\"tiny\"]
@@ -437,7 +433,13 @@ min_warm = 2
 max_replicas = 2
 target_concurrency = 4
 ";
-    let plane = Plane::start(dir.path(), pools);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_every_request_is_accounted_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = Box::leak(Box::new(dir));
+    eprintln!("DIR {}", dir.path().display());
+    let plane = Plane::start(dir.path(), TWO_WARM);
     let pool = plane
         .wait_pool("pool", "two warm executors", |p| p["ready"] == 2)
         .await;
@@ -561,20 +563,7 @@ target_concurrency = 4
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_executor_leaves_the_endpoint_set_and_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let pools = "\
-[[controller.pools]]
-name = \"pool\"
-models = [\"tiny\"]
-[controller.pools.executor]
-model = \"MODEL\"
-args = [\"--kv-cache-mib\", \"16\"]
-max_concurrency = 4
-drain_grace_secs = 5
-[controller.pools.scaling]
-min_warm = 2
-max_replicas = 2
-";
-    let plane = Plane::start(dir.path(), pools);
+    let plane = Plane::start(dir.path(), TWO_WARM);
     let pool = plane
         .wait_pool("pool", "two warm executors", |p| p["ready"] == 2)
         .await;

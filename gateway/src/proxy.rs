@@ -310,10 +310,11 @@ async fn relay_sse(
     status: StatusCode,
     write_stall: Duration,
 ) {
-    let (metrics, pool, request_id) = (
+    let (metrics, pool, request_id, wants_usage) = (
         settle.metrics.clone(),
         settle.pool.clone(),
         settle.request_id.clone(),
+        settle.client_wants_usage,
     );
     let mut settle = Some(settle);
     let mut pending = BytesMut::new();
@@ -344,13 +345,11 @@ async fn relay_sse(
                         pending.extend_from_slice(&data);
                         while let Some(end) = find_event_end(&pending) {
                             let event = pending.split_to(end);
-                            let client_wants_usage =
-                                settle.as_ref().is_some_and(|s| s.client_wants_usage);
                             forward.extend_from_slice(&process_event(
                                 &event,
                                 &mut usage,
                                 &mut done,
-                                client_wants_usage,
+                                wants_usage,
                             ));
                         }
                     }

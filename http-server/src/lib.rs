@@ -588,6 +588,22 @@ impl<I: AsyncWrite + Unpin> Watched<I> {
         }
     }
 
+    /// Notes a write that went through; one that could not proceed runs the stall timer.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            Poll::Ready(Ok(n)) => {
+                self.wrote(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.stalled(cx),
+        }
+    }
+
     /// hyper answers an HTTP request it cannot parse (malformed, head or URI too large) itself,
     /// with an empty body; no request is in flight then. That answer gets an OpenAI-format body.
     fn rewrite_bare_error(&mut self, buf: &[u8]) -> bool {
@@ -650,14 +666,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         if this.rewritten.is_some() || this.rewrite_bare_error(buf) {
             return this.poll_rewritten(cx);
         }
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.wrote(n);
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.stalled(cx),
-        }
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.after_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -666,21 +676,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let first = bufs
-            .iter()
-            .find(|b| !b.is_empty())
-            .map_or(&[][..], |b| &b[..]);
-        if this.rewritten.is_some() || (bufs.len() == 1 && this.rewrite_bare_error(first)) {
+        if this.rewritten.is_some() || (bufs.len() == 1 && this.rewrite_bare_error(&bufs[0])) {
             return this.poll_rewritten(cx);
         }
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                this.wrote(n);
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.stalled(cx),
-        }
+        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.after_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {

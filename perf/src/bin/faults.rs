@@ -288,20 +288,12 @@ fn chat_body(max_tokens: u32, stream: bool) -> Vec<u8> {
 
 // ---------- seeded fuzz ----------
 
-/// SplitMix64: small, seeded, reproducible.
-struct Rng(u64);
+/// The worker's seeded generator, with the draws the fuzz needs.
+struct Rng(llmctl_inference_worker::rng::Rng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.0.next_u64() % n.max(1) as u64) as usize
     }
 
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
@@ -544,7 +536,7 @@ fn fuzz_case(rng: &mut Rng, chat: bool) -> (Vec<u8>, String) {
 
 async fn fuzz(target: &str, addr: &str, cases: usize, seed: u64) -> Row {
     let mut row = Row::new(&format!("fuzz {target} ({cases} cases)"));
-    let mut rng = Rng(seed);
+    let mut rng = Rng(llmctl_inference_worker::rng::Rng::new(seed));
     let requests: Vec<(Vec<u8>, String)> = (0..cases)
         .map(|i| fuzz_case(&mut rng, i % 3 != 0))
         .collect();
