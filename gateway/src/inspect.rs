@@ -7,6 +7,7 @@
 use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
+use llmctl_protocol::demand::DEFAULT_MAX_TOKENS;
 use llmctl_protocol::{ChatCompletionRequest, CompletionRequest, PromptInput};
 use serde_json::{Value, json};
 
@@ -14,8 +15,6 @@ use crate::error::GatewayError;
 
 /// Bytes of prompt text that decide prefix affinity.
 const AFFINITY_PREFIX: usize = 512;
-/// `max_tokens` assumed for the up-front charge when a request gives none.
-pub const DEFAULT_MAX_TOKENS: u32 = 512;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Api {

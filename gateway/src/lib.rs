@@ -7,8 +7,8 @@
 //! and `proxy` (relaying the executor's response, read by `upstream`, the HTTP/1.1 client to
 //! executors). `config` is the TOML file; `metrics` the Prometheus registry; `error` the one
 //! mapping to OpenAI error bodies; `controller` follows the pool controller (live endpoint sets
-//! in, demand reports out); `history` is what each pool's requests generated, for the decode
-//! tokens those reports expect. No GPU code here.
+//! in, demand reports out); the decode tokens those reports expect come from
+//! `llmctl_protocol::demand`. No GPU code here.
 
 pub mod auth;
 pub mod body;
@@ -16,7 +16,6 @@ pub mod config;
 pub mod controller;
 pub mod dispatch;
 pub mod error;
-pub mod history;
 pub mod inspect;
 pub mod limit;
 pub mod metrics;

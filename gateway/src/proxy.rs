@@ -14,12 +14,12 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use llmctl_protocol::ErrorResponse;
+use llmctl_protocol::demand::DecodeHistory;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::auth::TenantState;
 use crate::body::{self, Body};
-use crate::history::DecodeHistory;
 use crate::metrics::Metrics;
 use crate::queue::Permit;
 use crate::upstream::UpstreamBody;

@@ -1033,7 +1033,7 @@ async fn follows_the_controller_and_keeps_the_last_endpoints_when_it_goes_away()
 
     // Once enough requests have finished (each generating 5 tokens), a request's expected
     // decode is what the pool generates, not its max_tokens ceiling: two choices, 10 tokens.
-    for _ in 0..llmctl_gateway::history::MIN_SAMPLES {
+    for _ in 0..llmctl_protocol::demand::MIN_SAMPLES {
         assert_eq!(gw.chat("ka", "hi", json!({})).await.0, 200);
     }
     let running = tokio::spawn({

@@ -8,6 +8,8 @@
 //!   error.
 //! - [`control`]: the control API between gateways and the pool controller (demand reports,
 //!   endpoint snapshots).
+//! - [`demand`]: the expected decode tokens of a request, from what a pool's requests generated
+//!   (the gateway's demand reports and the replay's simulated gateway share it).
 //! - [`routing`]: the dispatch choice gateways make (least outstanding, prefix affinity), a pure
 //!   function kept here so the controller's trace replay runs the very same code.
 //!
@@ -15,6 +17,7 @@
 //! and `llmctl_protocol::openai::ChatCompletionRequest` name the same type.
 
 pub mod control;
+pub mod demand;
 pub mod openai;
 pub mod routing;
 

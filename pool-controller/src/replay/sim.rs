@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use llmctl_protocol::demand::{DEFAULT_MAX_TOKENS, DecodeHistory};
 use llmctl_protocol::routing::{self, Candidate};
 
 use super::executor::ExecutorModel;
@@ -21,8 +22,6 @@ use crate::autoscaler::{
 
 /// Time resolution of arrivals and dispatch (engine steps are timed exactly).
 const QUANTUM: f64 = 0.01;
-/// Decode tokens expected of a request before any has finished.
-const PRIOR_OUTPUT_TOKENS: f64 = 256.0;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Policy {
@@ -145,8 +144,11 @@ pub struct Sim<'a> {
     samples: Vec<Sample>,
     memory: Memory,
     kpa: KpaState,
-    /// Output tokens of finished requests (sum, count): the expected-decode history.
-    history: (f64, f64),
+    /// What finished requests generated: the gateway's own estimator.
+    history: DecodeHistory,
+    /// Decode tokens each request was expected to generate when it arrived (the gateway fixes
+    /// a request's estimate at admission); indexes follow the trace.
+    expected: Vec<u32>,
     /// Tokens admitted since the last sample (prompt, expected decode).
     arrived: (f64, f64),
     last_desired: Option<u32>,
@@ -174,7 +176,8 @@ impl<'a> Sim<'a> {
             samples: Vec::new(),
             memory: Memory::default(),
             kpa: KpaState::default(),
-            history: (0.0, 0.0),
+            history: DecodeHistory::default(),
+            expected: vec![0; trace.len()],
             arrived: (0.0, 0.0),
             last_desired: None,
             last_change: None,
@@ -225,14 +228,6 @@ impl<'a> Sim<'a> {
         self.out.launched += 1;
     }
 
-    fn expected_output(&self) -> f64 {
-        if self.history.1 >= 1.0 {
-            self.history.0 / self.history.1
-        } else {
-            PRIOR_OUTPUT_TOKENS
-        }
-    }
-
     /// Runs the whole trace and until every request has ended.
     pub fn run(mut self) -> Outcome {
         let tick = self.config.tick.as_secs_f64();
@@ -278,7 +273,10 @@ impl<'a> Sim<'a> {
     fn arrive(&mut self, req: usize) {
         let r = &self.trace[req];
         self.arrived.0 += r.prompt_tokens as f64;
-        self.arrived.1 += self.expected_output();
+        // Trace requests name no `max_tokens`, like clients that leave it out.
+        let expected = self.history.expect(None, DEFAULT_MAX_TOKENS, 1);
+        self.expected[req] = expected;
+        self.arrived.1 += f64::from(expected);
         let fits =
             u64::from(r.prompt_tokens) + u64::from(r.output_tokens.max(1)) <= self.model.kv_tokens;
         if !fits || self.queue.len() >= self.config.queue_max {
@@ -392,8 +390,7 @@ impl<'a> Sim<'a> {
                 let overhead = self.model.first_token_overhead.as_secs_f64();
                 let finished = Self::end_step(e, self.trace, &mut self.fates, end, overhead);
                 for output in finished {
-                    self.history.0 += output as f64;
-                    self.history.1 += 1.0;
+                    self.history.record(output.into(), 1);
                 }
                 Self::start_step(e, self.model, self.trace, end);
                 if e.step_end.is_none() && e.outstanding == 0 {
@@ -456,32 +453,30 @@ impl<'a> Sim<'a> {
     /// The demand sample the gateways would report now.
     fn sample(&mut self) -> Sample {
         let tick = self.config.tick.as_secs_f64();
-        let expected = self.expected_output();
         let queued = self.queue.len() as u32;
         let in_flight: u32 = self.executors.iter().map(|e| e.outstanding as u32).sum();
-        let mut prompt: u64 = self
+        // Prompt and expected decode tokens of every request queued or on an executor.
+        let live = self
             .queue
             .iter()
-            .map(|&r| u64::from(self.trace[r].prompt_tokens))
-            .sum();
-        for e in &self.executors {
-            prompt += e
-                .waiting
-                .iter()
-                .map(|&r| u64::from(self.trace[r].prompt_tokens))
-                .sum::<u64>();
-            prompt += e
-                .running
-                .iter()
-                .map(|r| u64::from(self.trace[r.req].prompt_tokens))
-                .sum::<u64>();
+            .copied()
+            .chain(self.executors.iter().flat_map(|e| {
+                e.waiting
+                    .iter()
+                    .copied()
+                    .chain(e.running.iter().map(|r| r.req))
+            }));
+        let (mut prompt, mut decode) = (0u64, 0u64);
+        for r in live {
+            prompt += u64::from(self.trace[r].prompt_tokens);
+            decode += u64::from(self.expected[r]);
         }
         let s = Sample {
             at: Duration::from_secs_f64(self.t),
             queued,
             in_flight,
             prompt_tokens: prompt,
-            decode_tokens: ((queued + in_flight) as f64 * expected) as u64,
+            decode_tokens: decode,
             prompt_tokens_per_s: self.arrived.0 / tick,
             decode_tokens_per_s: self.arrived.1 / tick,
             // What the executors' /metrics would say: each one's share of its KV in use.
@@ -755,8 +750,11 @@ mod tests {
     fn our_autoscaler_follows_a_step_up_and_back_down_without_losing_a_request() {
         let m = model();
         let c = config(&m);
-        // 2/s, then 30/s for four minutes, then 2/s: the pool grows and drains back.
-        let t = trace(600, |s| if (120..360).contains(&s) { 30 } else { 2 });
+        // 2/s, then 30/s for four minutes, then 2/s: the pool grows and drains back. The step
+        // comes after three minutes, once the gateway's decode estimate has left its cold
+        // ceiling (512 tokens a request until 16 have finished, which sizes the first minute
+        // for twice the executors) and the pool has settled.
+        let t = trace(720, |s| if (180..420).contains(&s) { 30 } else { 2 });
         let o = Sim::new(&c, &m, &t, Policy::Llmctl).run();
         assert_eq!(ttfts(&o).len(), t.len(), "every request served");
         let peak = o.timeline.iter().map(|p| p.ready).max().unwrap();

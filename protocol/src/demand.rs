@@ -1,8 +1,14 @@
 //! What a pool's requests actually generate, so that the demand the gateway reports carries
 //! expected decode tokens rather than each request's `max_tokens` ceiling: clients often set it
-//! far above what they get, or leave it out (then the gateway can only assume a default).
+//! far above what they get, or leave it out (then the gateway can only assume
+//! [`DEFAULT_MAX_TOKENS`]). Kept here, beside the demand report it feeds, so that the gateway
+//! and the controller's trace replay estimate with the same code.
 
 use std::sync::Mutex;
+
+/// `max_tokens` assumed for a request that gives none (its up-front rate-limit charge and the
+/// ceiling of its expected decode).
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
 
 /// Finished requests it takes before the history is trusted over `max_tokens` alone.
 pub const MIN_SAMPLES: u64 = 16;
