@@ -9,10 +9,16 @@
 //! kv_tokens = 400000              # tokens the KV cache holds
 //! max_batched_tokens = 2048       # tokens in one engine step (decode + prefill chunk)
 //! first_token_overhead_secs = 0.0 # per request, outside the engine (HTTP, tokenizing)
+//! attention_secs_per_pair = 0.0   # per (token computed, token of its context) pair
 //! ```
 //!
 //! Decode throughput between two listed batch sizes is interpolated linearly, and held flat
-//! beyond the last one.
+//! beyond the last one. `attention_secs_per_pair` is the part of a step that grows with
+//! context: each token a step computes attends to every token before it, so a prefill chunk of
+//! `n` tokens after `c` already computed adds `n * (c + n / 2)` pairs, and a decode token with
+//! `L` tokens of context adds `L`. Where attention is a small share of the work (a GPU with
+//! fused attention, short prompts) it can stay 0; a CPU worker's prefill time grows visibly
+//! faster than its prompt (see `perf/src/bin/replay_check/calibrate.rs`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -32,6 +38,8 @@ pub struct ExecutorModel {
     pub max_batched_tokens: u32,
     /// Added to every first token: the request's path outside the engine steps.
     pub first_token_overhead: Duration,
+    /// Seconds per (computed token, context token) pair, beyond the rates above.
+    pub attention_secs_per_pair: f64,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +52,7 @@ struct Raw {
     kv_tokens: u64,
     max_batched_tokens: Option<u32>,
     first_token_overhead_secs: Option<f64>,
+    attention_secs_per_pair: Option<f64>,
     /// Where the numbers come from (free text, kept for the reader).
     #[allow(dead_code)]
     source: Option<String>,
@@ -128,7 +137,16 @@ impl ExecutorModel {
                 "must be seconds, 0 to 60",
             ));
         }
+        let attention = raw.attention_secs_per_pair.unwrap_or(0.0);
+        if !(attention.is_finite() && (0.0..1.0).contains(&attention)) {
+            return Err(invalid(
+                "attention_secs_per_pair",
+                attention.to_string(),
+                "must be seconds, 0 or more and below 1",
+            ));
+        }
         Ok(Self {
+            attention_secs_per_pair: attention,
             first_token_overhead: Duration::from_secs_f64(overhead),
             cold_start: Duration::from_secs_f64(raw.cold_start_secs),
             prefill_tokens_per_s: raw.prefill_tokens_per_s,
@@ -157,14 +175,14 @@ impl ExecutorModel {
         t[t.len() - 1].1
     }
 
-    /// Seconds one engine step takes: `batch` decode tokens and `prefill` prompt tokens.
-    pub fn step_seconds(&self, batch: u32, prefill: u32) -> f64 {
-        let decode = if batch > 0 {
-            batch as f64 / self.decode_rate(batch)
-        } else {
-            0.0
-        };
-        decode + prefill as f64 / self.prefill_tokens_per_s
+    /// Seconds one engine step takes: `batch` decode tokens and `prefill` prompt tokens, whose
+    /// attention covers `pairs` (token, context token) pairs in all. A step with no decodes
+    /// still costs what a step of one does (the pass over the weights every step makes), so
+    /// the decode table's batch-1 time is the floor of every step.
+    pub fn step_seconds(&self, batch: u32, prefill: u32, pairs: f64) -> f64 {
+        let batch = batch.max(1);
+        let decode = batch as f64 / self.decode_rate(batch);
+        decode + prefill as f64 / self.prefill_tokens_per_s + pairs * self.attention_secs_per_pair
     }
 
     /// The autoscaler's view of one executor: decode throughput at its full batch.
@@ -197,7 +215,16 @@ mod tests {
         assert_eq!(m.decode_rate(20), 1100.0);
         assert_eq!(m.decode_rate(64), 1600.0);
         // A step of 8 decodes and 2,000 prompt tokens: 8/600 s + 0.2 s.
-        assert!((m.step_seconds(8, 2000) - (8.0 / 600.0 + 0.2)).abs() < 1e-12);
+        assert!((m.step_seconds(8, 2000, 1e6) - (8.0 / 600.0 + 0.2)).abs() < 1e-12);
+        // With an attention cost, pairs add to the step.
+        let with =
+            ExecutorModel::parse(&format!("{MODEL}\nattention_secs_per_pair = 1e-9"), "m").unwrap();
+        assert!((with.step_seconds(8, 2000, 1e6) - (8.0 / 600.0 + 0.2 + 1e-3)).abs() < 1e-12);
+        assert!(
+            ExecutorModel::parse(&format!("{MODEL}\nattention_secs_per_pair = -1"), "m").is_err()
+        );
+        // A prefill-only step pays the batch-1 step's pass over the weights.
+        assert!((m.step_seconds(0, 2000, 0.0) - (1.0 / 100.0 + 0.2)).abs() < 1e-12);
         assert_eq!(m.capacity().decode_tokens_per_s, 1600.0);
         assert_eq!(m.max_batched_tokens, 2048);
     }

@@ -380,7 +380,21 @@ impl<'a> Sim<'a> {
             e.step_end = None;
             return;
         }
-        e.step_end = Some(t + model.step_seconds(decoders, prefill).max(1e-6));
+        // Attention pairs: a decode token sees its whole context, a chunk its prefix and the
+        // chunk's earlier tokens.
+        let decode_pairs: f64 = e
+            .running
+            .iter()
+            .filter(|r| r.generated > 0)
+            .map(|r| f64::from(trace[r.req].prompt_tokens + r.generated))
+            .sum();
+        let prefill_pairs: f64 = e
+            .chunks
+            .iter()
+            .map(|&(i, n)| f64::from(n) * (f64::from(e.running[i].prefilled) + f64::from(n) / 2.0))
+            .sum();
+        let seconds = model.step_seconds(decoders, prefill, decode_pairs + prefill_pairs);
+        e.step_end = Some(t + seconds.max(1e-6));
     }
 
     /// Runs every executor's engine up to `until`.
