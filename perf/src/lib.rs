@@ -71,6 +71,38 @@ pub fn preset_model_in(
     Ok(dir)
 }
 
+/// The `addr` of the `{"event":"listening","addr":...}` line a worker or gateway prints first
+/// on its stdout (piped).
+pub fn listening_addr(child: &mut std::process::Child) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    let stdout = child.stdout.take().context("stdout is not piped")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("listening line {line:?}"))?;
+    Ok(v["addr"]
+        .as_str()
+        .with_context(|| format!("listening line {line:?} has no addr"))?
+        .to_owned())
+}
+
+/// Polls `addr`'s `/health` every 10 ms until it answers 200, for at most `timeout`.
+pub async fn wait_healthy(addr: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(r) = http_request(addr, "GET", "/health", Vec::new()).await
+            && r.status() == 200
+        {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("{addr} was not healthy within {} s", timeout.as_secs());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// One HTTP/1.1 request on a fresh connection.
 pub async fn http_request(
     addr: &str,

@@ -9,7 +9,6 @@
 //! `cargo run --release -p llmctl-perf --bin gateway_bench -- [--record]`
 //! (installs Debian's `nginx-light` with apt-get when no `nginx` is found).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -21,7 +20,6 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::Value;
 
 #[derive(Parser)]
 struct Args {
@@ -274,12 +272,7 @@ fn start_gateway(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("gateway stdout")?).read_line(&mut line)?;
-    let v: Value = serde_json::from_str(&line).context("gateway listening line")?;
-    let port: u16 = v["addr"]
-        .as_str()
-        .context("addr")?
+    let port: u16 = llmctl_perf::listening_addr(&mut child)?
         .rsplit(':')
         .next()
         .context("port")?

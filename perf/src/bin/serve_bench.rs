@@ -9,7 +9,6 @@
 //! `target/perf-models/` (or `--models`), starts a worker (`--device`, default cpu) on port 0 (this same binary re-run as `--as-worker`, i.e. the real server in its own
 //! process), and benchmarks it at each `--concurrency` level, then at `--rate` if given.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -196,7 +195,8 @@ async fn bench(args: Args) -> Result<()> {
     } else {
         format!("{}-seed1", args.preset.name())
     };
-    wait_ready(&addr).await?;
+    // Loading a Llama-3.1-8B-shaped model on a fresh GPU machine takes minutes.
+    llmctl_perf::wait_healthy(&addr, Duration::from_secs(900)).await?;
     // Prompt ids come from the tokenizer's ordinary tokens, clear of the special ones at the
     // top (4000 of the small preset's 4096; a server at --url is assumed to have as many).
     let ordinary = if args.url.is_some() {
@@ -337,30 +337,8 @@ fn start_worker(args: &Args) -> Result<(Child, String)> {
         // Warnings and errors (why a worker failed to load) show with the benchmark's own.
         .stderr(Stdio::inherit())
         .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("worker stdout")?).read_line(&mut line)?;
-    let v: Value = serde_json::from_str(&line).context("the worker's listening line")?;
-    let addr = v["addr"]
-        .as_str()
-        .context("listening line has addr")?
-        .to_owned();
+    let addr = llmctl_perf::listening_addr(&mut child)?;
     Ok((child, addr))
-}
-
-async fn wait_ready(addr: &str) -> Result<()> {
-    // Loading a Llama-3.1-8B-shaped model on a fresh GPU machine takes minutes.
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        if let Ok(r) = llmctl_perf::http_request(addr, "GET", "/health", Vec::new()).await
-            && r.status() == 200
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("worker at {addr} never became ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// One streamed completion, timed.

@@ -356,11 +356,18 @@ impl<'a> Sim<'a> {
                 generated: 0,
             });
         }
-        let decoders = e
-            .running
-            .iter()
-            .filter(|r| r.prefilled >= trace[r.req].prompt_tokens && r.generated > 0)
-            .count() as u32;
+        // Decoding requests (their first token out), and the attention pairs of their tokens:
+        // each sees its whole context.
+        let (decoders, decode_pairs) =
+            e.running
+                .iter()
+                .filter(|r| r.generated > 0)
+                .fold((0u32, 0.0), |(n, pairs), r| {
+                    (
+                        n + 1,
+                        pairs + f64::from(trace[r.req].prompt_tokens + r.generated),
+                    )
+                });
         let mut budget = model.max_batched_tokens.saturating_sub(decoders);
         e.chunks.clear();
         for (i, r) in e.running.iter().enumerate() {
@@ -380,14 +387,7 @@ impl<'a> Sim<'a> {
             e.step_end = None;
             return;
         }
-        // Attention pairs: a decode token sees its whole context, a chunk its prefix and the
-        // chunk's earlier tokens.
-        let decode_pairs: f64 = e
-            .running
-            .iter()
-            .filter(|r| r.generated > 0)
-            .map(|r| f64::from(trace[r.req].prompt_tokens + r.generated))
-            .sum();
+        // A chunk's tokens see the prefix before it and the chunk's earlier tokens.
         let prefill_pairs: f64 = e
             .chunks
             .iter()

@@ -20,7 +20,6 @@
 //! What is not measured here (the running cap, KV capacity, the step's token budget) is
 //! configuration and comes from the shipped model.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use llmctl_pool_controller::replay::executor::ExecutorModel;
 use llmctl_pool_controller::replay::trace::TraceRequest;
 
-use crate::{WORKER_ARGS, stream};
+use crate::{WORKER_ARGS, prompt, stream};
 
 /// Output tokens per decode stream.
 const DECODE_TOKENS: u32 = 48;
@@ -56,22 +55,13 @@ pub async fn calibrate(
         .spawn()
         .context("starting the calibration worker")?;
     let measured = async {
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let event: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("listening line {line:?}"))?;
-        let addr = event["addr"].as_str().context("no addr")?.to_owned();
-        while !healthy(&addr).await {
-            if launched.elapsed() > Duration::from_secs(120) {
-                bail!("the calibration worker was not ready in 120 s");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let addr = llmctl_perf::listening_addr(&mut child)?;
+        llmctl_perf::wait_healthy(&addr, Duration::from_secs(120)).await?;
         let cold_start = launched.elapsed();
         let fit = prefill_fit(&addr, requests).await?;
+        let total: u64 = requests.iter().map(|r| u64::from(r.prompt_tokens)).sum();
         let mean_prompt =
-            requests.iter().map(|r| r.prompt_tokens).sum::<u32>() / requests.len().max(1) as u32;
-        let mean_prompt = mean_prompt.max(1);
+            (total / requests.len().max(1) as u64).clamp(1, u64::from(u32::MAX)) as u32;
         // Context a decode token sees, on average over the measured window.
         let context = f64::from(mean_prompt + DECODE_TOKENS / 2);
         let mut decode = Vec::new();
@@ -104,13 +94,6 @@ pub async fn calibrate(
     let _ = child.kill();
     let _ = child.wait();
     measured
-}
-
-async fn healthy(addr: &str) -> bool {
-    match llmctl_perf::http_request(addr, "GET", "/health", Vec::new()).await {
-        Ok(r) => r.status() == 200,
-        Err(_) => false,
-    }
 }
 
 /// TTFT of a lone request as a function of its prompt length `p`:
@@ -238,12 +221,4 @@ async fn decode_rate(addr: &str, batch: u32, prompt_len: u32) -> Result<f64> {
         bail!("batch {batch}: no window in which all streams decoded");
     }
     Ok(tokens as f64 / (to - from))
-}
-
-/// Token ids spread over the vocabulary, distinct per `seed` so the prefix cache stays out of
-/// the measurement.
-pub fn prompt(seed: u32, len: u32) -> Vec<u32> {
-    (0..len)
-        .map(|j| 10 + (seed.wrapping_mul(7919) + j * 31) % 4000)
-        .collect()
 }

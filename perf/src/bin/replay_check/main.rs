@@ -74,6 +74,14 @@ fn controller_toml(model: &str, logs: &str, max_replicas: u32, capacity: Capacit
 /// The flags the pool gives its executors (the calibration worker gets the same).
 pub const WORKER_ARGS: [&str; 2] = ["--max-num-seqs", "32"];
 
+/// Token ids spread over the vocabulary, distinct per `seed` so the prefix cache stays out of
+/// the measurement.
+pub fn prompt(seed: u32, len: u32) -> Vec<u32> {
+    (0..len)
+        .map(|j| 10 + (seed.wrapping_mul(7919) + j * 31) % 4000)
+        .collect()
+}
+
 /// One streamed completion: the seconds from sending it at which each of its token events
 /// arrived (`None` when it failed or ended without `[DONE]`).
 pub async fn stream(addr: String, prompt: Vec<u32>, max_tokens: u32) -> Option<Vec<f64>> {
@@ -319,7 +327,7 @@ fn main() -> Result<()> {
         for (i, r) in requests.iter().enumerate() {
             let at = started + Duration::from_secs_f64(r.at);
             tokio::time::sleep_until(at.into()).await;
-            let prompt = calibrate::prompt(i as u32, r.prompt_tokens);
+            let prompt = prompt(i as u32, r.prompt_tokens);
             let first = stream(gateway.clone(), prompt, r.output_tokens);
             tasks.push(tokio::spawn(async move { Some(first.await?[0]) }));
         }
