@@ -24,7 +24,9 @@
 //!   between two thirds only, noise by less). Only upward, at most doubling the current load.
 //! - **Bursts shorter than a boot are absorbed, not chased.** A panic launches executors only
 //!   when the live ones would still be working through the backlog (prompt and decode tokens
-//!   held, over their token capacity) when a new one became ready.
+//!   held, over their token capacity) when a new one became ready. Unless bursts recur (the
+//!   last one within a stable window, a cold start and `idle_ttl`): then the panic launches and
+//!   holds what it launched that long, so the next burst finds it ready.
 //! - **Scale from zero** on the first queued request, without waiting for a window.
 //! - **Drain-based scale-down.** Capacity that has been above what the stable window asks for
 //!   during `idle_ttl` is given back: the decision names the executors to drain (ephemeral
@@ -232,6 +234,11 @@ pub struct Memory {
     pub panic_peak: u32,
     /// Since when the pool has had more capacity than the stable window asks for.
     pub excess_since: Option<Duration>,
+    /// Last time a burst was seen (panic-window demand at the panic threshold over the stable
+    /// window's or over capacity), kept after the panic ends.
+    pub last_burst: Option<Duration>,
+    /// The current panic began within [`recurrence`] of the last burst before it.
+    pub recurring: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -415,6 +422,14 @@ fn backlog_seconds(spec: &ScalingSpec, samples: &[Sample], capacity: u32) -> Opt
     Some(work / capacity.max(1) as f64)
 }
 
+/// Bursts that follow the previous one within this time recur: a stable window for the panic
+/// to end, a cold start for an executor launched then to boot, and `idle_ttl` it would be kept
+/// idle anyway. A panic among recurring bursts launches even for a backlog that drains before a
+/// boot, and holds what it launched for this long after its last burst.
+fn recurrence(spec: &ScalingSpec, cold_start: Option<Duration>) -> Duration {
+    spec.stable_window + cold_start.unwrap_or_default() + spec.idle_ttl
+}
+
 /// Rounds executors up, forgiving float noise just above a whole number.
 fn executors(load: f64) -> u32 {
     (load - 1e-9).ceil().max(0.0) as u32
@@ -451,23 +466,43 @@ pub fn decide(spec: &ScalingSpec, obs: &Observations<'_>) -> Decision {
     let mut memory = obs.memory;
     let panicking_now =
         panic_level > 0 && panic_level as f64 >= spec.panic_threshold * capacity.max(1) as f64;
+    // A burst is panic-level demand over what the stable window asks for, whatever the
+    // capacity now (a pool held for bursts still sees them).
+    let bursting =
+        panic_level > 0 && panic_level as f64 >= spec.panic_threshold * stable.max(1) as f64;
+    let recurrence = recurrence(spec, obs.cold_start);
+    if panicking_now && memory.panic_since.is_none() {
+        memory.recurring = memory
+            .last_burst
+            .is_some_and(|t| now.saturating_sub(t) <= recurrence);
+    }
     if panicking_now {
         memory.panic_since = Some(now);
-    } else if memory
-        .panic_since
-        .is_some_and(|t| now.saturating_sub(t) >= spec.stable_window)
-    {
+    } else if memory.panic_since.is_some_and(|t| {
+        let hold = if memory.recurring {
+            recurrence
+        } else {
+            spec.stable_window
+        };
+        now.saturating_sub(t) >= hold
+    }) {
         memory.panic_since = None;
         memory.panic_peak = 0;
+        memory.recurring = false;
+    }
+    if panicking_now || bursting {
+        memory.last_burst = Some(now);
     }
     let in_panic = memory.panic_since.is_some();
 
     // A burst whose backlog the live executors clear before a new one could boot is not worth
-    // a launch: those executors would arrive to an empty queue.
-    let outlasts_boot = match (obs.cold_start, backlog_seconds(spec, obs.samples, capacity)) {
-        (Some(cold), Some(clear)) => clear > cold.as_secs_f64(),
-        _ => true,
-    };
+    // a launch: those executors would arrive to an empty queue. Unless bursts recur: then the
+    // executor launched now is held for the next one.
+    let outlasts_boot = memory.recurring
+        || match (obs.cold_start, backlog_seconds(spec, obs.samples, capacity)) {
+            (Some(cold), Some(clear)) => clear > cold.as_secs_f64(),
+            _ => true,
+        };
     let (mut desired, mut reason) = if in_panic && (outlasts_boot || capacity == 0) {
         let d = panic_level.max(memory.panic_peak).max(capacity).max(stable);
         (d, Reason::Panic)

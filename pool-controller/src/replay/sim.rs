@@ -783,6 +783,55 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_shorter_than_a_boot_is_absorbed_but_recurring_bursts_are_met() {
+        let m = model();
+        let c = config(&m);
+        // 1/s with 3 s bursts of 20/s, 1,000 prompt and 10 output tokens each: a burst is
+        // about 13 s of one executor's work, enough to panic (more than twice one executor over
+        // the 6 s panic window) but cleared within the 20 s boot, so a lone burst launches
+        // nothing. (The first minute is sized by the gateway's cold decode estimate, 512 tokens a
+        // request, which launches one executor at the start; it is gone by the first burst.)
+        let trace = |starts: &[u32]| -> Vec<TraceRequest> {
+            let mut out = Vec::new();
+            for s in 0..600 {
+                let n = if starts.iter().any(|&b| (b..b + 3).contains(&s)) {
+                    20
+                } else {
+                    1
+                };
+                out.extend((0..n).map(|i| TraceRequest {
+                    at: s as f64 + i as f64 / n as f64,
+                    prompt_tokens: 1000,
+                    output_tokens: 10,
+                    affinity: None,
+                }));
+            }
+            out
+        };
+        let lone = trace(&[120]);
+        let o = Sim::new(&c, &m, &lone, Policy::Llmctl).run();
+        assert_eq!(ttfts(&o).len(), lone.len(), "every request served");
+        let desired_from = |o: &Outcome, t: usize| o.timeline[t..].iter().map(|p| p.desired).max();
+        assert_eq!(desired_from(&o, 110), Some(1), "a lone burst is absorbed");
+        // The same bursts every 80 s, within a stable window, a boot and idle_ttl of each
+        // other: the second panics and launches although its backlog drains before a boot, and
+        // what it launched is held for the third. The third, absorbed by held executors, does
+        // not panic and so does not extend the hold: the fourth panics and launches again, and
+        // the fifth is met.
+        let starts = [120, 200, 280, 360, 440];
+        let recurring = trace(&starts);
+        let o = Sim::new(&c, &m, &recurring, Policy::Llmctl).run();
+        assert_eq!(ttfts(&o).len(), recurring.len(), "every request served");
+        let ready_at = |t: u32| o.timeline[t as usize].ready;
+        assert_eq!(ready_at(119), 1, "one executor before the bursts");
+        for b in [280, 440] {
+            assert!(ready_at(b) >= 2, "burst at {b} met by {}", ready_at(b));
+        }
+        let last = o.timeline.last().unwrap();
+        assert_eq!(last.ready, 1, "given back once the bursts stop");
+    }
+
+    #[test]
     fn kpa_and_static_peak_run_the_same_trace() {
         let m = model();
         let c = config(&m);
