@@ -15,6 +15,17 @@ pub struct TenantState {
     pub name: Arc<str>,
     pub priority: crate::config::Priority,
     pub limits: TenantLimits,
+    /// Models or pool names its keys may use (`None`: every one).
+    pub models: Option<Vec<String>>,
+}
+
+impl TenantState {
+    /// Whether the tenant may use `model`, served by `pool`. Others answer as unknown models.
+    pub fn may_use(&self, model: &str, pool: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == model || x == pool))
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -92,13 +103,16 @@ fn build(config: &Config, old: Option<&Table>) -> Table {
     let mut by_name = HashMap::new();
     for t in &config.tenants {
         let reuse = old.and_then(|o| o.by_name.get(&t.name)).filter(|s| {
-            s.priority == t.priority && s.limits.matches(t.requests_per_minute, t.tokens_per_minute)
+            s.priority == t.priority
+                && s.models == t.models
+                && s.limits.matches(t.requests_per_minute, t.tokens_per_minute)
         });
         let state = reuse.cloned().unwrap_or_else(|| {
             Arc::new(TenantState {
                 name: Arc::from(t.name.as_str()),
                 priority: t.priority,
                 limits: TenantLimits::new(t.requests_per_minute, t.tokens_per_minute),
+                models: t.models.clone(),
             })
         });
         for k in &t.key_hashes {
@@ -112,6 +126,7 @@ fn build(config: &Config, old: Option<&Table>) -> Table {
                 name: Arc::from("open"),
                 priority: crate::config::Priority::Normal,
                 limits: TenantLimits::new(None, None),
+                models: None,
             })
         })
     });

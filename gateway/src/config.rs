@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::external::{ExternalSpec, KeySource};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
@@ -116,6 +118,8 @@ struct RawTenant {
     /// SHA-256 of each API key, hex, optionally prefixed `sha256:`.
     #[serde(default)]
     keys: Vec<String>,
+    /// Models (or pools, by name) the tenant's keys may use; absent: all.
+    models: Option<Vec<String>>,
 }
 
 fn normal() -> Priority {
@@ -130,6 +134,27 @@ struct RawPool {
     models: Vec<String>,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
+    /// Hosted OpenAI-compatible APIs serving the pool instead of executors.
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    /// Base URL of an OpenAI-compatible API, e.g. `https://host/v1`.
+    url: String,
+    /// Environment variable holding the provider key.
+    key_env: Option<String>,
+    /// File holding the provider key (a mounted Secret).
+    key_file: Option<PathBuf>,
+    /// PEM roots trusted for this upstream besides the system's.
+    ca_file: Option<PathBuf>,
+    max_concurrency: Option<usize>,
+    /// Public model name → the provider's model id.
+    #[serde(default)]
+    models: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -166,6 +191,8 @@ pub struct Tenant {
     pub tokens_per_minute: Option<u32>,
     /// SHA-256 digests of the tenant's keys.
     pub key_hashes: Vec<[u8; 32]>,
+    /// Models or pool names its keys may use (`None`: every one).
+    pub models: Option<Vec<String>>,
 }
 
 /// An executor endpoint (the same type the controller's endpoint stream carries).
@@ -175,7 +202,10 @@ pub use llmctl_protocol::control::Endpoint;
 pub struct Pool {
     pub name: String,
     pub models: Vec<String>,
+    /// Executors, or (for a pool of hosted upstreams) one endpoint per upstream.
     pub endpoints: Vec<Endpoint>,
+    /// Hosted upstreams; empty for a pool of executors.
+    pub externals: Vec<ExternalSpec>,
 }
 
 #[derive(Clone, Debug)]
@@ -335,6 +365,7 @@ impl Config {
                 requests_per_minute: t.requests_per_minute,
                 tokens_per_minute: t.tokens_per_minute,
                 key_hashes,
+                models: t.models,
             });
         }
         if !raw.open && tenants.iter().all(|t| t.key_hashes.is_empty()) {
@@ -388,10 +419,102 @@ impl Config {
                     draining: false,
                 });
             }
+            if !p.upstreams.is_empty() && !endpoints.is_empty() {
+                return Err(invalid(
+                    &format!("pools[{i}].upstreams"),
+                    &p.name,
+                    "a pool has executors (`endpoints`) or hosted `upstreams`, not both",
+                ));
+            }
+            let mut externals = Vec::new();
+            for (u, up) in p.upstreams.into_iter().enumerate() {
+                let field = |f: &str| format!("pools[{i}].upstreams[{u}].{f}");
+                if up.name.is_empty() || externals.iter().any(|e: &ExternalSpec| e.name == up.name)
+                {
+                    return Err(invalid(
+                        &field("name"),
+                        &up.name,
+                        "must be non-empty and unique",
+                    ));
+                }
+                let url: http::Uri = up.url.parse().map_err(|_| {
+                    invalid(&field("url"), &up.url, "not a URL like https://host/v1")
+                })?;
+                if !matches!(url.scheme_str(), Some("https" | "http")) || url.authority().is_none()
+                {
+                    return Err(invalid(
+                        &field("url"),
+                        &up.url,
+                        "must be an http:// or https:// URL with a host",
+                    ));
+                }
+                let key = match (up.key_env, up.key_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(invalid(
+                            &field("key_env"),
+                            &"key_file too",
+                            "name one of key_env and key_file",
+                        ));
+                    }
+                    (Some(var), None) => {
+                        if std::env::var_os(&var).is_none() {
+                            return Err(invalid(
+                                &field("key_env"),
+                                &var,
+                                "this environment variable is not set",
+                            ));
+                        }
+                        KeySource::Env(var)
+                    }
+                    (None, Some(path)) => {
+                        if !path.is_file() {
+                            return Err(invalid(
+                                &field("key_file"),
+                                &path.display(),
+                                "no such file",
+                            ));
+                        }
+                        KeySource::File(path)
+                    }
+                    (None, None) => KeySource::None,
+                };
+                if let Some(ca) = &up.ca_file
+                    && !ca.is_file()
+                {
+                    return Err(invalid(&field("ca_file"), &ca.display(), "no such file"));
+                }
+                if let Some(m) = up.models.keys().find(|m| !p.models.contains(m)) {
+                    return Err(invalid(
+                        &field("models"),
+                        m,
+                        "maps a model the pool does not serve",
+                    ));
+                }
+                let max_concurrency = up.max_concurrency.unwrap_or(64);
+                if max_concurrency == 0 {
+                    return Err(invalid(&field("max_concurrency"), &0, "must be positive"));
+                }
+                let spec = ExternalSpec {
+                    name: up.name,
+                    url,
+                    key,
+                    ca_file: up.ca_file,
+                    max_concurrency,
+                    models: up.models,
+                };
+                endpoints.push(Endpoint {
+                    name: spec.name.clone(),
+                    address: spec.address(),
+                    max_concurrency,
+                    draining: false,
+                });
+                externals.push(spec);
+            }
             pools.push(Pool {
                 name: p.name,
                 models: p.models,
                 endpoints,
+                externals,
             });
         }
         if pools.is_empty() {
@@ -560,6 +683,73 @@ mod tests {
             Config::parse(&format!("open = true\n{text}"), "gw.toml")
                 .unwrap()
                 .open
+        );
+    }
+
+    #[test]
+    fn hosted_upstreams_are_validated_with_the_field_named() {
+        let pool = |upstream: &str| {
+            format!(
+                "open = true\n[[pools]]\nname = \"f\"\nmodels = [\"m\"]\n[[pools.upstreams]]\nname = \"u\"\n{upstream}\n"
+            )
+        };
+        let ok = Config::parse(
+            &pool("url = \"https://example.invalid/v1\"\nmodels = { \"m\" = \"theirs\" }"),
+            "gw.toml",
+        )
+        .unwrap();
+        let p = &ok.pools[0];
+        assert_eq!(p.endpoints[0].address, "external:u");
+        assert_eq!(p.externals[0].models["m"], "theirs");
+        for (upstream, field, reason) in [
+            (
+                "url = \"ftp://x/v1\"",
+                "upstreams[0].url",
+                "http:// or https://",
+            ),
+            ("url = \"not a url\"", "upstreams[0].url", "not a URL"),
+            (
+                "url = \"https://x/v1\"\nkey_env = \"LLMCTL_TEST_NO_SUCH_VARIABLE\"",
+                "upstreams[0].key_env",
+                "not set",
+            ),
+            (
+                "url = \"https://x/v1\"\nkey_env = \"A\"\nkey_file = \"/k\"",
+                "upstreams[0].key_env",
+                "one of",
+            ),
+            (
+                "url = \"https://x/v1\"\nkey_file = \"/nonexistent/key\"",
+                "upstreams[0].key_file",
+                "no such file",
+            ),
+            (
+                "url = \"https://x/v1\"\nmodels = { \"other\" = \"x\" }",
+                "upstreams[0].models",
+                "does not serve",
+            ),
+        ] {
+            let e = Config::parse(&pool(upstream), "gw.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains(reason), "{upstream}: {e}");
+        }
+        let both =
+            pool("url = \"https://x/v1\"") + "[[pools.endpoints]]\naddress = \"127.0.0.1:9\"\n";
+        let e = Config::parse(&both, "gw.toml").unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn tenants_may_be_limited_to_models() {
+        let text = base().replace(
+            "requests_per_minute = 5",
+            "requests_per_minute = 5\nmodels = [\"tiny\"]",
+        );
+        let c = Config::parse(&text, "gw.toml").unwrap();
+        assert_eq!(
+            c.tenants[0].models.as_deref(),
+            Some(&["tiny".to_owned()][..])
         );
     }
 }

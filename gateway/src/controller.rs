@@ -124,6 +124,10 @@ fn arrival_rates(before: Arrived, now: Arrived, elapsed: Duration) -> (f64, f64,
 
 fn apply(gateway: &Gateway, snapshot: EndpointSnapshot) {
     for (pool, endpoints) in snapshot.pools {
+        // A pool of hosted upstreams keeps its configured ones.
+        if gateway.is_external(&pool) {
+            continue;
+        }
         if let Some(queue) = gateway.queue(&pool) {
             tracing::debug!(%pool, revision = snapshot.revision, endpoints = endpoints.len(), "endpoint set");
             queue.set_endpoints(endpoints);

@@ -28,6 +28,9 @@ pub enum Outcome {
     Success,
     /// Connect failure, 5xx, or death mid-stream.
     Failure,
+    /// A provider's 429: no new request until the cool-down it asked for has passed (not a
+    /// failure: the upstream is healthy, only busy).
+    Throttled(Duration),
 }
 
 impl EndpointState {
@@ -54,7 +57,8 @@ impl EndpointState {
         }
     }
 
-    /// Records an attempt's end; true when this outcome ejected the endpoint.
+    /// Records an attempt's end; true when this outcome ejected the endpoint (or cooled it
+    /// down).
     pub fn finish(
         &mut self,
         outcome: Outcome,
@@ -68,6 +72,11 @@ impl EndpointState {
                 self.failures = 0;
                 self.ejected_until = None;
                 false
+            }
+            Outcome::Throttled(wait) => {
+                let until = now + wait;
+                self.ejected_until = Some(self.ejected_until.map_or(until, |u| u.max(until)));
+                true
             }
             Outcome::Failure => {
                 self.failures += 1;

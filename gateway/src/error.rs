@@ -43,6 +43,8 @@ pub enum GatewayError {
     Upstream(String),
     #[error("the executor did not answer in time: {0}")]
     UpstreamTimeout(String),
+    #[error("the provider serving this model is rate limiting: retry after {:.1}s", .0.as_secs_f64())]
+    UpstreamRateLimited(Duration),
 }
 
 impl GatewayError {
@@ -54,7 +56,9 @@ impl GatewayError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::RateLimited(_) | Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited(_) | Self::QueueFull(_) | Self::UpstreamRateLimited(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::NoCapacity(_) | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -77,13 +81,14 @@ impl GatewayError {
             Self::Draining => "shutting_down",
             Self::Upstream(_) => "upstream_failed",
             Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamRateLimited(_) => "upstream_rate_limited",
         }
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited(r) => Some(r.retry_after),
-            Self::QueueFull(d) | Self::NoCapacity(d) => Some(*d),
+            Self::QueueFull(d) | Self::NoCapacity(d) | Self::UpstreamRateLimited(d) => Some(*d),
             Self::Draining => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod controller;
 pub mod dispatch;
 pub mod error;
+pub mod external;
 pub mod inspect;
 pub mod limit;
 pub mod metrics;

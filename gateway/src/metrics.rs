@@ -35,6 +35,14 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub pool: String,
+    pub tenant: String,
+    /// `prompt` or `completion`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     pub tenant: String,
     pub kind: String,
@@ -74,6 +82,7 @@ pub struct Metrics {
     inflight: Family<EndpointLabels, Gauge>,
     upstream_errors: Family<ReasonLabels, Counter>,
     client_stalled: Family<PoolLabel, Counter>,
+    tokens: Family<TokenLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -100,6 +109,7 @@ impl Metrics {
             inflight: Family::default(),
             upstream_errors: Family::default(),
             client_stalled: Family::default(),
+            tokens: Family::default(),
         };
         registry.register(
             "requests",
@@ -161,7 +171,25 @@ impl Metrics {
             "Requests ended because their client read nothing for the write-stall timeout",
             m.client_stalled.clone(),
         );
+        registry.register(
+            "tokens",
+            "Prompt and completion tokens of answered requests, as their usage reports them, by pool and tenant",
+            m.tokens.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts an answered request's tokens by its usage report.
+    pub fn tokens(&self, pool: &str, tenant: &str, prompt: u64, completion: u64) {
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    pool: pool.into(),
+                    tenant: tenant.into(),
+                    kind,
+                })
+                .inc_by(n);
+        }
     }
 
     /// Adds the HTTP server's connection counters (`llmctl_gateway_http_*`).

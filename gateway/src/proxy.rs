@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::TenantState;
 use crate::body::{self, Body};
+use crate::external::ExternalBody;
 use crate::metrics::Metrics;
 use crate::queue::Permit;
 use crate::upstream::UpstreamBody;
@@ -36,6 +37,41 @@ pub mod names {
     pub const POOL: HeaderName = HeaderName::from_static("x-llmctl-pool");
     pub const EXECUTOR: HeaderName = HeaderName::from_static("x-llmctl-executor");
     pub const QUEUE_MS: HeaderName = HeaderName::from_static("x-llmctl-queue-ms");
+}
+
+/// An answer being relayed: from one of our executors or from a hosted provider.
+pub enum Answer {
+    Executor(UpstreamBody),
+    External(ExternalBody),
+}
+
+impl http_body::Body for Answer {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Executor(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Self::External(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Executor(b) => b.is_end_stream(),
+            Self::External(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Executor(b) => b.size_hint(),
+            Self::External(b) => b.size_hint(),
+        }
+    }
 }
 
 /// What the relay needs to settle the request when it ends.
@@ -90,6 +126,15 @@ impl Settle {
         }
         self.e2e.observe(self.started.elapsed().as_secs_f64());
         self.metrics.request(&self.pool, &self.tenant.name, status);
+        if let Some(u) = usage.filter(|u| u.total > 0) {
+            let completion = u.completion.unwrap_or(0).min(u.total);
+            self.metrics.tokens(
+                &self.pool,
+                &self.tenant.name,
+                u64::from(u.total - completion),
+                u64::from(completion),
+            );
+        }
         let tokens = usage.map(|u| u.total);
         tracing::info!(request_id = %self.request_id, pool = %self.pool, tenant = %self.tenant.name, status, tokens = ?tokens, failed, "request finished");
     }
@@ -150,7 +195,7 @@ const RELAY_BUFFER: usize = 256 << 10;
 /// whatever the client does next), or when the client leaves or stalls first. A client that
 /// takes nothing for `write_stall` while bytes wait for it ends the request (`client_stalled`).
 pub async fn relay(
-    upstream: Response<UpstreamBody>,
+    upstream: Response<Answer>,
     settle: Settle,
     write_stall: Duration,
 ) -> Response<Body> {
@@ -213,7 +258,7 @@ pub async fn relay(
 /// A JSON response passed through frame by frame, keeping a bounded copy to read `usage` from;
 /// settles when the body ends, fails, or is dropped unfinished (client gone).
 struct JsonRelay {
-    incoming: UpstreamBody,
+    incoming: Answer,
     /// The frames so far (shared, not copied), while they fit the limit.
     copy: Vec<Bytes>,
     copied: usize,
@@ -304,7 +349,7 @@ impl Drop for JsonRelay {
 /// Reads the executor's stream at its own pace into a bounded buffer and feeds the client from
 /// it; see [`relay`].
 async fn relay_sse(
-    mut incoming: UpstreamBody,
+    mut incoming: Answer,
     tx: mpsc::Sender<Bytes>,
     settle: Settle,
     status: StatusCode,

@@ -85,6 +85,11 @@ impl Permit {
     pub fn fail(&mut self) {
         self.outcome = Outcome::Failure;
     }
+
+    /// The upstream asked for a pause (a provider's 429): it gets nothing new for `wait`.
+    pub fn throttle(&mut self, wait: Duration) {
+        self.outcome = Outcome::Throttled(wait);
+    }
 }
 
 impl Drop for Permit {
@@ -401,7 +406,9 @@ impl State {
             self.config.eject_after_failures,
             self.config.eject_cooldown,
         );
-        if ejected {
+        if let Outcome::Throttled(wait) = outcome {
+            tracing::info!(pool = %self.pool, endpoint = %e.info.name, ?wait, "upstream asked for a pause (429): cooled down");
+        } else if ejected {
             tracing::warn!(pool = %self.pool, endpoint = %e.info.name, "endpoint ejected after repeated failures");
             self.metrics.ejected(&self.pool, &e.info.name);
         }

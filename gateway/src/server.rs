@@ -24,10 +24,11 @@ use crate::auth::{AuthError, Tenants};
 use crate::body::{self, Body};
 use crate::config::{Config, Priority};
 use crate::error::GatewayError;
+use crate::external::External;
 use crate::inspect::{self, Api};
 use crate::limit;
 use crate::metrics::{Metrics, PoolHandles};
-use crate::proxy::{self, InflightGuard, Settle, names};
+use crate::proxy::{self, Answer, InflightGuard, Settle, names};
 use crate::queue::{self, QueueError, QueueHandle, Ticket, Tokens};
 use crate::upstream::{AttemptError, Upstream};
 
@@ -43,6 +44,18 @@ struct PoolRuntime {
     metrics: PoolHandles,
     /// What its requests generated, for the decode tokens its demand reports expect.
     decode_history: Arc<DecodeHistory>,
+    /// Hosted upstreams, by dispatch address (empty for a pool of executors).
+    externals: Vec<(String, Arc<External>)>,
+}
+
+impl PoolRuntime {
+    /// The hosted upstream behind a dispatch address, if it is one.
+    fn external(&self, address: &str) -> Option<&Arc<External>> {
+        self.externals
+            .iter()
+            .find(|(a, _)| a == address)
+            .map(|(_, e)| e)
+    }
 }
 
 /// The paths the gateway answers.
@@ -85,8 +98,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway (spawns one queue actor per pool; needs a tokio runtime).
-    pub fn new(config: Config) -> Arc<Self> {
+    /// Builds the gateway (spawns one queue actor per pool, builds the hosted upstreams'
+    /// clients; needs a tokio runtime).
+    pub fn new(config: Config) -> Result<Arc<Self>> {
         let refusal = if config.tls.is_some() {
             Refusal::Close
         } else {
@@ -96,24 +110,30 @@ impl Gateway {
         let mut metrics = Metrics::new();
         metrics.register_http(http.stats());
         let metrics = Arc::new(metrics);
-        let pools = config
-            .pools
-            .iter()
-            .map(|p| PoolRuntime {
+        let mut pools = Vec::new();
+        for p in &config.pools {
+            let externals = p
+                .externals
+                .iter()
+                .map(|spec| Ok((spec.address(), Arc::new(External::new(spec.clone())?))))
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(|e| anyhow::anyhow!("pool {}: {e}", p.name))?;
+            pools.push(PoolRuntime {
                 name: Arc::from(p.name.as_str()),
                 header: proxy::header_value(&p.name),
                 models: p.models.clone(),
                 metrics: metrics.pool_handles(&p.name),
                 decode_history: Arc::default(),
+                externals,
                 queue: QueueHandle::spawn(
                     p.name.clone(),
                     p.endpoints.clone(),
                     config.queue.clone(),
                     metrics.clone(),
                 ),
-            })
-            .collect();
-        Arc::new(Self {
+            });
+        }
+        Ok(Arc::new(Self {
             tenants: Tenants::new(&config),
             config: std::sync::RwLock::new(Arc::new(config)),
             pools,
@@ -122,7 +142,7 @@ impl Gateway {
             metrics,
             draining: AtomicBool::new(false),
             inflight: Arc::new(AtomicUsize::new(0)),
-        })
+        }))
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -150,6 +170,14 @@ impl Gateway {
 
     pub fn pool_names(&self) -> Vec<String> {
         self.pools.iter().map(|p| p.name.to_string()).collect()
+    }
+
+    /// Whether the pool is served by hosted upstreams (the controller's endpoint sets do not
+    /// apply to it).
+    pub fn is_external(&self, pool: &str) -> bool {
+        self.pools
+            .iter()
+            .any(|p| &*p.name == pool && !p.externals.is_empty())
     }
 
     /// Queue of the pool serving `name`, for tests and the controller integration.
@@ -191,7 +219,7 @@ impl Gateway {
                 self.metrics.encode(),
             ),
             (Method::GET, Route::Models) => match self.tenants.authenticate(req.headers()) {
-                Ok(_) => self.models(),
+                Ok(tenant) => self.models(&tenant),
                 Err(e) => auth_error(e).response(),
             },
             (Method::POST, Route::Chat) => {
@@ -215,11 +243,17 @@ impl Gateway {
         response
     }
 
-    fn models(&self) -> Response<Body> {
+    /// The models the tenant may use.
+    fn models(&self, tenant: &crate::auth::TenantState) -> Response<Body> {
         let data = self
             .pools
             .iter()
-            .flat_map(|p| p.models.iter().map(|m| Model::new(m.clone(), 0, "llmctl")))
+            .flat_map(|p| {
+                p.models
+                    .iter()
+                    .filter(|m| tenant.may_use(m, &p.name))
+                    .map(|m| Model::new(m.clone(), 0, "llmctl"))
+            })
             .collect();
         body::with_type(
             StatusCode::OK,
@@ -268,10 +302,12 @@ impl Gateway {
             Ok(i) => i,
             Err(e) => return self.refuse(e, "-", &tenant.name),
         };
+        // A model the tenant may not use is answered as if it did not exist.
         let Some(pool) = self
             .pools
             .iter()
             .find(|p| p.models.contains(&inspected.model))
+            .filter(|p| tenant.may_use(&inspected.model, &p.name))
         else {
             return self.refuse(
                 GatewayError::UnknownModel(inspected.model.clone()),
@@ -309,6 +345,8 @@ impl Gateway {
         let deadline = queue::deadline(&config.queue);
         let mut avoid: Vec<String> = Vec::new();
         let mut attempt = 0;
+        // The pause the last provider 429 asked for, while the request waits for another turn.
+        let mut throttled: Option<Duration> = None;
         let queued_at = Instant::now();
         loop {
             let ticket = Ticket {
@@ -321,7 +359,7 @@ impl Gateway {
                 },
                 avoid: avoid.clone(),
                 deadline,
-                retry: attempt > 0,
+                retry: attempt > 0 || throttled.is_some(),
                 tokens: Tokens {
                     prompt: inspected.prompt_tokens.into(),
                     decode: pool
@@ -334,41 +372,72 @@ impl Gateway {
                 Ok(g) => g,
                 Err(e) => {
                     refund(&tenant);
-                    let err = match e {
-                        QueueError::Full => {
+                    let err = match (e, throttled) {
+                        // Every upstream that could serve it asked for a pause past the
+                        // deadline: the provider's limit, with its retry-after.
+                        (QueueError::Expired, Some(wait)) => {
+                            GatewayError::UpstreamRateLimited(wait)
+                        }
+                        (QueueError::Full, _) => {
                             GatewayError::QueueFull(queue::retry_after(&config.queue))
                         }
-                        QueueError::Expired => {
+                        (QueueError::Expired, None) => {
                             GatewayError::NoCapacity(queue::retry_after(&config.queue))
                         }
-                        QueueError::Closed => GatewayError::Draining,
+                        (QueueError::Closed, _) => GatewayError::Draining,
                     };
                     return self.refuse(err, &pool.name, &tenant.name);
                 }
             };
             let queue_ms = queued_at.elapsed().as_millis();
-            if attempt == 0 {
+            if attempt == 0 && throttled.is_none() {
                 pool.metrics
                     .queue_wait
                     .observe(queued_at.elapsed().as_secs_f64());
             }
             let dispatch_id = new_id();
+            let dispatch_header = proxy::header_value(&dispatch_id);
+            forward_headers.insert(names::DISPATCH_ID, dispatch_header.clone());
             let mut grant = grant;
             tracing::debug!(%request_id, %dispatch_id, pool = %pool.name, endpoint = %grant.endpoint.name, attempt, "dispatching");
-            match self
-                .upstream
-                .send(
-                    &grant.endpoint.address,
-                    path,
-                    &forward_headers,
-                    &inspected.upstream_body,
-                    config.upstream,
-                )
-                .await
-            {
+            let sent = match pool.external(&grant.endpoint.address) {
+                Some(external) => external
+                    .send(
+                        api,
+                        &inspected.model,
+                        &forward_headers,
+                        &inspected.upstream_body,
+                        config.upstream,
+                    )
+                    .await
+                    .map(|r| r.map(Answer::External)),
+                None => self
+                    .upstream
+                    .send(
+                        &grant.endpoint.address,
+                        path,
+                        &forward_headers,
+                        &inspected.upstream_body,
+                        config.upstream,
+                    )
+                    .await
+                    .map(|r| r.map(Answer::Executor)),
+            };
+            // What every answer carries, whatever its outcome.
+            let evidence = |h: &mut HeaderMap| {
+                h.insert(names::DISPATCH_ID, dispatch_header.clone());
+                h.insert(names::POOL, pool.header.clone());
+                h.insert(names::EXECUTOR, proxy::header_value(&grant.endpoint.name));
+                h.insert(names::QUEUE_MS, http::HeaderValue::from(queue_ms as u64));
+                if let Some(c) = &correlation {
+                    h.insert(names::CORRELATION_ID, c.clone());
+                }
+            };
+            match sent {
                 Ok(upstream) => {
                     pool.metrics.ttfb.observe(started.elapsed().as_secs_f64());
-                    let endpoint_name = grant.endpoint.name.clone();
+                    let mut headers = HeaderMap::new();
+                    evidence(&mut headers);
                     let settle = Settle {
                         metrics: self.metrics.clone(),
                         e2e: pool.metrics.e2e.clone(),
@@ -388,32 +457,37 @@ impl Gateway {
                     let h = response.headers_mut();
                     h.reserve(12);
                     limit::write_headers(h, &snapshot);
-                    h.insert(names::DISPATCH_ID, proxy::header_value(&dispatch_id));
-                    h.insert(names::POOL, pool.header.clone());
-                    h.insert(names::EXECUTOR, proxy::header_value(&endpoint_name));
-                    h.insert(names::QUEUE_MS, http::HeaderValue::from(queue_ms as u64));
-                    if let Some(c) = &correlation {
-                        h.insert(names::CORRELATION_ID, c.clone());
-                    }
+                    h.extend(headers);
                     return response;
+                }
+                Err(AttemptError::Throttled { retry_after, .. }) => {
+                    // Not a failure of the upstream: it is cooled down for what it asked, and
+                    // the request goes to another upstream or waits for this one.
+                    self.metrics.upstream_error(&pool.name, "throttled");
+                    tracing::info!(%request_id, %dispatch_id, endpoint = %grant.endpoint.name, ?retry_after, "upstream answered 429; trying elsewhere or later");
+                    grant.permit.throttle(retry_after);
+                    if !avoid.contains(&grant.endpoint.address) {
+                        avoid.push(grant.endpoint.address.clone());
+                    }
+                    throttled = Some(retry_after);
                 }
                 Err(failure) => {
                     grant.permit.fail();
                     let reason = match &failure {
                         AttemptError::Connect(_) => "connect",
                         AttemptError::Timeout(_) => "timeout",
-                        AttemptError::Status(_) => "status_5xx",
+                        AttemptError::Status(_) | AttemptError::Throttled { .. } => "status_5xx",
                     };
                     self.metrics.upstream_error(&pool.name, reason);
                     tracing::warn!(%request_id, %dispatch_id, endpoint = %grant.endpoint.name, attempt, ?failure, "executor attempt failed");
                     avoid.push(grant.endpoint.address.clone());
-                    drop(grant);
                     attempt += 1;
                     if attempt > config.queue.max_retries {
                         refund(&tenant);
-                        return match failure {
+                        let mut response = match failure {
                             // Nothing reached the client yet: pass the executor's own 5xx on.
-                            AttemptError::Status(r) => {
+                            AttemptError::Status(r)
+                            | AttemptError::Throttled { response: r, .. } => {
                                 let (parts, body) = r.into_parts();
                                 let bytes = body
                                     .collect()
@@ -441,6 +515,8 @@ impl Gateway {
                                 &tenant.name,
                             ),
                         };
+                        evidence(response.headers_mut());
+                        return response;
                     }
                     self.metrics.retry(&pool.name);
                 }
@@ -605,7 +681,7 @@ pub async fn run(listening: Listening, config: Config) -> Result<()> {
     } = listening;
     tracing::info!(%addr, tls = tls.is_some(), open = config.open, pools = config.pools.len(), controller = ?config.controller.as_ref().map(|c| &c.address), "gateway listening");
     let link = config.controller.clone();
-    let gateway = Gateway::new(config);
+    let gateway = Gateway::new(config)?;
     if let Some(link) = link {
         crate::controller::follow(gateway.clone(), link);
     }

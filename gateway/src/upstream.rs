@@ -59,13 +59,24 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// The body of a failed attempt's response (an executor's or a provider's), kept to pass on
+/// when no retry is left.
+pub type ErrorBody = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;
+
 /// Why an attempt failed before anything reached the client (so it may be retried).
 #[derive(Debug)]
 pub enum AttemptError {
     Connect(String),
     /// No response head within the response timeout (the request may have been worked on).
     Timeout(String),
-    Status(Box<Response<UpstreamBody>>),
+    /// A 5xx.
+    Status(Box<Response<ErrorBody>>),
+    /// A provider's 429: the upstream is cooled down for `retry_after`, the request goes
+    /// elsewhere or waits.
+    Throttled {
+        retry_after: Duration,
+        response: Box<Response<ErrorBody>>,
+    },
 }
 
 /// One connection to an executor and what has been read from it but not yet consumed.
@@ -218,7 +229,9 @@ impl Upstream {
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
         if head.status.is_server_error() {
-            return Err(AttemptError::Status(Box::new(response)));
+            return Err(AttemptError::Status(Box::new(
+                response.map(http_body_util::BodyExt::boxed_unsync),
+            )));
         }
         Ok(response)
     }
@@ -948,8 +961,12 @@ mod tests {
             .await
         {
             Ok(r) => r,
-            Err(AttemptError::Status(r)) => *r,
-            Err(AttemptError::Connect(e) | AttemptError::Timeout(e)) => panic!("{e}"),
+            Err(AttemptError::Status(r)) => {
+                let (parts, body) = r.into_parts();
+                let bytes = body.collect().await.unwrap().to_bytes();
+                return (parts.status, bytes.to_vec());
+            }
+            Err(e) => panic!("{e:?}"),
         };
         let status = response.status();
         let body = response.into_body().collect().await.unwrap().to_bytes();

@@ -1,0 +1,522 @@
+//! Pools of hosted upstreams: the real `llmctl-gateway` binary in front of local HTTPS
+//! stand-ins for an OpenAI-compatible provider (hyper over rustls, certificates from rcgen;
+//! named as stand-ins: no provider is reachable from tests). Covers TLS with a configured CA,
+//! HTTP/2 by ALPN, provider keys from a file and from the environment (sent only upstream,
+//! never logged), model mapping, streaming with usage, a provider's 429 with `retry-after`
+//! (served elsewhere, or later), a provider that stops answering (504), and tenant model
+//! access.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// What a stand-in saw of one request.
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    version: hyper::Version,
+    authorization: Option<String>,
+    dispatch_id: Option<String>,
+    body: Value,
+}
+
+#[derive(Default)]
+struct StandInState {
+    seen: Vec<Seen>,
+    /// Answer the next this many requests with 429 and this `retry-after`.
+    throttle: (u32, &'static str),
+    /// Never answer (a provider that hangs).
+    silent: bool,
+}
+
+/// A local HTTPS stand-in for an OpenAI-compatible provider at `https://localhost:PORT/v1`.
+struct StandIn {
+    url: String,
+    state: Arc<Mutex<StandInState>>,
+}
+
+impl StandIn {
+    async fn start(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> StandIn {
+        let key =
+            rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(StandInState::default()));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, state) = (acceptor.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(answer(req, state).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        StandIn {
+            url: format!("https://localhost:{port}/v1"),
+            state,
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(s: String) -> Body {
+    Full::new(Bytes::from(s)).boxed()
+}
+
+async fn answer(
+    req: hyper::Request<Incoming>,
+    state: Arc<Mutex<StandInState>>,
+) -> hyper::Response<Body> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (authorization, dispatch_id) = (header("authorization"), header("x-llmctl-dispatch-id"));
+    let (path, version) = (req.uri().path().to_owned(), req.version());
+    let body: Value =
+        serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let (throttled, silent) = {
+        let mut s = state.lock().unwrap();
+        s.seen.push(Seen {
+            path,
+            version,
+            authorization,
+            dispatch_id,
+            body: body.clone(),
+        });
+        let throttled = (s.throttle.0 > 0).then(|| {
+            s.throttle.0 -= 1;
+            s.throttle.1
+        });
+        (throttled, s.silent)
+    };
+    if silent {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if let Some(after) = throttled {
+        return hyper::Response::builder()
+            .status(429)
+            .header("retry-after", after)
+            .header("content-type", "application/json")
+            .body(full(
+                json!({"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}).to_string(),
+            ))
+            .unwrap();
+    }
+    let usage = json!({"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15});
+    if body["stream"] == true {
+        let mut events = String::new();
+        for piece in ["Hel", "lo"] {
+            let c = json!({"id": "p1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
+            events.push_str(&format!("data: {c}\n\n"));
+        }
+        if body["stream_options"]["include_usage"] == true {
+            let u = json!({"id": "p1", "object": "chat.completion.chunk", "created": 1, "model": body["model"], "choices": [], "usage": usage});
+            events.push_str(&format!("data: {u}\n\n"));
+        }
+        events.push_str("data: [DONE]\n\n");
+        return hyper::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(full(events))
+            .unwrap();
+    }
+    let resp = json!({"id": "p1", "object": "chat.completion", "created": 1, "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+        "usage": usage});
+    hyper::Response::builder()
+        .header("content-type", "application/json")
+        .body(full(resp.to_string()))
+        .unwrap()
+}
+
+// ---------- the gateway ----------
+
+struct Gateway {
+    child: Child,
+    addr: String,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn key_hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+impl Gateway {
+    /// Starts the gateway with `config`, `env` set, and its log (at debug) in a file.
+    fn start(dir: tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> Gateway {
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = dir.path().join("gateway.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_llmctl-gateway"))
+            .args(["--config", path.to_str().unwrap()])
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "listening line {line:?}: {e}; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        Gateway {
+            child,
+            addr: v["addr"].as_str().unwrap().to_owned(),
+            log,
+            _dir: dir,
+        }
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Value,
+    ) -> (u16, hyper::HeaderMap, Vec<u8>) {
+        let stream = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "gw")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from(if body.is_null() {
+                Vec::new()
+            } else {
+                serde_json::to_vec(&body).unwrap()
+            })))
+            .unwrap();
+        let r = sender.send_request(req).await.unwrap();
+        let (status, headers) = (r.status().as_u16(), r.headers().clone());
+        let bytes = r.into_body().collect().await.unwrap().to_bytes().to_vec();
+        (status, headers, bytes)
+    }
+
+    async fn chat(&self, key: &str, model: &str, extra: Value) -> (u16, hyper::HeaderMap, Value) {
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, headers, bytes) = self
+            .request("POST", "/v1/chat/completions", key, body)
+            .await;
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, headers, value)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+fn header<'a>(h: &'a hyper::HeaderMap, name: &str) -> &'a str {
+    h.get(name).map_or("", |v| v.to_str().unwrap())
+}
+
+/// Two stand-ins behind one pool (key from a file, key from the environment), one behind a
+/// second pool alone; a CA file trusting the stand-ins' certificate.
+struct Setup {
+    a: StandIn,
+    b: StandIn,
+    solo: StandIn,
+    gw: Gateway,
+}
+
+const KEY_A: &str = "sk-standin-a-7f3c9e1d";
+const KEY_B: &str = "sk-standin-b-2b8a4f60";
+
+async fn setup(extra: &str) -> Setup {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (a, b, solo) = (
+        StandIn::start(&cert).await,
+        StandIn::start(&cert).await,
+        StandIn::start(&cert).await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let key_file = dir.path().join("key-a");
+    std::fs::write(&key_file, format!("{KEY_A}\n")).unwrap();
+    let config = format!(
+        r#"listen = "127.0.0.1:0"
+upstream_response_timeout_ms = 2000
+{extra}
+
+[[tenants]]
+name = "studio"
+keys = ["{studio}"]
+
+[[tenants]]
+name = "narrow"
+keys = ["{narrow}"]
+models = ["gpt-mini"]
+
+[[pools]]
+name = "frontier"
+models = ["gpt-mini", "gpt-big"]
+
+[[pools.upstreams]]
+name = "provider-a"
+url = "{a}"
+key_file = "{key_file}"
+ca_file = "{ca}"
+models = {{ "gpt-mini" = "provider-mini-2025" }}
+
+[[pools.upstreams]]
+name = "provider-b"
+url = "{b}"
+key_env = "STANDIN_B_KEY"
+ca_file = "{ca}"
+models = {{ "gpt-mini" = "provider-mini-2025" }}
+
+[[pools]]
+name = "solo"
+models = ["solo-model"]
+
+[[pools.upstreams]]
+name = "provider-solo"
+url = "{solo}"
+key_env = "STANDIN_B_KEY"
+ca_file = "{ca}"
+"#,
+        studio = key_hash("ks"),
+        narrow = key_hash("kn"),
+        a = a.url,
+        b = b.url,
+        solo = solo.url,
+        key_file = key_file.display(),
+        ca = ca.display(),
+    );
+    let gw = Gateway::start(dir, &config, &[("STANDIN_B_KEY", KEY_B)]);
+    Setup { a, b, solo, gw }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosted_upstreams_over_https_with_keys_mapping_and_streams() {
+    let s = setup("").await;
+    // Non-streamed, spread over both upstreams by least outstanding.
+    let mut executors = Vec::new();
+    for _ in 0..4 {
+        let (status, h, body) = s.gw.chat("ks", "gpt-mini", json!({})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(header(&h, "x-llmctl-pool"), "frontier");
+        assert!(!header(&h, "x-llmctl-dispatch-id").is_empty());
+        assert!(!header(&h, "x-request-id").is_empty());
+        executors.push(header(&h, "x-llmctl-executor").to_owned());
+    }
+    assert!(executors.iter().any(|e| e == "provider-a"), "{executors:?}");
+    let seen: Vec<Seen> = s.a.seen().into_iter().chain(s.b.seen()).collect();
+    assert_eq!(seen.len(), 4);
+    for (upstream, key) in [(&s.a, KEY_A), (&s.b, KEY_B)] {
+        for r in upstream.seen() {
+            // Each key goes to its own upstream only, over HTTP/2 (offered by ALPN).
+            assert_eq!(r.authorization.as_deref(), Some(&*format!("Bearer {key}")));
+            assert_eq!(r.version, hyper::Version::HTTP_2);
+            assert_eq!(r.path, "/v1/chat/completions");
+            // The public name is mapped to the provider's; the rest passes unchanged.
+            assert_eq!(r.body["model"], "provider-mini-2025");
+            assert_eq!(r.body["max_tokens"], 10);
+            assert!(r.dispatch_id.is_some());
+        }
+    }
+    // A model without a mapping goes under its own name.
+    let (status, _, _) = s.gw.chat("ks", "gpt-big", json!({})).await;
+    assert_eq!(status, 200);
+    let all: Vec<Seen> = s.a.seen().into_iter().chain(s.b.seen()).collect();
+    assert!(all.iter().any(|r| r.body["model"] == "gpt-big"));
+
+    // Streamed: the usage chunk the gateway asked for is read, and removed unless the client
+    // asked for it too.
+    let (status, h, body) = s.gw.chat("ks", "gpt-mini", json!({"stream": true})).await;
+    assert_eq!(status, 200);
+    assert!(header(&h, "content-type").starts_with("text/event-stream"));
+    let text = body.as_str().unwrap();
+    assert!(
+        text.contains("Hel") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert!(!text.contains("\"usage\""), "{text}");
+    let (_, _, body) =
+        s.gw.chat(
+            "ks",
+            "gpt-mini",
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert!(body.as_str().unwrap().contains("\"total_tokens\":15"));
+
+    // Per-tenant token counters from the providers' usage.
+    let (_, _, metrics) = s.gw.request("GET", "/metrics", "ks", Value::Null).await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    let tokens = |kind: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("llmctl_gateway_tokens_total{")
+                    && l.contains("tenant=\"studio\"")
+                    && l.contains(&format!("kind=\"{kind}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(tokens("prompt"), 7.0 * 12.0, "{metrics}");
+    assert_eq!(tokens("completion"), 7.0 * 3.0);
+
+    // The keys appear nowhere in the gateway's log (at debug).
+    let log = s.gw.log();
+    assert!(log.contains("request finished"), "the log is being written");
+    assert!(!log.contains(KEY_A) && !log.contains(KEY_B));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_429_is_served_elsewhere_or_after_its_retry_after() {
+    let s = setup("").await;
+    // provider-a asks for a 30 s pause: the request is served by provider-b instead, and
+    // provider-a gets nothing new while cooling down.
+    s.a.state.lock().unwrap().throttle = (1, "30");
+    s.b.state.lock().unwrap().throttle = (0, "0");
+    for _ in 0..4 {
+        let (status, h, body) = s.gw.chat("ks", "gpt-mini", json!({})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(header(&h, "x-llmctl-executor"), "provider-b");
+    }
+    assert_eq!(
+        s.a.seen().len(),
+        1,
+        "tried once, then cooled down after its 429"
+    );
+
+    // A pool with one upstream: a 1 s pause is waited out within the queue deadline.
+    s.solo.state.lock().unwrap().throttle = (1, "1");
+    let started = Instant::now();
+    let (status, h, body) = s.gw.chat("ks", "solo-model", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(header(&h, "x-llmctl-executor"), "provider-solo");
+    assert_eq!(s.solo.seen().len(), 2);
+    let (_, _, metrics) = s.gw.request("GET", "/metrics", "ks", Value::Null).await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics
+            .contains("llmctl_gateway_upstream_errors_total{pool=\"solo\",reason=\"throttled\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_past_the_deadline_is_the_providers_429_and_a_silent_one_a_504() {
+    let s = setup("[queue]\ndeadline_ms = 1500\n").await;
+    s.solo.state.lock().unwrap().throttle = (5, "20");
+    let (status, h, body) = s.gw.chat("ks", "solo-model", json!({})).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_rate_limited");
+    assert_eq!(header(&h, "retry-after"), "20");
+
+    // While it cools down, nothing is sent to it: the queue deadline passes first (503).
+    let (status, h, body) = s.gw.chat("ks", "solo-model", json!({})).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(!header(&h, "retry-after").is_empty());
+    assert_eq!(s.solo.seen().len(), 1);
+
+    // A provider that stops answering: 504 after the response timeout, with an OpenAI body.
+    let s = setup("").await;
+    s.solo.state.lock().unwrap().silent = true;
+    let started = Instant::now();
+    let (status, _, body) = s.gw.chat("ks", "solo-model", json!({})).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_see_and_use_only_their_models() {
+    let s = setup("").await;
+    let (status, _, body) = s.gw.chat("kn", "gpt-mini", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    // A model it may not use is answered as one that does not exist.
+    for model in ["gpt-big", "solo-model"] {
+        let (status, _, body) = s.gw.chat("kn", model, json!({})).await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["error"]["code"], "model_not_found");
+    }
+    let list = |key: &'static str| {
+        let gw = &s.gw;
+        async move {
+            let (_, _, bytes) = gw.request("GET", "/v1/models", key, Value::Null).await;
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            let mut ids: Vec<String> = v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned())
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert_eq!(list("kn").await, ["gpt-mini"]);
+    assert_eq!(list("ks").await, ["gpt-big", "gpt-mini", "solo-model"]);
+    // Nothing reached a provider for the refused ones.
+    assert!(s.solo.seen().is_empty());
+}
