@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::external::{ExternalSpec, KeySource};
+use crate::external::{ExternalSpec, KeySource, ProviderApi};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -143,8 +143,12 @@ struct RawPool {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     name: String,
-    /// Base URL of an OpenAI-compatible API, e.g. `https://host/v1`.
+    /// `openai` (default) or `anthropic`.
+    api: Option<String>,
+    /// Base URL of the API, e.g. `https://host/v1`.
     url: String,
+    /// `max_tokens` sent to an API that requires one when the client named none.
+    default_max_tokens: Option<u32>,
     /// Environment variable holding the provider key.
     key_env: Option<String>,
     /// File holding the provider key (a mounted Secret).
@@ -494,8 +498,39 @@ impl Config {
                 if max_concurrency == 0 {
                     return Err(invalid(&field("max_concurrency"), &0, "must be positive"));
                 }
+                let api = match up.api.as_deref().unwrap_or("openai") {
+                    "openai" => ProviderApi::OpenAi,
+                    "anthropic" => ProviderApi::Anthropic,
+                    other => {
+                        return Err(invalid(
+                            &field("api"),
+                            &other,
+                            "expected openai or anthropic",
+                        ));
+                    }
+                };
+                if externals
+                    .first()
+                    .is_some_and(|e: &ExternalSpec| e.api != api)
+                {
+                    return Err(invalid(
+                        &field("api"),
+                        &up.api.unwrap_or_default(),
+                        "the upstreams of one pool speak one API (a fallback pool can speak another)",
+                    ));
+                }
+                let default_max_tokens = up.default_max_tokens.unwrap_or(4096);
+                if default_max_tokens == 0 {
+                    return Err(invalid(
+                        &field("default_max_tokens"),
+                        &0,
+                        "must be positive",
+                    ));
+                }
                 let spec = ExternalSpec {
                     name: up.name,
+                    api,
+                    default_max_tokens,
                     url,
                     key,
                     ca_file: up.ca_file,

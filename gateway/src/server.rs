@@ -471,12 +471,17 @@ impl Gateway {
                     }
                     throttled = Some(retry_after);
                 }
+                Err(AttemptError::Refused(e)) => {
+                    // The request cannot be sent to this pool's provider: the client's error.
+                    refund(&tenant);
+                    return self.refuse(*e, &pool.name, &tenant.name);
+                }
                 Err(failure) => {
                     grant.permit.fail();
                     let reason = match &failure {
                         AttemptError::Connect(_) => "connect",
                         AttemptError::Timeout(_) => "timeout",
-                        AttemptError::Status(_) | AttemptError::Throttled { .. } => "status_5xx",
+                        _ => "status_5xx",
                     };
                     self.metrics.upstream_error(&pool.name, reason);
                     tracing::warn!(%request_id, %dispatch_id, endpoint = %grant.endpoint.name, attempt, ?failure, "executor attempt failed");
@@ -514,6 +519,7 @@ impl Gateway {
                                 &pool.name,
                                 &tenant.name,
                             ),
+                            AttemptError::Refused(e) => self.refuse(*e, &pool.name, &tenant.name),
                         };
                         evidence(response.headers_mut());
                         return response;

@@ -77,6 +77,9 @@ pub enum AttemptError {
         retry_after: Duration,
         response: Box<Response<ErrorBody>>,
     },
+    /// The request cannot be expressed in the upstream's API: the client's error, nothing
+    /// was sent, no retry.
+    Refused(Box<crate::error::GatewayError>),
 }
 
 /// One connection to an executor and what has been read from it but not yet consumed.

@@ -6,18 +6,16 @@
 //! (served elsewhere, or later), a provider that stops answering (504), and tenant model
 //! access.
 
-use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+
+use common::{Body, Gateway, full, header, key_hash};
 
 /// What a stand-in saw of one request.
 #[derive(Clone, Debug)]
@@ -46,40 +44,9 @@ struct StandIn {
 
 impl StandIn {
     async fn start(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> StandIn {
-        let key =
-            rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
-        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(StandInState::default()));
         let shared = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let (acceptor, state) = (acceptor.clone(), shared.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(answer(req, state).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let port = common::https_server(cert, move |req| answer(req, shared.clone())).await;
         StandIn {
             url: format!("https://localhost:{port}/v1"),
             state,
@@ -89,12 +56,6 @@ impl StandIn {
     fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
     }
-}
-
-type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
-
-fn full(s: String) -> Body {
-    Full::new(Bytes::from(s)).boxed()
 }
 
 async fn answer(
@@ -163,110 +124,6 @@ async fn answer(
         .header("content-type", "application/json")
         .body(full(resp.to_string()))
         .unwrap()
-}
-
-// ---------- the gateway ----------
-
-struct Gateway {
-    child: Child,
-    addr: String,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn key_hash(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
-impl Gateway {
-    /// Starts the gateway with `config`, `env` set, and its log (at debug) in a file.
-    fn start(dir: tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> Gateway {
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, config).unwrap();
-        let log = dir.path().join("gateway.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_llmctl-gateway"))
-            .args(["--config", path.to_str().unwrap()])
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-            panic!(
-                "listening line {line:?}: {e}; log: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        Gateway {
-            child,
-            addr: v["addr"].as_str().unwrap().to_owned(),
-            log,
-            _dir: dir,
-        }
-    }
-
-    async fn request(
-        &self,
-        method: &str,
-        path: &str,
-        key: &str,
-        body: Value,
-    ) -> (u16, hyper::HeaderMap, Vec<u8>) {
-        let stream = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "gw")
-            .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {key}"))
-            .body(Full::new(Bytes::from(if body.is_null() {
-                Vec::new()
-            } else {
-                serde_json::to_vec(&body).unwrap()
-            })))
-            .unwrap();
-        let r = sender.send_request(req).await.unwrap();
-        let (status, headers) = (r.status().as_u16(), r.headers().clone());
-        let bytes = r.into_body().collect().await.unwrap().to_bytes().to_vec();
-        (status, headers, bytes)
-    }
-
-    async fn chat(&self, key: &str, model: &str, extra: Value) -> (u16, hyper::HeaderMap, Value) {
-        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let (status, headers, bytes) = self
-            .request("POST", "/v1/chat/completions", key, body)
-            .await;
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, headers, value)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
-    }
-}
-
-fn header<'a>(h: &'a hyper::HeaderMap, name: &str) -> &'a str {
-    h.get(name).map_or("", |v| v.to_str().unwrap())
 }
 
 /// Two stand-ins behind one pool (key from a file, key from the environment), one behind a

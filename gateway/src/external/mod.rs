@@ -1,5 +1,6 @@
 //! Pools served by hosted providers instead of our executors: any OpenAI-compatible API over
-//! HTTPS (a provider, Azure OpenAI, a vLLM/SGLang/TGI server elsewhere). Each upstream of such a
+//! HTTPS (a provider, Azure OpenAI, a vLLM/SGLang/TGI server elsewhere), or Anthropic's
+//! Messages API behind the chat API ([`anthropic`] translates). Each upstream of such a
 //! pool is one dispatch endpoint (its concurrency cap, least outstanding, ejection) and has its
 //! own client: rustls with the system roots (plus an optional CA file), HTTP/2 where the
 //! provider offers it by ALPN, kept-alive connections.
@@ -23,15 +24,27 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::UpstreamTimeouts;
+use crate::error::GatewayError;
 use crate::inspect::Api;
 use crate::upstream::AttemptError;
+
+pub mod anthropic;
+
+/// The API a hosted upstream speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderApi {
+    /// OpenAI's chat and completions APIs (passed through).
+    OpenAi,
+    /// Anthropic's Messages API (chat translated both ways).
+    Anthropic,
+}
 
 /// Where the provider key comes from.
 #[derive(Clone, PartialEq, Eq)]
@@ -60,9 +73,12 @@ impl std::fmt::Debug for KeySource {
 pub struct ExternalSpec {
     /// Shown in `x-llmctl-executor` and metrics.
     pub name: String,
+    pub api: ProviderApi,
     /// The API's base URL, requests go to `{url}/chat/completions` and `{url}/completions`
-    /// (OpenAI SDKs' `base_url`, e.g. `https://host/v1`).
+    /// (OpenAI SDKs' `base_url`, e.g. `https://host/v1`), or `{url}/messages` for Anthropic.
     pub url: Uri,
+    /// `max_tokens` sent to an API that requires one when the client named none.
+    pub default_max_tokens: u32,
     pub key: KeySource,
     /// Extra PEM roots trusted for this upstream besides the system's.
     pub ca_file: Option<PathBuf>,
@@ -86,7 +102,7 @@ pub struct External {
     pub spec: ExternalSpec,
     client: HttpsClient,
     /// The key file's modification time and its key, as last read.
-    file_key: Mutex<Option<(SystemTime, HeaderValue)>>,
+    file_key: Mutex<Option<(SystemTime, String)>>,
 }
 
 impl std::fmt::Debug for External {
@@ -156,55 +172,66 @@ impl External {
         })
     }
 
-    /// The `Authorization` value for this upstream, read now.
-    fn authorization(&self) -> Result<Option<HeaderValue>, String> {
+    /// The provider key, read now (a file again only when it changed).
+    fn key(&self) -> Result<Option<String>, String> {
         let name = &self.spec.name;
-        let bearer = |key: &str| {
-            let mut v = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
-                .map_err(|_| format!("upstream {name}: the key is not a valid header value"))?;
-            v.set_sensitive(true);
-            Ok::<_, String>(v)
-        };
         match &self.spec.key {
             KeySource::None => Ok(None),
-            KeySource::Env(var) => {
-                let key = std::env::var(var).map_err(|_| {
-                    format!("upstream {name}: environment variable {var} is not set")
-                })?;
-                bearer(&key).map(Some)
-            }
+            KeySource::Env(var) => std::env::var(var)
+                .map(|k| Some(k.trim().to_owned()))
+                .map_err(|_| format!("upstream {name}: environment variable {var} is not set")),
             KeySource::File(path) => {
                 let modified = std::fs::metadata(path)
                     .and_then(|m| m.modified())
                     .map_err(|e| format!("upstream {name}: key file {}: {e}", path.display()))?;
                 let mut cached = self.file_key.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some((at, value)) = cached.as_ref()
+                if let Some((at, key)) = cached.as_ref()
                     && *at == modified
                 {
-                    return Ok(Some(value.clone()));
+                    return Ok(Some(key.clone()));
                 }
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("upstream {name}: key file {}: {e}", path.display()))?;
-                let key = text.lines().next().unwrap_or("").trim();
+                let key = text.lines().next().unwrap_or("").trim().to_owned();
                 if key.is_empty() {
                     return Err(format!(
                         "upstream {name}: key file {} is empty",
                         path.display()
                     ));
                 }
-                let value = bearer(key)?;
-                *cached = Some((modified, value.clone()));
-                Ok(Some(value))
+                *cached = Some((modified, key.clone()));
+                Ok(Some(key))
             }
         }
+    }
+
+    /// The credential header for this upstream (`Authorization: Bearer`, or Anthropic's
+    /// `x-api-key`), marked sensitive.
+    fn credential(&self) -> Result<Option<(http::HeaderName, HeaderValue)>, String> {
+        let Some(key) = self.key()? else {
+            return Ok(None);
+        };
+        let (name, value) = match self.spec.api {
+            ProviderApi::OpenAi => (header::AUTHORIZATION, format!("Bearer {key}")),
+            ProviderApi::Anthropic => (http::HeaderName::from_static("x-api-key"), key),
+        };
+        let mut value = HeaderValue::from_str(&value).map_err(|_| {
+            format!(
+                "upstream {}: the key is not a valid header value",
+                self.spec.name
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(Some((name, value)))
     }
 
     /// The URL of `api` on this upstream.
     fn uri(&self, api: Api) -> Result<Uri, String> {
         let base = self.spec.url.to_string();
-        let path = match api {
-            Api::Chat => "chat/completions",
-            Api::Completions => "completions",
+        let path = match (self.spec.api, api) {
+            (ProviderApi::Anthropic, _) => "messages",
+            (ProviderApi::OpenAi, Api::Chat) => "chat/completions",
+            (ProviderApi::OpenAi, Api::Completions) => "completions",
         };
         let sep = if base.ends_with('/') { "" } else { "/" };
         format!("{base}{sep}{path}")
@@ -212,19 +239,35 @@ impl External {
             .map_err(|e| format!("upstream {}: {e}", self.spec.name))
     }
 
-    /// The body with the model renamed to the provider's, when a mapping applies.
-    fn body_for(&self, model: &str, body: &Bytes) -> Result<Bytes, String> {
-        let Some(theirs) = self.spec.models.get(model) else {
-            return Ok(body.clone());
+    /// The body this upstream takes: translated to its API, with the model renamed to the
+    /// provider's when a mapping applies. A request its API cannot express is refused here.
+    fn body_for(&self, api: Api, model: &str, body: &Bytes) -> Result<Bytes, GatewayError> {
+        let body = match self.spec.api {
+            ProviderApi::OpenAi => body.clone(),
+            ProviderApi::Anthropic if api == Api::Chat => {
+                anthropic::request(body, self.spec.default_max_tokens)?
+            }
+            ProviderApi::Anthropic => {
+                return Err(GatewayError::BadRequest {
+                    message: "this model's provider (Anthropic Messages API) serves chat \
+                              completions only; use /v1/chat/completions"
+                        .into(),
+                    param: None,
+                    code: "unsupported_endpoint",
+                });
+            }
         };
-        let mut value: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| format!("re-reading the request body: {e}"))?;
+        let Some(theirs) = self.spec.models.get(model) else {
+            return Ok(body);
+        };
+        let internal = |e: serde_json::Error| GatewayError::Upstream(format!("request body: {e}"));
+        let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(internal)?;
         if let Some(obj) = value.as_object_mut() {
             obj.insert("model".into(), serde_json::Value::String(theirs.clone()));
         }
         serde_json::to_vec(&value)
             .map(Bytes::from)
-            .map_err(|e| format!("writing the request body: {e}"))
+            .map_err(internal)
     }
 
     /// Sends one request. A 5xx is [`AttemptError::Status`] and a 429
@@ -239,7 +282,9 @@ impl External {
         timeouts: UpstreamTimeouts,
     ) -> Result<Response<ExternalBody>, AttemptError> {
         let uri = self.uri(api).map_err(AttemptError::Connect)?;
-        let body = self.body_for(model, body).map_err(AttemptError::Connect)?;
+        let body = self
+            .body_for(api, model, body)
+            .map_err(|e| AttemptError::Refused(Box::new(e)))?;
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(uri)
@@ -247,8 +292,14 @@ impl External {
             .map_err(|e| AttemptError::Connect(format!("upstream {}: {e}", self.spec.name)))?;
         let h = request.headers_mut();
         h.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-        if let Some(auth) = self.authorization().map_err(AttemptError::Connect)? {
-            h.insert(header::AUTHORIZATION, auth);
+        if let Some((name, value)) = self.credential().map_err(AttemptError::Connect)? {
+            h.insert(name, value);
+        }
+        if self.spec.api == ProviderApi::Anthropic {
+            h.insert(
+                http::HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static(anthropic::VERSION),
+            );
         }
         let name = &self.spec.name;
         let response = tokio::time::timeout(timeouts.response, self.client.request(request))
@@ -260,11 +311,41 @@ impl External {
                 ))
             })?
             .map_err(|e| AttemptError::Connect(format!("upstream {name}: {}", error_chain(&e))))?;
-        let response = response.map(|incoming| ExternalBody {
-            incoming,
-            idle: timeouts.idle,
-            silent: None,
-        });
+        let (mut parts, incoming) = response.into_parts();
+        let translate = match self.spec.api {
+            ProviderApi::OpenAi => Translate::None,
+            ProviderApi::Anthropic => {
+                let stream = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("text/event-stream"));
+                parts.headers.remove(header::CONTENT_LENGTH);
+                if stream && parts.status.is_success() {
+                    Translate::Stream(Box::new(anthropic::StreamTranslator::new(model, true)))
+                } else {
+                    parts.headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    Translate::Whole {
+                        read: Vec::new(),
+                        model: model.to_owned(),
+                        status: parts.status.as_u16(),
+                    }
+                }
+            }
+        };
+        let response = Response::from_parts(
+            parts,
+            ExternalBody {
+                incoming,
+                idle: timeouts.idle,
+                silent: None,
+                translate,
+                ended: false,
+            },
+        );
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = retry_after(response.headers());
@@ -307,11 +388,61 @@ pub fn retry_after(headers: &HeaderMap) -> Duration {
         .min(MAX_RETRY_AFTER)
 }
 
-/// A provider's response body: hyper's, with the gap between two pieces bounded.
+/// How a provider's answer is turned into an OpenAI one.
+enum Translate {
+    /// Already OpenAI's.
+    None,
+    /// A Messages event stream, event by event.
+    Stream(Box<anthropic::StreamTranslator>),
+    /// A whole Messages answer (or error), read to its end then translated.
+    Whole {
+        read: Vec<u8>,
+        model: String,
+        status: u16,
+    },
+}
+
+/// A provider's response body: hyper's, with the gap between two pieces bounded, translated
+/// to OpenAI's API where the provider speaks another.
 pub struct ExternalBody {
     incoming: hyper::body::Incoming,
     idle: Duration,
     silent: Option<Pin<Box<tokio::time::Sleep>>>,
+    translate: Translate,
+    /// The translated end was given.
+    ended: bool,
+}
+
+impl ExternalBody {
+    /// The next piece of the provider's body, with the silence between pieces bounded.
+    fn poll_incoming(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, io::Error>>> {
+        loop {
+            match Pin::new(&mut self.incoming).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.silent = None;
+                    match frame.into_data() {
+                        Ok(data) => return Poll::Ready(Some(Ok(data))),
+                        Err(_) => continue,
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(io::Error::other(e)))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    let limit = self.idle;
+                    let timer = self
+                        .silent
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the upstream sent nothing for {limit:?}"),
+                    ))));
+                }
+            }
+        }
+    }
 }
 
 impl http_body::Body for ExternalBody {
@@ -323,33 +454,59 @@ impl http_body::Body for ExternalBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.incoming).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.silent = None;
-                Poll::Ready(frame.map(|f| f.map_err(io::Error::other)))
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
             }
-            Poll::Pending => {
-                let limit = this.idle;
-                let timer = this
-                    .silent
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+            let piece = std::task::ready!(this.poll_incoming(cx));
+            let out = match (&mut this.translate, piece) {
+                (_, Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                (Translate::None, Some(Ok(data))) => data,
+                (Translate::None, None) => return Poll::Ready(None),
+                (Translate::Stream(t), Some(Ok(data))) => Bytes::from(t.feed(&data)),
+                (Translate::Stream(_), None) => return Poll::Ready(None),
+                (Translate::Whole { read, .. }, Some(Ok(data))) => {
+                    read.extend_from_slice(&data);
+                    continue;
                 }
-                Poll::Ready(Some(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the upstream sent nothing for {limit:?}"),
-                ))))
+                (
+                    Translate::Whole {
+                        read,
+                        model,
+                        status,
+                    },
+                    None,
+                ) => {
+                    this.ended = true;
+                    let translated = if (200..300).contains(status) {
+                        anthropic::completion(read, model)
+                    } else {
+                        Ok(anthropic::error_body(*status, read))
+                    };
+                    match translated {
+                        Ok(bytes) => Bytes::from(bytes),
+                        Err(e) => return Poll::Ready(Some(Err(io::Error::other(e)))),
+                    }
+                }
+            };
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        match self.translate {
+            Translate::None => self.incoming.is_end_stream(),
+            _ => self.ended,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        match self.translate {
+            Translate::None => self.incoming.size_hint(),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -378,6 +535,8 @@ mod tests {
     fn keys_never_show_in_debug_output() {
         let spec = ExternalSpec {
             name: "p".into(),
+            api: ProviderApi::OpenAi,
+            default_max_tokens: 4096,
             url: "https://example.invalid/v1".parse().unwrap(),
             key: KeySource::Env("SOME_KEY_VAR".into()),
             ca_file: None,
@@ -392,7 +551,8 @@ mod tests {
             ..spec
         })
         .unwrap();
-        let auth = ext.authorization().unwrap().unwrap();
+        let (name, auth) = ext.credential().unwrap().unwrap();
+        assert_eq!(name, header::AUTHORIZATION);
         assert_eq!(auth.to_str().unwrap(), "Bearer sk-secret-value");
         assert!(auth.is_sensitive());
         assert!(!format!("{ext:?} {auth:?}").contains("sk-secret"));
@@ -405,6 +565,8 @@ mod tests {
         std::fs::write(&file, "first").unwrap();
         let ext = External::new(ExternalSpec {
             name: "p".into(),
+            api: ProviderApi::OpenAi,
+            default_max_tokens: 4096,
             url: "https://example.invalid/v1".parse().unwrap(),
             key: KeySource::File(file.clone()),
             ca_file: None,
@@ -412,7 +574,7 @@ mod tests {
             models: BTreeMap::new(),
         })
         .unwrap();
-        assert_eq!(ext.authorization().unwrap().unwrap(), "Bearer first");
+        assert_eq!(ext.key().unwrap().unwrap(), "first");
         // Rewritten with a new modification time (a Secret update swaps the file).
         std::fs::write(&file, "second").unwrap();
         let later = SystemTime::now() + Duration::from_secs(5);
@@ -422,6 +584,6 @@ mod tests {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        assert_eq!(ext.authorization().unwrap().unwrap(), "Bearer second");
+        assert_eq!(ext.key().unwrap().unwrap(), "second");
     }
 }
