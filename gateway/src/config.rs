@@ -137,6 +137,10 @@ struct RawPool {
     /// Hosted OpenAI-compatible APIs serving the pool instead of executors.
     #[serde(default)]
     upstreams: Vec<RawUpstream>,
+    /// The pool a request goes to when this one cannot serve it in time.
+    fallback: Option<String>,
+    /// Share of a request's queue deadline it waits here before it spills to `fallback`.
+    spill_after: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -210,6 +214,10 @@ pub struct Pool {
     pub endpoints: Vec<Endpoint>,
     /// Hosted upstreams; empty for a pool of executors.
     pub externals: Vec<ExternalSpec>,
+    /// Where requests spill: a request not dispatched within `spill_after` of its queue
+    /// deadline, or whose attempts all failed before a byte reached the client.
+    pub fallback: Option<String>,
+    pub spill_after: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -487,13 +495,6 @@ impl Config {
                 {
                     return Err(invalid(&field("ca_file"), &ca.display(), "no such file"));
                 }
-                if let Some(m) = up.models.keys().find(|m| !p.models.contains(m)) {
-                    return Err(invalid(
-                        &field("models"),
-                        m,
-                        "maps a model the pool does not serve",
-                    ));
-                }
                 let max_concurrency = up.max_concurrency.unwrap_or(64);
                 if max_concurrency == 0 {
                     return Err(invalid(&field("max_concurrency"), &0, "must be positive"));
@@ -545,15 +546,52 @@ impl Config {
                 });
                 externals.push(spec);
             }
+            let spill_after = p.spill_after.unwrap_or(0.25);
+            if !(spill_after > 0.0 && spill_after <= 1.0) {
+                return Err(invalid(
+                    &format!("pools[{i}].spill_after"),
+                    &spill_after,
+                    "a share of the queue deadline: above 0, at most 1",
+                ));
+            }
             pools.push(Pool {
                 name: p.name,
                 models: p.models,
                 endpoints,
                 externals,
+                fallback: p.fallback,
+                spill_after,
             });
         }
         if pools.is_empty() {
             return Err(invalid("pools", &"[]", "at least one pool is needed"));
+        }
+        for (i, p) in pools.iter().enumerate() {
+            if let Some(f) = &p.fallback
+                && (f == &p.name || !pools.iter().any(|q| &q.name == f))
+            {
+                return Err(invalid(
+                    &format!("pools[{i}].fallback"),
+                    f,
+                    "must name another pool of this file",
+                ));
+            }
+            // A hosted upstream maps the pool's models and those spilled to it.
+            for (u, up) in p.externals.iter().enumerate() {
+                let served = |m: &String| {
+                    p.models.contains(m)
+                        || pools
+                            .iter()
+                            .any(|q| q.fallback.as_ref() == Some(&p.name) && q.models.contains(m))
+                };
+                if let Some(m) = up.models.keys().find(|m| !served(m)) {
+                    return Err(invalid(
+                        &format!("pools[{i}].upstreams[{u}].models"),
+                        m,
+                        "maps a model the pool does not serve (nor any pool spilling to it)",
+                    ));
+                }
+            }
         }
 
         let q = raw.queue;
@@ -786,5 +824,33 @@ mod tests {
             c.tenants[0].models.as_deref(),
             Some(&["tiny".to_owned()][..])
         );
+    }
+
+    #[test]
+    fn fallbacks_name_another_pool_and_spill_after_is_a_share() {
+        let two = |extra: &str| {
+            base().replace(
+                "models = [\"tiny\"]\n",
+                &format!("models = [\"tiny\"]\nfallback = \"q\"\n{extra}"),
+            ) + "[[pools]]\nname = \"q\"\nmodels = [\"other\"]\n"
+        };
+        let c = Config::parse(&two(""), "gw.toml").unwrap();
+        assert_eq!(c.pools[0].fallback.as_deref(), Some("q"));
+        assert_eq!(c.pools[0].spill_after, 0.25);
+        for (text, field) in [
+            (
+                two("").replace("fallback = \"q\"", "fallback = \"nowhere\""),
+                "pools[0].fallback",
+            ),
+            (
+                two("").replace("fallback = \"q\"", "fallback = \"p\""),
+                "pools[0].fallback",
+            ),
+            (two("spill_after = 0.0\n"), "pools[0].spill_after"),
+            (two("spill_after = 1.5\n"), "pools[0].spill_after"),
+        ] {
+            let e = Config::parse(&text, "gw.toml").unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

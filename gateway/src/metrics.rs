@@ -83,6 +83,7 @@ pub struct Metrics {
     upstream_errors: Family<ReasonLabels, Counter>,
     client_stalled: Family<PoolLabel, Counter>,
     tokens: Family<TokenLabels, Counter>,
+    spills: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -110,6 +111,7 @@ impl Metrics {
             upstream_errors: Family::default(),
             client_stalled: Family::default(),
             tokens: Family::default(),
+            spills: Family::default(),
         };
         registry.register(
             "requests",
@@ -176,7 +178,21 @@ impl Metrics {
             "Prompt and completion tokens of answered requests, as their usage reports them, by pool and tenant",
             m.tokens.clone(),
         );
+        registry.register(
+            "spills",
+            "Requests moved to their pool's fallback, by the pool they left and why",
+            m.spills.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn spilled(&self, pool: &str, reason: &str) {
+        self.spills
+            .get_or_create(&ReasonLabels {
+                pool: pool.into(),
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     /// Counts an answered request's tokens by its usage report.

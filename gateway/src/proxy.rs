@@ -37,6 +37,8 @@ pub mod names {
     pub const POOL: HeaderName = HeaderName::from_static("x-llmctl-pool");
     pub const EXECUTOR: HeaderName = HeaderName::from_static("x-llmctl-executor");
     pub const QUEUE_MS: HeaderName = HeaderName::from_static("x-llmctl-queue-ms");
+    pub const SPILLED_FROM: HeaderName = HeaderName::from_static("x-llmctl-spilled-from");
+    pub const SPILL_REASON: HeaderName = HeaderName::from_static("x-llmctl-spill-reason");
 }
 
 /// An answer being relayed: from one of our executors or from a hosted provider.

@@ -46,6 +46,9 @@ struct PoolRuntime {
     decode_history: Arc<DecodeHistory>,
     /// Hosted upstreams, by dispatch address (empty for a pool of executors).
     externals: Vec<(String, Arc<External>)>,
+    /// Index of the pool requests spill to, and after what share of their queue deadline.
+    fallback: Option<usize>,
+    spill_after: f64,
 }
 
 impl PoolRuntime {
@@ -125,6 +128,11 @@ impl Gateway {
                 metrics: metrics.pool_handles(&p.name),
                 decode_history: Arc::default(),
                 externals,
+                fallback: p
+                    .fallback
+                    .as_ref()
+                    .and_then(|f| config.pools.iter().position(|q| &q.name == f)),
+                spill_after: p.spill_after,
                 queue: QueueHandle::spawn(
                     p.name.clone(),
                     p.endpoints.clone(),
@@ -303,7 +311,7 @@ impl Gateway {
             Err(e) => return self.refuse(e, "-", &tenant.name),
         };
         // A model the tenant may not use is answered as if it did not exist.
-        let Some(pool) = self
+        let Some(mut pool) = self
             .pools
             .iter()
             .find(|p| p.models.contains(&inspected.model))
@@ -348,7 +356,34 @@ impl Gateway {
         // The pause the last provider 429 asked for, while the request waits for another turn.
         let mut throttled: Option<Duration> = None;
         let queued_at = Instant::now();
+        // A request waits this long in a pool with a fallback before it spills (once).
+        let spill_at = {
+            let now = tokio::time::Instant::now();
+            now + deadline
+                .saturating_duration_since(now)
+                .mul_f64(pool.spill_after)
+        };
+        // The pool it spilled from, and why.
+        let mut spilled: Option<(Arc<str>, &'static str)> = None;
         loop {
+            let spill_to = pool.fallback.filter(|_| spilled.is_none());
+            // Moves the request to the fallback pool, when there is one it has not used yet.
+            macro_rules! spill {
+                ($reason:expr) => {
+                    if let Some(next) = spill_to {
+                        let reason: &'static str = $reason;
+                        let next = &self.pools[next];
+                        tracing::info!(%request_id, from = %pool.name, to = %next.name, reason, "spilling to the fallback pool");
+                        self.metrics.spilled(&pool.name, reason);
+                        spilled = Some((pool.name.clone(), reason));
+                        pool = next;
+                        avoid.clear();
+                        attempt = 0;
+                        throttled = None;
+                        continue;
+                    }
+                };
+            }
             let ticket = Ticket {
                 tenant: tenant_name.clone(),
                 priority,
@@ -358,8 +393,12 @@ impl Gateway {
                     None
                 },
                 avoid: avoid.clone(),
-                deadline,
-                retry: attempt > 0 || throttled.is_some(),
+                deadline: if spill_to.is_some() {
+                    spill_at
+                } else {
+                    deadline
+                },
+                retry: attempt > 0 || throttled.is_some() || spilled.is_some(),
                 tokens: Tokens {
                     prompt: inspected.prompt_tokens.into(),
                     decode: pool
@@ -371,6 +410,11 @@ impl Gateway {
             let grant = match pool.queue.acquire(ticket).await {
                 Ok(g) => g,
                 Err(e) => {
+                    match e {
+                        QueueError::Expired => spill!("no_capacity"),
+                        QueueError::Full => spill!("queue_full"),
+                        QueueError::Closed => {}
+                    }
                     refund(&tenant);
                     let err = match (e, throttled) {
                         // Every upstream that could serve it asked for a pause past the
@@ -432,6 +476,10 @@ impl Gateway {
                 if let Some(c) = &correlation {
                     h.insert(names::CORRELATION_ID, c.clone());
                 }
+                if let Some((from, reason)) = &spilled {
+                    h.insert(names::SPILLED_FROM, proxy::header_value(from));
+                    h.insert(names::SPILL_REASON, http::HeaderValue::from_static(reason));
+                }
             };
             match sent {
                 Ok(upstream) => {
@@ -488,6 +536,7 @@ impl Gateway {
                     avoid.push(grant.endpoint.address.clone());
                     attempt += 1;
                     if attempt > config.queue.max_retries {
+                        spill!("upstream_failed");
                         refund(&tenant);
                         let mut response = match failure {
                             // Nothing reached the client yet: pass the executor's own 5xx on.

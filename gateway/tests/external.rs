@@ -138,7 +138,8 @@ struct Setup {
 const KEY_A: &str = "sk-standin-a-7f3c9e1d";
 const KEY_B: &str = "sk-standin-b-2b8a4f60";
 
-async fn setup(extra: &str) -> Setup {
+/// `extra` goes before the tenants (top-level settings), `pools` after the pools.
+async fn setup(extra: &str, pools: &str) -> Setup {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let (a, b, solo) = (
         StandIn::start(&cert).await,
@@ -191,7 +192,15 @@ name = "provider-solo"
 url = "{solo}"
 key_env = "STANDIN_B_KEY"
 ca_file = "{ca}"
+{solo_models}
+{pools}
 "#,
+        // The spill test's `cold` pool falls back to `solo`, whose upstream maps its model.
+        solo_models = if pools.contains("\"llama\"") {
+            r#"models = { "llama" = "provider-llama" }"#
+        } else {
+            ""
+        },
         studio = key_hash("ks"),
         narrow = key_hash("kn"),
         a = a.url,
@@ -206,7 +215,7 @@ ca_file = "{ca}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosted_upstreams_over_https_with_keys_mapping_and_streams() {
-    let s = setup("").await;
+    let s = setup("", "").await;
     // Non-streamed, spread over both upstreams by least outstanding.
     let mut executors = Vec::new();
     for _ in 0..4 {
@@ -284,7 +293,7 @@ async fn hosted_upstreams_over_https_with_keys_mapping_and_streams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_providers_429_is_served_elsewhere_or_after_its_retry_after() {
-    let s = setup("").await;
+    let s = setup("", "").await;
     // provider-a asks for a 30 s pause: the request is served by provider-b instead, and
     // provider-a gets nothing new while cooling down.
     s.a.state.lock().unwrap().throttle = (1, "30");
@@ -323,7 +332,7 @@ async fn a_providers_429_is_served_elsewhere_or_after_its_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_past_the_deadline_is_the_providers_429_and_a_silent_one_a_504() {
-    let s = setup("[queue]\ndeadline_ms = 1500\n").await;
+    let s = setup("[queue]\ndeadline_ms = 1500\n", "").await;
     s.solo.state.lock().unwrap().throttle = (5, "20");
     let (status, h, body) = s.gw.chat("ks", "solo-model", json!({})).await;
     assert_eq!(status, 429, "{body}");
@@ -337,7 +346,7 @@ async fn a_pause_past_the_deadline_is_the_providers_429_and_a_silent_one_a_504()
     assert_eq!(s.solo.seen().len(), 1);
 
     // A provider that stops answering: 504 after the response timeout, with an OpenAI body.
-    let s = setup("").await;
+    let s = setup("", "").await;
     s.solo.state.lock().unwrap().silent = true;
     let started = Instant::now();
     let (status, _, body) = s.gw.chat("ks", "solo-model", json!({})).await;
@@ -348,7 +357,7 @@ async fn a_pause_past_the_deadline_is_the_providers_429_and_a_silent_one_a_504()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_see_and_use_only_their_models() {
-    let s = setup("").await;
+    let s = setup("", "").await;
     let (status, _, body) = s.gw.chat("kn", "gpt-mini", json!({})).await;
     assert_eq!(status, 200, "{body}");
     // A model it may not use is answered as one that does not exist.
@@ -376,4 +385,55 @@ async fn tenants_see_and_use_only_their_models() {
     assert_eq!(list("ks").await, ["gpt-big", "gpt-mini", "solo-model"]);
     // Nothing reached a provider for the refused ones.
     assert!(s.solo.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_spill_to_the_fallback_pool_and_say_why() {
+    // `cold`: no executor yet (a pool scaling from zero); `broken`: an executor that refuses
+    // connections. Both fall back to the hosted `solo` pool.
+    let pools = r#"
+[[pools]]
+name = "cold"
+models = ["llama"]
+fallback = "solo"
+spill_after = 0.1
+
+[[pools]]
+name = "broken"
+models = ["llama-b"]
+fallback = "solo"
+[[pools.endpoints]]
+address = "127.0.0.1:1"
+"#;
+    let s = setup("[queue]\ndeadline_ms = 3000\nmax_retries = 1\n", pools).await;
+    let started = Instant::now();
+    let (status, h, body) = s.gw.chat("ks", "llama", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let waited = started.elapsed();
+    // Spilled after a tenth of the 3 s deadline, not at its end.
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    assert_eq!(header(&h, "x-llmctl-pool"), "solo");
+    assert_eq!(header(&h, "x-llmctl-executor"), "provider-solo");
+    assert_eq!(header(&h, "x-llmctl-spilled-from"), "cold");
+    assert_eq!(header(&h, "x-llmctl-spill-reason"), "no_capacity");
+    // The fallback's upstream maps the spilled model to its own.
+    assert_eq!(s.solo.seen()[0].body["model"], "provider-llama");
+
+    let (status, h, body) = s.gw.chat("ks", "llama-b", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&h, "x-llmctl-spilled-from"), "broken");
+    assert_eq!(header(&h, "x-llmctl-spill-reason"), "upstream_failed");
+    assert_eq!(s.solo.seen()[1].body["model"], "llama-b");
+
+    let (_, _, metrics) = s.gw.request("GET", "/metrics", "ks", Value::Null).await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    for line in [
+        "llmctl_gateway_spills_total{pool=\"cold\",reason=\"no_capacity\"} 1",
+        "llmctl_gateway_spills_total{pool=\"broken\",reason=\"upstream_failed\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
 }
