@@ -85,6 +85,22 @@ impl GatewayError {
         }
     }
 
+    /// The terminal reason in logs and `finished_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MissingKey | Self::InvalidKey => "unauthorized",
+            Self::BadRequest { .. } | Self::TooLarge(_) | Self::BodyTimeout(_) => "bad_request",
+            Self::UnknownModel(_) => "model_not_found",
+            Self::NotFound(_) | Self::MethodNotAllowed => "not_found",
+            Self::RateLimited(_) | Self::UpstreamRateLimited(_) => "rate_limited",
+            Self::QueueFull(_) => "queue_full",
+            Self::NoCapacity(_) => "no_capacity",
+            Self::Draining => "shutting_down",
+            Self::Upstream(_) => "upstream_error",
+            Self::UpstreamTimeout(_) => "timeout",
+        }
+    }
+
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited(r) => Some(r.retry_after),

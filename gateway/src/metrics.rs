@@ -84,6 +84,7 @@ pub struct Metrics {
     client_stalled: Family<PoolLabel, Counter>,
     tokens: Family<TokenLabels, Counter>,
     spills: Family<ReasonLabels, Counter>,
+    finished: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -112,6 +113,7 @@ impl Metrics {
             client_stalled: Family::default(),
             tokens: Family::default(),
             spills: Family::default(),
+            finished: Family::default(),
         };
         registry.register(
             "requests",
@@ -179,11 +181,26 @@ impl Metrics {
             m.tokens.clone(),
         );
         registry.register(
+            "finished",
+            "Requests ended, by pool and terminal reason (the model's finish reason, or client_gone, client_stalled, upstream_error, timeout, rate_limited, queue_full, no_capacity, ...)",
+            m.finished.clone(),
+        );
+        registry.register(
             "spills",
             "Requests moved to their pool's fallback, by the pool they left and why",
             m.spills.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// Counts a request's end by its terminal reason.
+    pub fn finished(&self, pool: &str, reason: &str) {
+        self.finished
+            .get_or_create(&ReasonLabels {
+                pool: pool.into(),
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn spilled(&self, pool: &str, reason: &str) {

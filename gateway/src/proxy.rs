@@ -88,6 +88,9 @@ pub struct Settle {
     /// The client asked for the final usage chunk (otherwise it is removed).
     pub client_wants_usage: bool,
     pub request_id: String,
+    pub dispatch_id: String,
+    /// The executor or hosted upstream that answered.
+    pub executor: String,
     /// Where the completion tokens of a successful response are recorded, and over how many
     /// choices.
     pub history: Arc<DecodeHistory>,
@@ -112,8 +115,78 @@ impl Drop for InflightGuard {
     }
 }
 
+/// How a relayed answer ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The upstream finished its answer; the `finish_reason` it gave, if any.
+    Complete(Option<&'static str>),
+    /// The client went away first.
+    ClientGone,
+    /// The client read nothing for the write-stall timeout.
+    ClientStalled,
+    /// The upstream failed mid-answer.
+    UpstreamError,
+    /// The upstream went silent mid-answer past the idle timeout.
+    Timeout,
+}
+
+impl End {
+    fn of(e: &std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            Self::Timeout
+        } else {
+            Self::UpstreamError
+        }
+    }
+
+    fn failed(self) -> bool {
+        matches!(self, Self::UpstreamError | Self::Timeout)
+    }
+
+    /// The terminal reason: the model's finish reason, or why the request ended otherwise.
+    pub fn reason(self, status: u16) -> &'static str {
+        match self {
+            Self::Complete(Some(r)) => r,
+            Self::Complete(None) if (200..300).contains(&status) => "stop",
+            Self::Complete(None) if status == 429 => "rate_limited",
+            Self::Complete(None) if status >= 500 => "upstream_error",
+            Self::Complete(None) => "rejected",
+            Self::ClientGone => "client_gone",
+            Self::ClientStalled => "client_stalled",
+            Self::UpstreamError => "upstream_error",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// The `finish_reason` an answer or chunk names (the first one), if any.
+fn finish_reason(json: &[u8]) -> Option<&'static str> {
+    const KEY: &[u8] = b"\"finish_reason\":\"";
+    let at = json.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = &json[at..];
+    Some(
+        [
+            "stop",
+            "length",
+            "tool_calls",
+            "content_filter",
+            "function_call",
+        ]
+        .into_iter()
+        .find(|r| rest.starts_with(r.as_bytes()) && rest.get(r.len()) == Some(&b'"'))
+        .unwrap_or("other"),
+    )
+}
+
+/// The SSE comment that ends a stream with its terminal reason (clients ignore comments;
+/// those that want it read it before `[DONE]`).
+fn finish_comment(reason: &str, request_id: &str) -> Vec<u8> {
+    format!(": llmctl-finish reason={reason} request_id={request_id}\n\n").into_bytes()
+}
+
 impl Settle {
-    fn finish(mut self, status: u16, usage: Option<Usage>, failed: bool) {
+    fn finish(mut self, status: u16, usage: Option<Usage>, end: End) {
+        let failed = end.failed();
         if failed {
             self.permit.fail();
         }
@@ -128,6 +201,8 @@ impl Settle {
         }
         self.e2e.observe(self.started.elapsed().as_secs_f64());
         self.metrics.request(&self.pool, &self.tenant.name, status);
+        let reason = end.reason(status);
+        self.metrics.finished(&self.pool, reason);
         if let Some(u) = usage.filter(|u| u.total > 0) {
             let completion = u.completion.unwrap_or(0).min(u.total);
             self.metrics.tokens(
@@ -138,7 +213,7 @@ impl Settle {
             );
         }
         let tokens = usage.map(|u| u.total);
-        tracing::info!(request_id = %self.request_id, pool = %self.pool, tenant = %self.tenant.name, status, tokens = ?tokens, failed, "request finished");
+        tracing::info!(request_id = %self.request_id, dispatch_id = %self.dispatch_id, pool = %self.pool, executor = %self.executor, tenant = %self.tenant.name, status, reason, tokens = ?tokens, "request finished");
     }
 }
 
@@ -302,7 +377,7 @@ impl http_body::Body for JsonRelay {
                     if let Some(settle) = this.settle.take() {
                         settle.metrics.upstream_error(&settle.pool, "mid_body");
                         tracing::warn!(request_id = %settle.request_id, "executor failed mid-response: {e}");
-                        settle.finish(502, None, true);
+                        settle.finish(502, None, End::of(&e));
                     }
                     Poll::Ready(None)
                 }
@@ -319,10 +394,16 @@ impl JsonRelay {
     /// The whole body went through: settle with the usage it reports.
     fn settle_complete(&mut self) {
         if let Some(settle) = self.settle.take() {
-            let usage = match self.copy.as_slice() {
-                [one] => usage_tokens(one),
-                many => usage_tokens(&many.concat()),
+            let whole;
+            let body: &[u8] = match self.copy.as_slice() {
+                [one] => one,
+                many => {
+                    whole = many.concat();
+                    &whole
+                }
             };
+            let usage = usage_tokens(body);
+            let end = End::Complete(finish_reason(body));
             let ok = self.status.is_success();
             settle.finish(
                 self.status.as_u16(),
@@ -334,7 +415,7 @@ impl JsonRelay {
                         completion: None,
                     })
                 },
-                false,
+                end,
             );
         }
     }
@@ -343,7 +424,7 @@ impl JsonRelay {
 impl Drop for JsonRelay {
     fn drop(&mut self) {
         if let Some(settle) = self.settle.take() {
-            settle.finish(499, None, false);
+            settle.finish(499, None, End::ClientGone);
         }
     }
 }
@@ -367,6 +448,8 @@ async fn relay_sse(
     let mut pending = BytesMut::new();
     let mut usage = None;
     let mut done = false;
+    // The last finish reason a chunk gave.
+    let mut finish = None;
     let mut reading = true;
     let mut out: VecDeque<Bytes> = VecDeque::new();
     let mut buffered = 0;
@@ -378,11 +461,13 @@ async fn relay_sse(
         }
         tokio::select! {
             frame = incoming.frame(), if reading && buffered < RELAY_BUFFER => {
+                let mut broke = End::UpstreamError;
                 let data = match frame {
                     None => None,
                     Some(Ok(frame)) => frame.into_data().ok().map(Some).unwrap_or(Some(Bytes::new())),
                     Some(Err(e)) => {
                         tracing::warn!(%request_id, "executor failed mid-stream: {e}");
+                        broke = End::of(&e);
                         None
                     }
                 };
@@ -392,25 +477,29 @@ async fn relay_sse(
                         pending.extend_from_slice(&data);
                         while let Some(end) = find_event_end(&pending) {
                             let event = pending.split_to(end);
-                            forward.extend_from_slice(&process_event(
-                                &event,
-                                &mut usage,
-                                &mut done,
-                                wants_usage,
-                            ));
+                            if let Some(r) = finish_reason(&event) {
+                                finish = Some(r);
+                            }
+                            let was_done = done;
+                            let out = process_event(&event, &mut usage, &mut done, wants_usage);
+                            if done && !was_done {
+                                let reason = End::Complete(finish).reason(status.as_u16());
+                                forward.extend_from_slice(&finish_comment(reason, &request_id));
+                            }
+                            forward.extend_from_slice(&out);
                         }
                     }
                     None => {
                         reading = false;
                         let settle = settle.take().expect("settled once, when reading ends");
                         if done {
-                            settle.finish(status.as_u16(), usage, false);
+                            settle.finish(status.as_u16(), usage, End::Complete(finish));
                         } else {
                             // The executor went away before `[DONE]`: end the client's stream
                             // with an error event.
                             metrics.upstream_error(&pool, "mid_stream");
-                            forward.extend_from_slice(&stream_error_event());
-                            settle.finish(502, usage, true);
+                            forward.extend_from_slice(&stream_error_event(broke.reason(502), &request_id));
+                            settle.finish(502, usage, broke);
                         }
                     }
                 }
@@ -426,7 +515,7 @@ async fn relay_sse(
                 let Ok(permit) = permit else {
                     // The client is gone.
                     if let Some(settle) = settle.take() {
-                        settle.finish(499, usage, false);
+                        settle.finish(499, usage, End::ClientGone);
                     }
                     return;
                 };
@@ -439,7 +528,7 @@ async fn relay_sse(
                 metrics.client_stalled(&pool);
                 tracing::warn!(%request_id, %pool, buffered, "client_stalled: it read nothing for {write_stall:?}; request ended");
                 if let Some(settle) = settle.take() {
-                    settle.finish(499, usage, false);
+                    settle.finish(499, usage, End::ClientStalled);
                 }
                 return;
             }
@@ -447,13 +536,16 @@ async fn relay_sse(
     }
 }
 
-/// An OpenAI error event and `[DONE]`, for a stream whose executor failed.
-fn stream_error_event() -> Vec<u8> {
+/// An OpenAI error event, the finish comment and `[DONE]`, for a stream whose executor
+/// failed.
+fn stream_error_event(reason: &str, request_id: &str) -> Vec<u8> {
     let err = ErrorResponse::server_error("the executor serving this request failed mid-stream")
         .with_code("upstream_failed");
     let mut event = b"data: ".to_vec();
     event.extend(serde_json::to_vec(&err).expect("error bodies serialize"));
-    event.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+    event.extend_from_slice(b"\n\n");
+    event.extend(finish_comment(reason, request_id));
+    event.extend_from_slice(b"data: [DONE]\n\n");
     event
 }
 

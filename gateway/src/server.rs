@@ -228,7 +228,7 @@ impl Gateway {
             ),
             (Method::GET, Route::Models) => match self.tenants.authenticate(req.headers()) {
                 Ok(tenant) => self.models(&tenant),
-                Err(e) => auth_error(e).response(),
+                Err(e) => self.refuse(auth_error(e), "-", "-", &request_id),
             },
             (Method::POST, Route::Chat) => {
                 let ids = (request_id.as_str(), &id_header);
@@ -284,7 +284,7 @@ impl Gateway {
         let inflight = InflightGuard::new(&self.inflight);
         let tenant = match self.tenants.authenticate(req.headers()) {
             Ok(t) => t,
-            Err(e) => return auth_error(e).response(),
+            Err(e) => return self.refuse(auth_error(e), "-", "-", request_id),
         };
         let config = self.config();
         let requested_priority = req
@@ -304,11 +304,11 @@ impl Gateway {
         .await
         {
             Ok(b) => b,
-            Err(e) => return self.refuse(e, "-", &tenant.name),
+            Err(e) => return self.refuse(e, "-", &tenant.name, request_id),
         };
         let inspected = match inspect::inspect(api, &bytes) {
             Ok(i) => i,
-            Err(e) => return self.refuse(e, "-", &tenant.name),
+            Err(e) => return self.refuse(e, "-", &tenant.name, request_id),
         };
         // A model the tenant may not use is answered as if it did not exist.
         let Some(mut pool) = self
@@ -321,6 +321,7 @@ impl Gateway {
                 GatewayError::UnknownModel(inspected.model.clone()),
                 "-",
                 &tenant.name,
+                request_id,
             );
         };
         let snapshot = match tenant.limits.admit(inspected.charge) {
@@ -328,7 +329,12 @@ impl Gateway {
             Err(refusal) => {
                 self.metrics
                     .rate_limited(&tenant.name, refusal.kind.as_str());
-                return self.refuse(GatewayError::RateLimited(refusal), &pool.name, &tenant.name);
+                return self.refuse(
+                    GatewayError::RateLimited(refusal),
+                    &pool.name,
+                    &tenant.name,
+                    request_id,
+                );
             }
         };
         let refund = |tenant: &crate::auth::TenantState| tenant.limits.true_up(inspected.charge, 0);
@@ -430,7 +436,7 @@ impl Gateway {
                         }
                         (QueueError::Closed, _) => GatewayError::Draining,
                     };
-                    return self.refuse(err, &pool.name, &tenant.name);
+                    return self.refuse(err, &pool.name, &tenant.name, request_id);
                 }
             };
             let queue_ms = queued_at.elapsed().as_millis();
@@ -496,6 +502,8 @@ impl Gateway {
                         permit: grant.permit,
                         client_wants_usage: inspected.client_wants_usage,
                         request_id: request_id.to_owned(),
+                        dispatch_id: dispatch_id.clone(),
+                        executor: grant.endpoint.name.clone(),
                         history: pool.decode_history.clone(),
                         choices: inspected.choices,
                         _inflight: inflight,
@@ -522,7 +530,7 @@ impl Gateway {
                 Err(AttemptError::Refused(e)) => {
                     // The request cannot be sent to this pool's provider: the client's error.
                     refund(&tenant);
-                    return self.refuse(*e, &pool.name, &tenant.name);
+                    return self.refuse(*e, &pool.name, &tenant.name, request_id);
                 }
                 Err(failure) => {
                     grant.permit.fail();
@@ -548,11 +556,11 @@ impl Gateway {
                                     .await
                                     .map(|c| c.to_bytes())
                                     .unwrap_or_default();
-                                self.metrics.request(
-                                    &pool.name,
-                                    &tenant.name,
-                                    parts.status.as_u16(),
-                                );
+                                let status = parts.status.as_u16();
+                                self.metrics.request(&pool.name, &tenant.name, status);
+                                let reason = proxy::End::Complete(None).reason(status);
+                                self.metrics.finished(&pool.name, reason);
+                                tracing::info!(%request_id, %dispatch_id, pool = %pool.name, executor = %grant.endpoint.name, tenant = %tenant.name, status, reason, "request finished: the upstream's error passed on after the retries");
                                 let mut resp = Response::new(body::full(bytes));
                                 *resp.status_mut() = parts.status;
                                 *resp.headers_mut() = parts.headers;
@@ -560,15 +568,21 @@ impl Gateway {
                                 resp.headers_mut().remove(http::header::CONTENT_LENGTH);
                                 resp
                             }
-                            AttemptError::Connect(e) => {
-                                self.refuse(GatewayError::Upstream(e), &pool.name, &tenant.name)
-                            }
+                            AttemptError::Connect(e) => self.refuse(
+                                GatewayError::Upstream(e),
+                                &pool.name,
+                                &tenant.name,
+                                request_id,
+                            ),
                             AttemptError::Timeout(e) => self.refuse(
                                 GatewayError::UpstreamTimeout(e),
                                 &pool.name,
                                 &tenant.name,
+                                request_id,
                             ),
-                            AttemptError::Refused(e) => self.refuse(*e, &pool.name, &tenant.name),
+                            AttemptError::Refused(e) => {
+                                self.refuse(*e, &pool.name, &tenant.name, request_id)
+                            }
                         };
                         evidence(response.headers_mut());
                         return response;
@@ -579,8 +593,19 @@ impl Gateway {
         }
     }
 
-    fn refuse(&self, e: GatewayError, pool: &str, tenant: &str) -> Response<Body> {
-        self.metrics.request(pool, tenant, e.status().as_u16());
+    /// Answers a request the gateway will not serve: counted, and logged with its ids and
+    /// reason.
+    fn refuse(
+        &self,
+        e: GatewayError,
+        pool: &str,
+        tenant: &str,
+        request_id: &str,
+    ) -> Response<Body> {
+        let status = e.status().as_u16();
+        self.metrics.request(pool, tenant, status);
+        self.metrics.finished(pool, e.reason());
+        tracing::info!(%request_id, %tenant, %pool, status, reason = e.reason(), code = e.code(), "request refused: {e}");
         e.response()
     }
 

@@ -532,7 +532,10 @@ async fn streams_get_usage_only_when_asked_and_die_with_an_error_event() {
         .await,
     )
     .await;
-    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty() && !e.starts_with(':'))
+        .collect();
     assert_eq!(events.last(), Some(&"data: [DONE]"));
     for e in &events[..events.len() - 1] {
         let chunk: ChatCompletionChunk =
@@ -567,12 +570,20 @@ async fn streams_get_usage_only_when_asked_and_die_with_an_error_event() {
         .await,
     )
     .await;
-    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty() && !e.starts_with(':'))
+        .collect();
     assert!(events[0].contains("Hel"));
     let err: ErrorResponse =
         serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(err.error.code.as_deref(), Some("upstream_failed"));
     assert_eq!(events.last(), Some(&"data: [DONE]"));
+    // The terminal reason, as a comment event just before `[DONE]`.
+    assert!(
+        text.contains(": llmctl-finish reason=upstream_error"),
+        "{text}"
+    );
     assert_eq!(
         metric(
             &gw.metrics().await,
@@ -1204,12 +1215,16 @@ async fn a_silent_executor_is_timed_out() {
     let text =
         String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(started.elapsed() < Duration::from_secs(3));
-    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty() && !e.starts_with(':'))
+        .collect();
     assert_eq!(events.last(), Some(&"data: [DONE]"), "{text}");
     assert!(
         events[events.len() - 2].contains("upstream_failed"),
         "{text}"
     );
+    assert!(text.contains(": llmctl-finish reason=timeout"), "{text}");
     let m = gw.metrics().await;
     assert_eq!(
         metric(

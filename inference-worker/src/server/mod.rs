@@ -27,6 +27,7 @@ use llmctl_protocol::{ChatCompletionRequest, CompletionRequest, Model, ModelList
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tracing::Instrument;
 
 use crate::backend::cpu::CpuBackend;
 use crate::engine::{Engine, EngineConfig};
@@ -424,14 +425,41 @@ async fn route(req: Request<Incoming>, state: Arc<AppState>) -> Response<Body> {
             state.metrics.encode(),
         )),
         (&Method::GET, "/v1/models") => Ok(models(&state)),
-        (&Method::POST, "/v1/chat/completions") => completions(req, state, Endpoint::Chat).await,
-        (&Method::POST, "/v1/completions") => completions(req, state, Endpoint::Completions).await,
+        (&Method::POST, "/v1/chat/completions") => {
+            let span = request_span(&req);
+            completions(req, state, Endpoint::Chat)
+                .instrument(span)
+                .await
+        }
+        (&Method::POST, "/v1/completions") => {
+            let span = request_span(&req);
+            completions(req, state, Endpoint::Completions)
+                .instrument(span)
+                .await
+        }
         (_, "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
             Err(ServerError::MethodNotAllowed(req.method().to_string()))
         }
         _ => Err(ServerError::RouteNotFound(path)),
     };
     result.unwrap_or_else(|e| body::error_response(&e))
+}
+
+/// The span a request's log lines carry: the gateway's request and dispatch ids (when it sent
+/// them), so one id finds the worker's side of a request too.
+fn request_span(req: &Request<Incoming>) -> tracing::Span {
+    let id = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    tracing::info_span!(
+        "request",
+        request_id = %id("x-request-id"),
+        dispatch_id = %id("x-llmctl-dispatch-id"),
+    )
 }
 
 fn health(state: &AppState) -> Response<Body> {

@@ -123,6 +123,12 @@ pub async fn handle(
     guard: InflightGuard,
 ) -> Result<http::Response<Body>, ServerError> {
     let rx = submit(&state, &valid).await?;
+    tracing::info!(
+        prompts = valid.prompts.len(),
+        n = valid.params.n,
+        stream = valid.stream,
+        "request accepted"
+    );
     let prefix = if endpoint == Endpoint::Chat {
         "chatcmpl"
     } else {
@@ -135,7 +141,9 @@ pub async fn handle(
     };
     if valid.stream {
         let (tx, body) = body::channel(state.write_stall);
-        tokio::spawn(stream(state, endpoint, valid, meta, rx, tx, guard));
+        tokio::spawn(tracing::Instrument::in_current_span(stream(
+            state, endpoint, valid, meta, rx, tx, guard,
+        )));
         Ok(body::sse_response(body))
     } else {
         let response = gather(&state, endpoint, &valid, meta, rx).await;

@@ -372,6 +372,10 @@ async fn one_request(
         buf.extend_from_slice(&data);
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..end + 2).collect();
+            // Comments (the gateway's terminal-reason line) carry no data.
+            if event.starts_with(b":") {
+                continue;
+            }
             let payload = event.strip_prefix(b"data: ").context("SSE data line")?;
             let payload = &payload[..payload.len() - 2];
             if payload == b"[DONE]" {
