@@ -20,6 +20,38 @@ const AFFINITY_PREFIX: usize = 512;
 pub enum Api {
     Chat,
     Completions,
+    /// `/v1/embeddings`: passed through, checked only for what the gateway needs.
+    Embeddings,
+    /// `/v1/responses`: passed through likewise.
+    Responses,
+}
+
+impl Api {
+    /// The path under `/v1` (executors take it as is; a hosted upstream under its base URL).
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "chat/completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
+        }
+    }
+
+    /// Its streams end with `data: [DONE]` (the Responses API ends them with its last event).
+    pub fn stream_ends_with_done(self) -> bool {
+        matches!(self, Self::Chat | Self::Completions)
+    }
+}
+
+/// What the gateway reads of a body it passes through: the model, whether it streams, the
+/// output cap; the rest is left to the upstream.
+#[derive(serde::Deserialize)]
+struct PassThrough {
+    model: String,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -93,8 +125,50 @@ fn affinity(prefix: &str) -> Option<u64> {
     Some(h.finish())
 }
 
+/// Reads a body passed through (embeddings, responses): its model, stream flag and output
+/// cap; the prompt is estimated from the body's size. Nothing is rewritten.
+fn inspect_pass_through(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
+    let req: PassThrough = serde_json::from_slice(body).map_err(bad_json)?;
+    if req.model.is_empty() {
+        return Err(GatewayError::BadRequest {
+            message: "`model` must name a model".into(),
+            param: Some("model".into()),
+            code: "invalid_value",
+        });
+    }
+    let stream = req.stream == Some(true);
+    if stream && api == Api::Embeddings {
+        return Err(GatewayError::BadRequest {
+            message: "embeddings are not streamed".into(),
+            param: Some("stream".into()),
+            code: "invalid_value",
+        });
+    }
+    let prompt_tokens = estimate_tokens(body.len());
+    let max_tokens = match api {
+        Api::Embeddings => Some(0),
+        _ => req.max_output_tokens,
+    };
+    let decode = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    Ok(Inspected {
+        model: req.model,
+        stream,
+        // The upstream's answer goes to the client as it is, usage included.
+        client_wants_usage: true,
+        charge: prompt_tokens.saturating_add(decode),
+        prompt_tokens,
+        max_tokens,
+        choices: 1,
+        affinity: None,
+        upstream_body: body.clone(),
+    })
+}
+
 /// Reads `body`; the upstream body shares its bytes unless it must be rewritten.
 pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
+    if matches!(api, Api::Embeddings | Api::Responses) {
+        return inspect_pass_through(api, body);
+    }
     let bytes: &[u8] = body;
     let (model, stream, wants_usage, max_tokens, n, prompt_text) = match api {
         Api::Chat => {
@@ -140,6 +214,7 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
             }
             (model, stream, wants_usage, max_tokens, n, text)
         }
+        Api::Embeddings | Api::Responses => unreachable!("passed through above"),
     };
     let n = n.unwrap_or(1).max(1);
     let prompt_tokens = estimate_tokens(prompt_text.len);
@@ -183,6 +258,34 @@ mod tests {
         let up: Value = serde_json::from_slice(&i.upstream_body).unwrap();
         assert_eq!(up["stream_options"]["include_usage"], true);
         assert_eq!(i.charge, estimate_tokens("hello there".len()) + 10);
+    }
+
+    #[test]
+    fn embeddings_and_responses_pass_through_untouched() {
+        let body = br#"{"model":"e","input":["a","b"],"dimensions":64}"#;
+        let i = ins(Api::Embeddings, body).unwrap();
+        assert_eq!(
+            (i.model.as_str(), i.stream, i.max_tokens),
+            ("e", false, Some(0))
+        );
+        assert_eq!(i.upstream_body.as_ref(), body);
+        let body = br#"{"model":"r","input":"hi","stream":true,"max_output_tokens":20,"tools":[]}"#;
+        let i = ins(Api::Responses, body).unwrap();
+        assert!(i.stream && i.client_wants_usage);
+        assert_eq!(i.max_tokens, Some(20));
+        assert_eq!(
+            i.upstream_body.as_ref(),
+            body,
+            "not rewritten, even streamed"
+        );
+        let bad: [&'static [u8]; 3] = [
+            br#"{"input":"x"}"#,
+            br#"{"model":""}"#,
+            br#"{"model":"e","stream":true}"#,
+        ];
+        for body in bad {
+            assert!(ins(Api::Embeddings, body).is_err());
+        }
     }
 
     #[test]

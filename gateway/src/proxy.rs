@@ -87,6 +87,9 @@ pub struct Settle {
     pub permit: Permit,
     /// The client asked for the final usage chunk (otherwise it is removed).
     pub client_wants_usage: bool,
+    /// A stream that ends without `data: [DONE]` was cut short (true for chat and
+    /// completions; the Responses API ends its streams with its last event).
+    pub stream_ends_with_done: bool,
     pub request_id: String,
     pub dispatch_id: String,
     /// The executor or hosted upstream that answered.
@@ -226,7 +229,10 @@ struct UsageOnly {
 #[derive(serde::Deserialize)]
 struct UsageCounts {
     total_tokens: Option<u64>,
+    /// `input_tokens` in the Responses API.
+    #[serde(alias = "input_tokens")]
     prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
 }
 
@@ -438,11 +444,12 @@ async fn relay_sse(
     status: StatusCode,
     write_stall: Duration,
 ) {
-    let (metrics, pool, request_id, wants_usage) = (
+    let (metrics, pool, request_id, wants_usage, needs_done) = (
         settle.metrics.clone(),
         settle.pool.clone(),
         settle.request_id.clone(),
         settle.client_wants_usage,
+        settle.stream_ends_with_done,
     );
     let mut settle = Some(settle);
     let mut pending = BytesMut::new();
@@ -462,6 +469,7 @@ async fn relay_sse(
         tokio::select! {
             frame = incoming.frame(), if reading && buffered < RELAY_BUFFER => {
                 let mut broke = End::UpstreamError;
+                let data_ended_cleanly = frame.is_none();
                 let data = match frame {
                     None => None,
                     Some(Ok(frame)) => frame.into_data().ok().map(Some).unwrap_or(Some(Bytes::new())),
@@ -492,6 +500,13 @@ async fn relay_sse(
                     None => {
                         reading = false;
                         let settle = settle.take().expect("settled once, when reading ends");
+                        // A stream without `[DONE]` in its API ended well if its upstream
+                        // closed it cleanly.
+                        if !needs_done && data_ended_cleanly {
+                            let reason = End::Complete(finish).reason(status.as_u16());
+                            forward.extend_from_slice(&finish_comment(reason, &request_id));
+                            done = true;
+                        }
                         if done {
                             settle.finish(status.as_u16(), usage, End::Complete(finish));
                         } else {
@@ -561,7 +576,12 @@ fn process_event(
     done: &mut bool,
     client_wants_usage: bool,
 ) -> Bytes {
-    let Some(payload) = event.strip_prefix(b"data: ").map(|p| p.trim_ascii_end()) else {
+    // The data line: first in OpenAI's events, after an `event:` line in the Responses API's.
+    let data = event.strip_prefix(b"data: ").or_else(|| {
+        let at = event.windows(7).position(|w| w == b"\ndata: ")?;
+        Some(&event[at + 7..])
+    });
+    let Some(payload) = data.map(|p| p.trim_ascii_end()) else {
         return Bytes::copy_from_slice(event);
     };
     if payload == b"[DONE]" {

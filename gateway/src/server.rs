@@ -68,8 +68,12 @@ enum Route {
     Readyz,
     Metrics,
     Models,
+    /// `/v1/models/{id}`.
+    Model,
     Chat,
     Completions,
+    Embeddings,
+    Responses,
     Other,
 }
 
@@ -82,6 +86,9 @@ impl Route {
             "/v1/models" => Self::Models,
             "/v1/chat/completions" => Self::Chat,
             "/v1/completions" => Self::Completions,
+            "/v1/embeddings" => Self::Embeddings,
+            "/v1/responses" => Self::Responses,
+            p if p.starts_with("/v1/models/") => Self::Model,
             _ => Self::Other,
         }
     }
@@ -230,14 +237,25 @@ impl Gateway {
                 Ok(tenant) => self.models(&tenant),
                 Err(e) => self.refuse(auth_error(e), "-", "-", &request_id),
             },
-            (Method::POST, Route::Chat) => {
+            (Method::GET, Route::Model) => match self.tenants.authenticate(req.headers()) {
+                Ok(tenant) => {
+                    let id = req.uri().path().trim_start_matches("/v1/models/");
+                    self.model(&tenant, id, &request_id)
+                }
+                Err(e) => self.refuse(auth_error(e), "-", "-", &request_id),
+            },
+            (
+                Method::POST,
+                Route::Chat | Route::Completions | Route::Embeddings | Route::Responses,
+            ) => {
+                let api = match route.1 {
+                    Route::Chat => Api::Chat,
+                    Route::Completions => Api::Completions,
+                    Route::Embeddings => Api::Embeddings,
+                    _ => Api::Responses,
+                };
                 let ids = (request_id.as_str(), &id_header);
-                self.complete(req, Api::Chat, ids, correlation.clone(), started)
-                    .await
-            }
-            (Method::POST, Route::Completions) => {
-                let ids = (request_id.as_str(), &id_header);
-                self.complete(req, Api::Completions, ids, correlation.clone(), started)
+                self.complete(req, api, ids, correlation.clone(), started)
                     .await
             }
             (_, Route::Other) => GatewayError::NotFound(req.uri().path().to_owned()).response(),
@@ -249,6 +267,33 @@ impl Gateway {
             h.insert(names::CORRELATION_ID, c);
         }
         response
+    }
+
+    /// One model, if the tenant may use it (404 `model_not_found` otherwise, as for a model
+    /// that does not exist).
+    fn model(
+        &self,
+        tenant: &crate::auth::TenantState,
+        id: &str,
+        request_id: &str,
+    ) -> Response<Body> {
+        let known = self
+            .pools
+            .iter()
+            .any(|p| p.models.iter().any(|m| m == id) && tenant.may_use(id, &p.name));
+        if !known {
+            return self.refuse(
+                GatewayError::UnknownModel(id.to_owned()),
+                "-",
+                &tenant.name,
+                request_id,
+            );
+        }
+        body::with_type(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec(&Model::new(id.to_owned(), 0, "llmctl")).expect("models serialize"),
+        )
     }
 
     /// The models the tenant may use.
@@ -339,11 +384,7 @@ impl Gateway {
         };
         let refund = |tenant: &crate::auth::TenantState| tenant.limits.true_up(inspected.charge, 0);
 
-        let path = if api == Api::Chat {
-            "/v1/chat/completions"
-        } else {
-            "/v1/completions"
-        };
+        let path = format!("/v1/{}", api.path());
         let mut forward_headers = HeaderMap::new();
         for name in [
             http::header::CONTENT_TYPE,
@@ -465,7 +506,7 @@ impl Gateway {
                     .upstream
                     .send(
                         &grant.endpoint.address,
-                        path,
+                        &path,
                         &forward_headers,
                         &inspected.upstream_body,
                         config.upstream,
@@ -501,6 +542,7 @@ impl Gateway {
                         started,
                         permit: grant.permit,
                         client_wants_usage: inspected.client_wants_usage,
+                        stream_ends_with_done: api.stream_ends_with_done(),
                         request_id: request_id.to_owned(),
                         dispatch_id: dispatch_id.clone(),
                         executor: grant.endpoint.name.clone(),

@@ -99,6 +99,40 @@ async fn answer(
             ))
             .unwrap();
     }
+    let path = state.lock().unwrap().seen.last().unwrap().path.clone();
+    if path.ends_with("/embeddings") {
+        let e = json!({"object": "list", "model": body["model"],
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+            "usage": {"prompt_tokens": 4, "total_tokens": 4}});
+        return hyper::Response::builder()
+            .header("content-type", "application/json")
+            .body(full(e.to_string()))
+            .unwrap();
+    }
+    if path.ends_with("/responses") {
+        let response = json!({"id": "resp_1", "object": "response", "status": "completed", "model": body["model"],
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]}],
+            "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}});
+        if body["stream"] == true {
+            // The Responses API's stream: named events, no `[DONE]`.
+            let events: String = [
+                json!({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}),
+                json!({"type": "response.output_text.delta", "delta": "Hello"}),
+                json!({"type": "response.completed", "response": response}),
+            ]
+            .iter()
+            .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+            .collect();
+            return hyper::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(full(events))
+                .unwrap();
+        }
+        return hyper::Response::builder()
+            .header("content-type", "application/json")
+            .body(full(response.to_string()))
+            .unwrap();
+    }
     let usage = json!({"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15});
     if body["stream"] == true {
         let mut events = String::new();
@@ -436,4 +470,101 @@ address = "127.0.0.1:1"
     ] {
         assert!(metrics.contains(line), "{line}\n{metrics}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_responses_and_model_lookups_pass_through() {
+    let s = setup("", "").await;
+    let (status, h, body) =
+        s.gw.request(
+            "POST",
+            "/v1/embeddings",
+            "ks",
+            json!({"model": "solo-model", "input": ["a", "b"], "dimensions": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(header(&h, "x-llmctl-executor"), "provider-solo");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["data"][0]["embedding"], json!([0.1, 0.2]));
+    let seen = s.solo.seen();
+    assert_eq!(seen[0].path, "/v1/embeddings");
+    // Forwarded unchanged, fields the gateway does not know included.
+    assert_eq!(seen[0].body["dimensions"], 2);
+
+    let (status, _, body) =
+        s.gw.request(
+            "POST",
+            "/v1/responses",
+            "ks",
+            json!({"model": "solo-model", "input": "hi", "store": false}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["output"][0]["content"][0]["text"], "Hello");
+    // Streamed: the Responses API's events pass through whole, usage kept, and a stream that
+    // ends after its last event is complete (no `[DONE]` in this API, no error appended).
+    let (status, _, body) =
+        s.gw.request(
+            "POST",
+            "/v1/responses",
+            "ks",
+            json!({"model": "solo-model", "input": "hi", "stream": true}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.contains("event: response.completed"), "{text}");
+    assert!(
+        text.contains("\"total_tokens\":7") && !text.contains("upstream_failed"),
+        "{text}"
+    );
+    assert!(text.contains(": llmctl-finish reason=stop"), "{text}");
+    assert_eq!(
+        s.solo.seen()[2].body.get("stream_options"),
+        None,
+        "not rewritten"
+    );
+
+    // Bad pass-through bodies are refused at the edge.
+    let (status, _, _) =
+        s.gw.request("POST", "/v1/embeddings", "ks", json!({"input": "x"}))
+            .await;
+    assert_eq!(status, 400);
+
+    // One model by id, as the tenant may see it.
+    let (status, _, body) =
+        s.gw.request("GET", "/v1/models/gpt-mini", "kn", Value::Null)
+            .await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["object"].as_str()),
+        (Some("gpt-mini"), Some("model"))
+    );
+    let (status, _, _) =
+        s.gw.request("GET", "/v1/models/solo-model", "kn", Value::Null)
+            .await;
+    assert_eq!(
+        status, 404,
+        "a model the tenant may not use does not exist for it"
+    );
+    let (status, _, _) =
+        s.gw.request("GET", "/v1/models/nope", "ks", Value::Null)
+            .await;
+    assert_eq!(status, 404);
+
+    // Token counters include the pass-through APIs' usage.
+    let (_, _, metrics) = s.gw.request("GET", "/metrics", "ks", Value::Null).await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains(
+            "llmctl_gateway_tokens_total{pool=\"solo\",tenant=\"studio\",kind=\"prompt\"} 14"
+        ),
+        "4 + 5 + 5 (the Responses API's input_tokens): {metrics}"
+    );
+    assert!(metrics.contains(
+        "llmctl_gateway_tokens_total{pool=\"solo\",tenant=\"studio\",kind=\"completion\"} 4"
+    ));
 }

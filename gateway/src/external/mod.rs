@@ -228,10 +228,9 @@ impl External {
     /// The URL of `api` on this upstream.
     fn uri(&self, api: Api) -> Result<Uri, String> {
         let base = self.spec.url.to_string();
-        let path = match (self.spec.api, api) {
-            (ProviderApi::Anthropic, _) => "messages",
-            (ProviderApi::OpenAi, Api::Chat) => "chat/completions",
-            (ProviderApi::OpenAi, Api::Completions) => "completions",
+        let path = match self.spec.api {
+            ProviderApi::Anthropic => "messages",
+            ProviderApi::OpenAi => api.path(),
         };
         let sep = if base.ends_with('/') { "" } else { "/" };
         format!("{base}{sep}{path}")
