@@ -160,6 +160,9 @@ struct RawUpstream {
     /// PEM roots trusted for this upstream besides the system's.
     ca_file: Option<PathBuf>,
     max_concurrency: Option<usize>,
+    /// The provider's limits for our key (requests and tokens per minute).
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
     /// Public model name → the provider's model id.
     #[serde(default)]
     models: std::collections::BTreeMap<String, String>,
@@ -520,6 +523,18 @@ impl Config {
                         "the upstreams of one pool speak one API (a fallback pool can speak another)",
                     ));
                 }
+                for (f, v) in [
+                    ("requests_per_minute", up.requests_per_minute),
+                    ("tokens_per_minute", up.tokens_per_minute),
+                ] {
+                    if v == Some(0) {
+                        return Err(invalid(
+                            &field(f),
+                            &0,
+                            "must be positive (omit it for no limit)",
+                        ));
+                    }
+                }
                 let default_max_tokens = up.default_max_tokens.unwrap_or(4096);
                 if default_max_tokens == 0 {
                     return Err(invalid(
@@ -536,6 +551,8 @@ impl Config {
                     key,
                     ca_file: up.ca_file,
                     max_concurrency,
+                    requests_per_minute: up.requests_per_minute,
+                    tokens_per_minute: up.tokens_per_minute,
                     models: up.models,
                 };
                 endpoints.push(Endpoint {

@@ -94,6 +94,8 @@ pub struct Settle {
     pub dispatch_id: String,
     /// The executor or hosted upstream that answered.
     pub executor: String,
+    /// A hosted upstream whose limits are trued up too.
+    pub upstream_limits: Option<Arc<crate::external::External>>,
     /// Where the completion tokens of a successful response are recorded, and over how many
     /// choices.
     pub history: Arc<DecodeHistory>,
@@ -196,6 +198,9 @@ impl Settle {
         // Without a usage report the charge stands.
         let total = usage.map_or(self.charged, |u| u.total);
         self.tenant.limits.true_up(self.charged, total);
+        if let Some(upstream) = &self.upstream_limits {
+            upstream.true_up(self.charged, total);
+        }
         if let Some(completion) = usage
             .and_then(|u| u.completion)
             .filter(|_| !failed && (200..300).contains(&status))

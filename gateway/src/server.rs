@@ -496,6 +496,7 @@ impl Gateway {
                     .send(
                         api,
                         &inspected.model,
+                        inspected.charge,
                         &forward_headers,
                         &inspected.upstream_body,
                         config.upstream,
@@ -546,6 +547,7 @@ impl Gateway {
                         request_id: request_id.to_owned(),
                         dispatch_id: dispatch_id.clone(),
                         executor: grant.endpoint.name.clone(),
+                        upstream_limits: pool.external(&grant.endpoint.address).cloned(),
                         history: pool.decode_history.clone(),
                         choices: inspected.choices,
                         _inflight: inflight,

@@ -172,7 +172,8 @@ struct Setup {
 const KEY_A: &str = "sk-standin-a-7f3c9e1d";
 const KEY_B: &str = "sk-standin-b-2b8a4f60";
 
-/// `extra` goes before the tenants (top-level settings), `pools` after the pools.
+/// `extra` goes before the tenants (top-level settings), `pools` after the pools, with
+/// `{A_URL}` and `{CA}` standing for stand-in A's URL and the CA file.
 async fn setup(extra: &str, pools: &str) -> Setup {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let (a, b, solo) = (
@@ -242,7 +243,9 @@ ca_file = "{ca}"
         solo = solo.url,
         key_file = key_file.display(),
         ca = ca.display(),
-    );
+    )
+    .replace("{A_URL}", &a.url)
+    .replace("{CA}", &ca.display().to_string());
     let gw = Gateway::start(dir, &config, &[("STANDIN_B_KEY", KEY_B)]);
     Setup { a, b, solo, gw }
 }
@@ -567,4 +570,38 @@ async fn embeddings_responses_and_model_lookups_pass_through() {
     assert!(metrics.contains(
         "llmctl_gateway_tokens_total{pool=\"solo\",tenant=\"studio\",kind=\"completion\"} 4"
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_configured_limits_are_kept_on_our_side() {
+    // Provider A allows our key 2 requests a minute: the third is not sent to it but waits
+    // for the limit, and past the deadline gets 429 upstream_rate_limited with the wait.
+    let pools = r#"
+[[pools]]
+name = "capped"
+models = ["capped-model"]
+[[pools.upstreams]]
+name = "provider-a-capped"
+url = "{A_URL}"
+ca_file = "{CA}"
+requests_per_minute = 2
+"#;
+    let s = setup("[queue]\ndeadline_ms = 1000\n", pools).await;
+    for _ in 0..2 {
+        let (status, _, body) = s.gw.chat("ks", "capped-model", json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, h, body) = s.gw.chat("ks", "capped-model", json!({})).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_rate_limited");
+    let wait: u64 = header(&h, "retry-after").parse().unwrap();
+    assert!(
+        (20..=31).contains(&wait),
+        "the limit refills one request in 30 s: {wait}"
+    );
+    assert_eq!(
+        s.a.seen().len(),
+        2,
+        "the provider was not sent what it would refuse"
+    );
 }

@@ -33,7 +33,8 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::UpstreamTimeouts;
 use crate::error::GatewayError;
 use crate::inspect::Api;
-use crate::upstream::AttemptError;
+use crate::limit::TenantLimits;
+use crate::upstream::{AttemptError, ErrorBody};
 
 pub mod anthropic;
 
@@ -83,6 +84,9 @@ pub struct ExternalSpec {
     /// Extra PEM roots trusted for this upstream besides the system's.
     pub ca_file: Option<PathBuf>,
     pub max_concurrency: usize,
+    /// The provider's limits for our key: requests and tokens per minute.
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
     /// Public model name → the provider's.
     pub models: BTreeMap<String, String>,
 }
@@ -101,6 +105,8 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Byte
 pub struct External {
     pub spec: ExternalSpec,
     client: HttpsClient,
+    /// The provider's limits, kept on our side so it is not sent what it would refuse.
+    limits: TenantLimits,
     /// The key file's modification time and its key, as last read.
     file_key: Mutex<Option<(SystemTime, String)>>,
 }
@@ -166,6 +172,7 @@ impl External {
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         Ok(Self {
+            limits: TenantLimits::new(spec.requests_per_minute, spec.tokens_per_minute),
             spec,
             client,
             file_key: Mutex::new(None),
@@ -269,10 +276,44 @@ impl External {
             .map_err(internal)
     }
 
-    /// Sends one request. A 5xx is [`AttemptError::Status`] and a 429
-    /// [`AttemptError::Throttled`], so the caller can go elsewhere; the response head must
-    /// come within `timeouts.response`, and each piece of the body within `timeouts.idle`.
+    /// Settles a request charged `charged` tokens against the provider's limits that used
+    /// `actual`.
+    pub fn true_up(&self, charged: u32, actual: u32) {
+        self.limits.true_up(charged, actual);
+    }
+
+    /// Sends one request weighing `charge` tokens. Past the provider's configured limits it
+    /// is not sent: [`AttemptError::Throttled`] for as long as the limit needs, as for the
+    /// provider's own 429. A 5xx is [`AttemptError::Status`], so the caller can go
+    /// elsewhere; the response head must come within `timeouts.response`, and each piece of
+    /// the body within `timeouts.idle`. A failed attempt gives its tokens back.
     pub async fn send(
+        &self,
+        api: Api,
+        model: &str,
+        charge: u32,
+        headers: &HeaderMap,
+        body: &Bytes,
+        timeouts: UpstreamTimeouts,
+    ) -> Result<Response<ExternalBody>, AttemptError> {
+        if let Err(refusal) = self.limits.admit(charge) {
+            let wait = refusal.retry_after;
+            let refused = GatewayError::UpstreamRateLimited(wait)
+                .response()
+                .map(|b| ErrorBody::new(b.map_err(|never| match never {})));
+            return Err(AttemptError::Throttled {
+                retry_after: wait,
+                response: Box::new(refused),
+            });
+        }
+        let sent = self.attempt(api, model, headers, body, timeouts).await;
+        if sent.is_err() {
+            self.limits.true_up(charge, 0);
+        }
+        sent
+    }
+
+    async fn attempt(
         &self,
         api: Api,
         model: &str,
@@ -540,6 +581,8 @@ mod tests {
             key: KeySource::Env("SOME_KEY_VAR".into()),
             ca_file: None,
             max_concurrency: 4,
+            requests_per_minute: None,
+            tokens_per_minute: None,
             models: BTreeMap::new(),
         };
         let dir = tempfile::tempdir().unwrap();
@@ -570,6 +613,8 @@ mod tests {
             key: KeySource::File(file.clone()),
             ca_file: None,
             max_concurrency: 4,
+            requests_per_minute: None,
+            tokens_per_minute: None,
             models: BTreeMap::new(),
         })
         .unwrap();
