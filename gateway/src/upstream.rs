@@ -182,10 +182,12 @@ impl Upstream {
         body: &[u8],
         timeouts: UpstreamTimeouts,
     ) -> Result<Response<UpstreamBody>, AttemptError> {
-        let request = encode_request(address, path, headers, body);
-        let request = &request;
+        // A large body is written from where it is, after its head, not copied behind it.
+        let inline = body.len() <= INLINE_BODY;
+        let head = encode_request(address, path, headers, body.len(), inline.then_some(body));
+        let (head, rest) = (&head, if inline { &[][..] } else { body });
         let exchange = |conn| async move {
-            tokio::time::timeout(timeouts.response, exchange(conn, request))
+            tokio::time::timeout(timeouts.response, exchange(conn, head, rest))
                 .await
                 .map_err(|_| {
                     AttemptError::Timeout(format!(
@@ -255,14 +257,24 @@ async fn connect(address: &str) -> Result<Conn, String> {
     })
 }
 
-fn encode_request(address: &str, path: &str, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + body.len());
+/// Bodies up to this size go in the same write as the head.
+const INLINE_BODY: usize = 16 << 10;
+
+/// The request head for a body of `length` bytes, followed by `body` when given.
+fn encode_request(
+    address: &str,
+    path: &str,
+    headers: &HeaderMap,
+    length: usize,
+    body: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + body.map_or(0, <[u8]>::len));
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(address.as_bytes());
     out.extend_from_slice(b"\r\ncontent-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
@@ -271,7 +283,9 @@ fn encode_request(address: &str, path: &str, headers: &HeaderMap, body: &[u8]) -
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
+    if let Some(body) = body {
+        out.extend_from_slice(body);
+    }
     out
 }
 
@@ -300,13 +314,19 @@ struct Head {
     reusable: bool,
 }
 
-/// Writes the request and reads the response head; the body's first bytes stay in the buffer.
-async fn exchange(mut conn: Conn, request: &[u8]) -> Result<(Conn, Head), Failure> {
+/// Writes the request (`head`, then `body` when it was not inlined) and reads the response
+/// head; the body's first bytes stay in the buffer.
+async fn exchange(mut conn: Conn, head: &[u8], body: &[u8]) -> Result<(Conn, Head), Failure> {
     let address = conn.address.clone();
-    conn.stream
-        .write_all(request)
-        .await
-        .map_err(|e| Failure::Unanswered(format!("sending to {address}: {e}")))?;
+    for part in [head, body] {
+        if part.is_empty() {
+            continue;
+        }
+        conn.stream
+            .write_all(part)
+            .await
+            .map_err(|e| Failure::Unanswered(format!("sending to {address}: {e}")))?;
+    }
     conn.buf.clear();
     loop {
         if !conn.buf.is_empty() {
@@ -1103,7 +1123,7 @@ mod tests {
     fn requests_carry_host_length_and_the_given_headers() {
         let mut headers = HeaderMap::new();
         headers.insert("x-request-id", HeaderValue::from_static("r1"));
-        let wire = encode_request("10.0.0.1:8000", "/v1/chat/completions", &headers, b"{}");
+        let wire = encode_request("10.0.0.1:8000", "/v1/chat/completions", &headers, 2, Some(b"{}"));
         assert_eq!(
             String::from_utf8(wire).unwrap(),
             "POST /v1/chat/completions HTTP/1.1\r\nhost: 10.0.0.1:8000\r\ncontent-length: 2\r\n\

@@ -39,8 +39,26 @@ struct Args {
     /// machine drifts by tens of percent between minutes).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Request body sizes (bytes) for the proxy-cost table: nginx as a reverse proxy and the
+    /// gateway at saturation with each (long agent contexts); empty skips it.
+    #[arg(long, value_delimiter = ',', default_value = "100,100000,400000")]
+    sizes: Vec<usize>,
     #[arg(long)]
     record: bool,
+}
+
+/// A chat request of about `size` bytes: a system message of filler, then a short question.
+fn request_of_size(size: usize) -> Bytes {
+    let (head, tail) = (
+        r#"{"model":"m","messages":[{"role":"system","content":""#,
+        r#""},{"role":"user","content":"Hello there, how are you?"}],"max_tokens":16}"#,
+    );
+    let filler: String = "lorem ipsum dolor sit amet, "
+        .chars()
+        .cycle()
+        .take(size.saturating_sub(head.len() + tail.len()))
+        .collect();
+    Bytes::from(format!("{head}{filler}{tail}"))
 }
 
 const RESPONSE: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18}}"#;
@@ -124,7 +142,7 @@ async fn connect(port: u16) -> Result<Sender> {
     Ok(sender)
 }
 
-async fn one(sender: &mut Sender) -> Result<()> {
+async fn one(sender: &mut Sender, body: &Bytes) -> Result<()> {
     sender.ready().await?;
     let req = hyper::Request::builder()
         .method("POST")
@@ -132,7 +150,7 @@ async fn one(sender: &mut Sender) -> Result<()> {
         .header("host", "bench")
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {KEY}"))
-        .body(Full::new(Bytes::from_static(REQUEST.as_bytes())))?;
+        .body(Full::new(body.clone()))?;
     let r = sender.send_request(req).await?;
     let status = r.status();
     r.into_body().collect().await?;
@@ -142,17 +160,17 @@ async fn one(sender: &mut Sender) -> Result<()> {
     Ok(())
 }
 
-/// Closed loop: `connections` clients each sending back to back for `seconds`.
-async fn saturate(port: u16, connections: usize, seconds: u64) -> Result<f64> {
+/// Closed loop: `connections` clients each sending `body` back to back for `seconds`.
+async fn saturate(port: u16, connections: usize, seconds: u64, body: &Bytes) -> Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let mut s = connect(port).await?;
-        let (stop, done) = (stop.clone(), done.clone());
+        let (stop, done, body) = (stop.clone(), done.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                if one(&mut s).await.is_err() {
+                if one(&mut s, &body).await.is_err() {
                     return;
                 }
                 done.fetch_add(1, Ordering::Relaxed);
@@ -181,9 +199,10 @@ async fn fixed_rate(port: u16, rate: u64, seconds: u64) -> Result<(f64, f64, usi
         let rx = rx.clone();
         let latencies = latencies.clone();
         let mut sender = connect(port).await?;
+        let request = Bytes::from_static(REQUEST.as_bytes());
         workers.push(tokio::spawn(async move {
             while let Ok(scheduled) = recv(&rx).await {
-                if one(&mut sender).await.is_ok() {
+                if one(&mut sender, &request).await.is_ok() {
                     let l = scheduled.elapsed().as_secs_f64();
                     latencies.lock().expect("latency lock").push(l);
                 }
@@ -254,15 +273,20 @@ fn start_gateway(
     concurrency: usize,
     max_queue: usize,
     threads: usize,
+    tokens_per_minute: Option<u32>,
 ) -> Result<(Proc, u16)> {
     use sha2::Digest;
     let key_hash = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
+    let tpm = tokens_per_minute.map_or(String::new(), |t| format!("tokens_per_minute = {t}\n"));
     let config = format!(
-        "listen = \"127.0.0.1:0\"\n[[tenants]]\nname = \"bench\"\nrequests_per_minute = 100000000\ntokens_per_minute = 2000000000\nkeys = [\"{key_hash}\"]\n\
+        "listen = \"127.0.0.1:0\"\n[[tenants]]\nname = \"bench\"\nrequests_per_minute = 100000000\n{tpm}keys = [\"{key_hash}\"]\n\
          [[pools]]\nname = \"p\"\nmodels = [\"m\"]\n[[pools.endpoints]]\naddress = \"127.0.0.1:{upstream_port}\"\nmax_concurrency = {concurrency}\n\
          [queue]\nmax_size = {max_queue}\ndeadline_ms = 600000\n"
     );
-    let path = dir.join(format!("gateway-{concurrency}-{threads}.toml"));
+    let path = dir.join(format!(
+        "gateway-{concurrency}-{threads}-{}.toml",
+        tokens_per_minute.is_some()
+    ));
     std::fs::write(&path, config)?;
     let mut child = Command::new(gateway_bin()?)
         .arg("--config")
@@ -278,6 +302,45 @@ fn start_gateway(
         .context("port")?
         .parse()?;
     Ok((Proc(child), port))
+}
+
+/// Saturation of nginx as a reverse proxy and of the gateway (1 thread) with request bodies of
+/// each size in `args.sizes`, rounds interleaved, medians kept: the gateway's proxy cost must
+/// not grow with the prompt. The gateway here has no tokens-per-minute limit (a 400 KB body is
+/// charged ~100k tokens; any limit would refuse long before saturation); requests-per-minute,
+/// auth, the queue and metrics stay on.
+async fn proxy_cost(args: &Args, dir: &Path, up_port: u16, proxy_port: u16) -> Result<String> {
+    let (_gateway, gw_port) = start_gateway(dir, up_port, 100_000, 100_000, 1, None)?;
+    wait_port(gw_port).await?;
+    let mut out = format!(
+        "\nProxy cost by request body size (req/s at saturation, {} conns, median of {} rounds; nginx buffers bodies up to 512 KiB in memory):\n\n| body bytes | nginx proxy (1 worker) | llmctl gateway (1 thread) | gateway / nginx |\n|---:|---:|---:|---:|\n",
+        args.connections, args.rounds
+    );
+    for &size in &args.sizes {
+        let body = request_of_size(size);
+        let (mut nginx, mut gateway) = (Vec::new(), Vec::new());
+        for round in 0..args.rounds.max(1) {
+            let n = saturate(proxy_port, args.connections, args.seconds, &body).await?;
+            let g = saturate(gw_port, args.connections, args.seconds, &body).await?;
+            eprintln!(
+                "round {round}: {} bytes: nginx {n:.0} req/s, gateway {g:.0} req/s",
+                body.len()
+            );
+            nginx.push(n);
+            gateway.push(g);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (n, g) = (median(nginx), median(gateway));
+        out.push_str(&format!(
+            "| {} | {n:.0} | {g:.0} | {:.2} |\n",
+            body.len(),
+            g / n
+        ));
+    }
+    Ok(out)
 }
 
 fn rss_mib(pid: u32) -> Result<f64> {
@@ -305,7 +368,7 @@ async fn queue_memory(dir: &Path, n: usize) -> Result<(f64, f64, usize)> {
             conns.push(s);
         }
     });
-    let (gw, port) = start_gateway(dir, silent_port, 1, n + 10, 2)?;
+    let (gw, port) = start_gateway(dir, silent_port, 1, n + 10, 2, Some(2_000_000_000))?;
     let pid = gw.0.id();
     wait_port(port).await?;
     let before = rss_mib(pid)?;
@@ -395,12 +458,26 @@ async fn run(args: Args) -> Result<()> {
         dir.path(),
         "proxy",
         &format!(
-            " upstream up {{ server 127.0.0.1:{up_port}; keepalive 512; }}\n server {{ listen 127.0.0.1:{proxy_port}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+            " upstream up {{ server 127.0.0.1:{up_port}; keepalive 512; }}\n server {{ listen 127.0.0.1:{proxy_port}; client_max_body_size 8m; client_body_buffer_size 512k; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
         ),
     )?;
     // One gateway thread is the same CPU allowance as nginx's one worker; two for reference.
-    let (_gateway1, gw1_port) = start_gateway(dir.path(), up_port, 100_000, 100_000, 1)?;
-    let (_gateway2, gw2_port) = start_gateway(dir.path(), up_port, 100_000, 100_000, 2)?;
+    let (_gateway1, gw1_port) = start_gateway(
+        dir.path(),
+        up_port,
+        100_000,
+        100_000,
+        1,
+        Some(2_000_000_000),
+    )?;
+    let (_gateway2, gw2_port) = start_gateway(
+        dir.path(),
+        up_port,
+        100_000,
+        100_000,
+        2,
+        Some(2_000_000_000),
+    )?;
     for p in [up_port, proxy_port, gw1_port, gw2_port] {
         wait_port(p).await?;
     }
@@ -410,10 +487,11 @@ async fn run(args: Args) -> Result<()> {
         ("llmctl gateway (1 thread)", gw1_port),
         ("llmctl gateway (2 threads)", gw2_port),
     ];
+    let request = Bytes::from_static(REQUEST.as_bytes());
     let mut sats: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for round in 0..args.rounds.max(1) {
         for (i, (name, port)) in targets.iter().enumerate() {
-            let sat = saturate(*port, args.connections, args.seconds).await?;
+            let sat = saturate(*port, args.connections, args.seconds, &request).await?;
             eprintln!("round {round}: {name}: {sat:.0} req/s");
             sats[i].push(sat);
         }
@@ -459,6 +537,9 @@ async fn run(args: Args) -> Result<()> {
         table.push_str(&format!(
             "\nGateway RSS: {before:.1} MiB idle, {with:.1} MiB with {depth} requests waiting in the queue (over HTTP/2, 100 streams per connection).\n"
         ));
+    }
+    if !args.sizes.is_empty() {
+        table.push_str(&proxy_cost(&args, dir.path(), up_port, proxy_port).await?);
     }
     println!("{table}");
     if args.record {

@@ -8,10 +8,12 @@ use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
 use llmctl_protocol::demand::DEFAULT_MAX_TOKENS;
-use llmctl_protocol::{ChatCompletionRequest, CompletionRequest, PromptInput};
+use llmctl_protocol::{CompletionRequest, PromptInput};
 use serde_json::{Value, json};
 
 use crate::error::GatewayError;
+
+mod scan;
 
 /// Bytes of prompt text that decide prefix affinity.
 const AFFINITY_PREFIX: usize = 512;
@@ -164,35 +166,133 @@ fn inspect_pass_through(api: Api, body: &Bytes) -> Result<Inspected, GatewayErro
     })
 }
 
+/// Reads a chat request from its top-level members only (`model`, `stream`,
+/// `stream_options`, `n`, `max_tokens`, `max_completion_tokens`, `messages` as a range): the
+/// messages are not parsed, so the cost does not grow with the conversation. The prompt
+/// estimate and the affinity prefix come from the raw `messages`; the executor checks them in
+/// full. A stream's body gets `stream_options.include_usage` spliced in, not re-serialized.
+fn inspect_chat(body: &Bytes) -> Result<Inspected, GatewayError> {
+    let bytes: &[u8] = body;
+    let members = scan::members(bytes).map_err(|e| GatewayError::BadRequest {
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+        code: "invalid_json",
+    })?;
+    fn read<'a, T: serde::Deserialize<'a>>(
+        bytes: &'a [u8],
+        range: &std::ops::Range<usize>,
+        field: &str,
+    ) -> Result<T, GatewayError> {
+        serde_json::from_slice(&bytes[range.clone()]).map_err(|e| GatewayError::BadRequest {
+            message: format!("invalid JSON body: `{field}`: {e}"),
+            param: Some(field.to_owned()),
+            code: "invalid_json",
+        })
+    }
+    #[derive(serde::Deserialize)]
+    struct Options {
+        include_usage: Option<bool>,
+    }
+    let (mut model, mut stream, mut include_usage, mut n) = (None, None, None, None);
+    let (mut max_tokens, mut max_completion_tokens) = (None, None);
+    let (mut messages, mut options_at) = (None, None);
+    for m in &members {
+        let r = &m.value;
+        match m.key.as_ref() {
+            "model" => model = Some(read::<String>(bytes, r, "model")?),
+            "stream" => stream = read::<Option<bool>>(bytes, r, "stream")?,
+            "stream_options" => {
+                include_usage = read::<Option<Options>>(bytes, r, "stream_options")?
+                    .and_then(|o| o.include_usage);
+                options_at = Some(r.clone());
+            }
+            "n" => n = read::<Option<u32>>(bytes, r, "n")?,
+            "max_tokens" => max_tokens = read::<Option<u32>>(bytes, r, "max_tokens")?,
+            "max_completion_tokens" => {
+                max_completion_tokens = read::<Option<u32>>(bytes, r, "max_completion_tokens")?
+            }
+            "messages" => messages = Some(r.clone()),
+            _ => {}
+        }
+    }
+    let missing = |field: &str| GatewayError::BadRequest {
+        message: format!("invalid JSON body: missing field `{field}`"),
+        param: Some(field.to_owned()),
+        code: "invalid_json",
+    };
+    let model = model.ok_or_else(|| missing("model"))?;
+    let messages = messages.ok_or_else(|| missing("messages"))?;
+    let raw = &bytes[messages.clone()];
+    if raw.first() != Some(&b'[') {
+        return Err(GatewayError::BadRequest {
+            message: "invalid JSON body: `messages` must be an array".into(),
+            param: Some("messages".into()),
+            code: "invalid_json",
+        });
+    }
+    // Inside the brackets.
+    let inner = raw[1..raw.len() - 1].trim_ascii();
+    if inner.is_empty() {
+        return Err(GatewayError::BadRequest {
+            message: "`messages` must contain at least one message".into(),
+            param: Some("messages".into()),
+            code: "invalid_value",
+        });
+    }
+    let stream_on = stream == Some(true);
+    let n = n.unwrap_or(1).max(1);
+    let max_tokens = max_completion_tokens.or(max_tokens);
+    let prompt_tokens = estimate_tokens(inner.len());
+    let decode_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).saturating_mul(n);
+    let upstream_body = if stream_on {
+        const USAGE: &[u8] = br#"{"include_usage":true}"#;
+        let mut out = Vec::with_capacity(bytes.len() + 48);
+        match options_at {
+            Some(r) => {
+                out.extend_from_slice(&bytes[..r.start]);
+                out.extend_from_slice(USAGE);
+                out.extend_from_slice(&bytes[r.end..]);
+            }
+            None => {
+                let open = bytes.iter().position(|&c| c == b'{').expect("an object");
+                out.extend_from_slice(&bytes[..=open]);
+                out.extend_from_slice(br#""stream_options":"#);
+                out.extend_from_slice(USAGE);
+                out.push(b',');
+                out.extend_from_slice(&bytes[open + 1..]);
+            }
+        }
+        Bytes::from(out)
+    } else {
+        body.clone()
+    };
+    let affinity = {
+        let mut h = std::hash::DefaultHasher::new();
+        inner[..inner.len().min(AFFINITY_PREFIX)].hash(&mut h);
+        Some(h.finish())
+    };
+    Ok(Inspected {
+        model,
+        stream: stream_on,
+        client_wants_usage: stream_on && include_usage == Some(true),
+        charge: prompt_tokens.saturating_add(decode_tokens),
+        prompt_tokens,
+        max_tokens,
+        choices: n,
+        affinity,
+        upstream_body,
+    })
+}
+
 /// Reads `body`; the upstream body shares its bytes unless it must be rewritten.
 pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
-    if matches!(api, Api::Embeddings | Api::Responses) {
-        return inspect_pass_through(api, body);
+    match api {
+        Api::Embeddings | Api::Responses => return inspect_pass_through(api, body),
+        Api::Chat => return inspect_chat(body),
+        Api::Completions => {}
     }
     let bytes: &[u8] = body;
     let (model, stream, wants_usage, max_tokens, n, prompt_text) = match api {
-        Api::Chat => {
-            let req: ChatCompletionRequest = serde_json::from_slice(bytes).map_err(bad_json)?;
-            if req.messages.is_empty() {
-                return Err(GatewayError::BadRequest {
-                    message: "`messages` must contain at least one message".into(),
-                    param: Some("messages".into()),
-                    code: "invalid_value",
-                });
-            }
-            let mut text = PromptText::default();
-            for m in &req.messages {
-                text.push(&m.text_content());
-            }
-            (
-                req.model.clone(),
-                req.is_stream(),
-                req.include_usage(),
-                req.effective_max_tokens(),
-                req.n,
-                text,
-            )
-        }
         Api::Completions => {
             let req: CompletionRequest = serde_json::from_slice(bytes).map_err(bad_json)?;
             let (model, stream, wants_usage, max_tokens, n) = (
@@ -214,7 +314,7 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
             }
             (model, stream, wants_usage, max_tokens, n, text)
         }
-        Api::Embeddings | Api::Responses => unreachable!("passed through above"),
+        Api::Chat | Api::Embeddings | Api::Responses => unreachable!("read above"),
     };
     let n = n.unwrap_or(1).max(1);
     let prompt_tokens = estimate_tokens(prompt_text.len);
@@ -257,7 +357,19 @@ mod tests {
         assert!(i.stream && !i.client_wants_usage);
         let up: Value = serde_json::from_slice(&i.upstream_body).unwrap();
         assert_eq!(up["stream_options"]["include_usage"], true);
-        assert_eq!(i.charge, estimate_tokens("hello there".len()) + 10);
+        // The estimate is by size: the raw messages, about four bytes a token.
+        let raw = r#"{"role":"user","content":"hello there"}"#;
+        assert_eq!(i.charge, estimate_tokens(raw.len()) + 10);
+        // Spliced, not rebuilt: every other byte is the client's.
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":false},"x_vendor":{"k":[1]}}"#;
+        let i = ins(Api::Chat, body).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&i.upstream_body).unwrap(),
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"x_vendor":{"k":[1]}}"#
+        );
+        assert!(!i.client_wants_usage);
+        let body = br#" {"stream":true,"model":"m","messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#;
+        assert!(ins(Api::Chat, body).unwrap().client_wants_usage);
     }
 
     #[test]
