@@ -1123,7 +1123,13 @@ mod tests {
     fn requests_carry_host_length_and_the_given_headers() {
         let mut headers = HeaderMap::new();
         headers.insert("x-request-id", HeaderValue::from_static("r1"));
-        let wire = encode_request("10.0.0.1:8000", "/v1/chat/completions", &headers, 2, Some(b"{}"));
+        let wire = encode_request(
+            "10.0.0.1:8000",
+            "/v1/chat/completions",
+            &headers,
+            2,
+            Some(b"{}"),
+        );
         assert_eq!(
             String::from_utf8(wire).unwrap(),
             "POST /v1/chat/completions HTTP/1.1\r\nhost: 10.0.0.1:8000\r\ncontent-length: 2\r\n\

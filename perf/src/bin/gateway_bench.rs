@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Request body sizes (bytes) for the proxy-cost table: nginx as a reverse proxy and the
-    /// gateway at saturation with each (long agent contexts); empty skips it.
+    /// gateway at saturation with each (long agent contexts); `--sizes 0` skips it.
     #[arg(long, value_delimiter = ',', default_value = "100,100000,400000")]
     sizes: Vec<usize>,
     #[arg(long)]
@@ -248,7 +248,12 @@ async fn recv(rx: &Schedule) -> Result<Instant, ()> {
 
 /// The gateway binary next to this one, built (or found up to date) by cargo first so a stale
 /// binary is never measured.
+/// The gateway binary: `LLMCTL_GATEWAY_BIN` when set (to compare a build of another commit),
+/// else this tree's, built first.
 fn gateway_bin() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("LLMCTL_GATEWAY_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let exe = std::env::current_exe()?;
     let status = Command::new("cargo")
         .args([
@@ -316,7 +321,7 @@ async fn proxy_cost(args: &Args, dir: &Path, up_port: u16, proxy_port: u16) -> R
         "\nProxy cost by request body size (req/s at saturation, {} conns, median of {} rounds; nginx buffers bodies up to 512 KiB in memory):\n\n| body bytes | nginx proxy (1 worker) | llmctl gateway (1 thread) | gateway / nginx |\n|---:|---:|---:|---:|\n",
         args.connections, args.rounds
     );
-    for &size in &args.sizes {
+    for &size in args.sizes.iter().filter(|&&s| s > 0) {
         let body = request_of_size(size);
         let (mut nginx, mut gateway) = (Vec::new(), Vec::new());
         for round in 0..args.rounds.max(1) {
@@ -538,7 +543,7 @@ async fn run(args: Args) -> Result<()> {
             "\nGateway RSS: {before:.1} MiB idle, {with:.1} MiB with {depth} requests waiting in the queue (over HTTP/2, 100 streams per connection).\n"
         ));
     }
-    if !args.sizes.is_empty() {
+    if args.sizes.iter().any(|&s| s > 0) {
         table.push_str(&proxy_cost(&args, dir.path(), up_port, proxy_port).await?);
     }
     println!("{table}");
