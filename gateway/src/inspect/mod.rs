@@ -196,8 +196,29 @@ fn inspect_chat(body: &Bytes) -> Result<Inspected, GatewayError> {
     let (mut model, mut stream, mut include_usage, mut n) = (None, None, None, None);
     let (mut max_tokens, mut max_completion_tokens) = (None, None);
     let (mut messages, mut options_at) = (None, None);
+    let mut seen: Vec<&str> = Vec::new();
     for m in &members {
         let r = &m.value;
+        // A field read twice could route by one value and be served by the other.
+        if matches!(
+            m.key.as_ref(),
+            "model"
+                | "stream"
+                | "stream_options"
+                | "n"
+                | "max_tokens"
+                | "max_completion_tokens"
+                | "messages"
+        ) {
+            if seen.contains(&m.key.as_ref()) {
+                return Err(GatewayError::BadRequest {
+                    message: format!("invalid JSON body: duplicate field `{}`", m.key),
+                    param: Some(m.key.to_string()),
+                    code: "invalid_json",
+                });
+            }
+            seen.push(m.key.as_ref());
+        }
         match m.key.as_ref() {
             "model" => model = Some(read::<String>(bytes, r, "model")?),
             "stream" => stream = read::<Option<bool>>(bytes, r, "stream")?,
@@ -370,6 +391,15 @@ mod tests {
         assert!(!i.client_wants_usage);
         let body = br#" {"stream":true,"model":"m","messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#;
         assert!(ins(Api::Chat, body).unwrap().client_wants_usage);
+        // The same field twice is refused: the gateway and the upstream might each take another.
+        let body = br#"{"model":"a","messages":[{"role":"user","content":"hi"}],"model":"b"}"#;
+        assert!(matches!(
+            ins(Api::Chat, body),
+            Err(GatewayError::BadRequest {
+                code: "invalid_json",
+                ..
+            })
+        ));
     }
 
     #[test]
