@@ -146,11 +146,26 @@ impl ModelConfig {
     /// Checks a parsed `config.json`; `file` names it in errors.
     pub fn from_json(raw: &Value, file: &str) -> Result<Self, ModelError> {
         let f = Fields { raw, file };
+        // Without `architectures`, a known `model_type` names it, as transformers accepts.
         let arch_name = match raw.get("architectures") {
             Some(Value::Array(list)) => list.first().and_then(Value::as_str).map(str::to_owned),
             _ => None,
         }
-        .ok_or_else(|| f.err("architectures", "missing or not a list of strings"))?;
+        .or_else(|| {
+            let by_type = match raw.get("model_type")?.as_str()? {
+                "llama" => "LlamaForCausalLM",
+                "mistral" => "MistralForCausalLM",
+                "qwen2" => "Qwen2ForCausalLM",
+                _ => return None,
+            };
+            Some(by_type.to_owned())
+        })
+        .ok_or_else(|| {
+            f.err(
+                "architectures",
+                "missing or not a list of strings (and no known `model_type`: llama, mistral, qwen2)",
+            )
+        })?;
         let architecture = Architecture::from_hf(&arch_name).ok_or_else(|| {
             f.err(
                 "architectures",
@@ -403,6 +418,23 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![1, 2]);
         assert_eq!(c.bos_token_id, Some(0));
         assert!(!c.qkv_bias);
+    }
+
+    #[test]
+    fn a_known_model_type_stands_in_for_missing_architectures() {
+        let mut raw = llama();
+        raw.as_object_mut().unwrap().remove("architectures");
+        raw["model_type"] = json!("qwen2");
+        let c = ModelConfig::from_json(&raw, "config.json").unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen2);
+        raw["model_type"] = json!("gpt2");
+        let e = ModelConfig::from_json(&raw, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("architectures") && e.contains("model_type"),
+            "{e}"
+        );
     }
 
     #[test]
