@@ -305,46 +305,38 @@ fn inspect_chat(body: &Bytes) -> Result<Inspected, GatewayError> {
     })
 }
 
-/// Reads `body`; the upstream body shares its bytes unless it must be rewritten.
-pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
-    match api {
-        Api::Embeddings | Api::Responses => return inspect_pass_through(api, body),
-        Api::Chat => return inspect_chat(body),
-        Api::Completions => {}
-    }
-    let bytes: &[u8] = body;
-    let (model, stream, wants_usage, max_tokens, n, prompt_text) = match api {
-        Api::Completions => {
-            let req: CompletionRequest = serde_json::from_slice(bytes).map_err(bad_json)?;
-            let (model, stream, wants_usage, max_tokens, n) = (
-                req.model.clone(),
-                req.is_stream(),
-                req.include_usage(),
-                req.max_tokens,
-                req.n,
-            );
-            let mut text = PromptText::default();
-            for p in req.prompt.into_prompts() {
-                match p {
-                    PromptInput::Text(t) => text.push(&t),
-                    // Token ids: four bytes each keeps the estimate at one token per id.
-                    PromptInput::Tokens(ids) => {
-                        text.push(&ids.iter().map(|i| format!("{i:03} ")).collect::<String>())
-                    }
-                }
+/// Reads a legacy completions request in full (its prompts are short enough to type-check).
+/// Every prompt gets `n` choices of up to `max_tokens`: the charge counts them all, so a batch
+/// of prompts cannot buy more than one request's worth of its tenant's budget.
+fn inspect_completions(body: &Bytes) -> Result<Inspected, GatewayError> {
+    let req: CompletionRequest = serde_json::from_slice(body).map_err(bad_json)?;
+    let (model, stream, wants_usage, max_tokens) = (
+        req.model.clone(),
+        req.is_stream(),
+        req.include_usage(),
+        req.max_tokens,
+    );
+    let n = req.n.unwrap_or(1).max(1);
+    let mut text = PromptText::default();
+    let prompts = req.prompt.into_prompts();
+    let choices = n.saturating_mul(u32::try_from(prompts.len().max(1)).unwrap_or(u32::MAX));
+    for p in prompts {
+        match p {
+            PromptInput::Text(t) => text.push(&t),
+            // Token ids: four bytes each keeps the estimate at one token per id.
+            PromptInput::Tokens(ids) => {
+                text.push(&ids.iter().map(|i| format!("{i:03} ")).collect::<String>())
             }
-            (model, stream, wants_usage, max_tokens, n, text)
         }
-        Api::Chat | Api::Embeddings | Api::Responses => unreachable!("read above"),
-    };
-    let n = n.unwrap_or(1).max(1);
-    let prompt_tokens = estimate_tokens(prompt_text.len);
-    let decode_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).saturating_mul(n);
-    let charge = prompt_tokens.saturating_add(decode_tokens);
+    }
+    let prompt_tokens = estimate_tokens(text.len);
+    let decode_tokens = max_tokens
+        .unwrap_or(DEFAULT_MAX_TOKENS)
+        .saturating_mul(choices);
     let upstream_body = if stream {
         // Only streaming bodies are rewritten, through a plain JSON value so that every field
         // the client sent, known or not, is kept.
-        let mut value: Value = serde_json::from_slice(bytes).map_err(bad_json)?;
+        let mut value: Value = serde_json::from_slice(body).map_err(bad_json)?;
         value["stream_options"] = json!({ "include_usage": true });
         Bytes::from(serde_json::to_vec(&value).expect("JSON values serialize"))
     } else {
@@ -354,13 +346,22 @@ pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
         model,
         stream,
         client_wants_usage: wants_usage,
-        charge,
+        charge: prompt_tokens.saturating_add(decode_tokens),
         prompt_tokens,
         max_tokens,
-        choices: n,
-        affinity: affinity(&prompt_text.prefix),
+        choices,
+        affinity: affinity(&text.prefix),
         upstream_body,
     })
+}
+
+/// Reads `body`; the upstream body shares its bytes unless it must be rewritten.
+pub fn inspect(api: Api, body: &Bytes) -> Result<Inspected, GatewayError> {
+    match api {
+        Api::Chat => inspect_chat(body),
+        Api::Completions => inspect_completions(body),
+        Api::Embeddings | Api::Responses => inspect_pass_through(api, body),
+    }
 }
 
 #[cfg(test)]
@@ -400,6 +401,23 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn every_prompt_of_a_batch_is_charged_its_choices() {
+        let one = ins(
+            Api::Completions,
+            br#"{"model":"m","prompt":"a","max_tokens":100,"n":2}"#,
+        )
+        .unwrap();
+        assert_eq!((one.choices, one.charge), (2, estimate_tokens(1) + 200));
+        let batch = ins(
+            Api::Completions,
+            br#"{"model":"m","prompt":["a","b","c"],"max_tokens":100,"n":2}"#,
+        )
+        .unwrap();
+        assert_eq!(batch.choices, 6);
+        assert_eq!(batch.charge, estimate_tokens("a\nb\nc".len()) + 600);
     }
 
     #[test]
