@@ -33,6 +33,13 @@ pub enum GatewayError {
     BodyTimeout(Duration),
     #[error("rate limit reached for {}: retry after {:.1}s", .0.kind.as_str(), .0.retry_after.as_secs_f64())]
     RateLimited(Refusal),
+    /// The request's token charge is more than its tenant's whole tokens-per-minute limit: no
+    /// wait admits it, so it is not a 429 (which SDKs retry forever).
+    #[error(
+        "this request needs about {0} tokens (prompt estimate plus max_tokens x n), more than \
+         your tokens-per-minute limit allows in a minute; lower max_tokens or shorten the prompt"
+    )]
+    ExceedsLimit(u32),
     #[error("the queue for this model is full")]
     QueueFull(Duration),
     #[error("no executor became available before the deadline")]
@@ -51,7 +58,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingKey | Self::InvalidKey => StatusCode::UNAUTHORIZED,
-            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::BadRequest { .. } | Self::ExceedsLimit(_) => StatusCode::BAD_REQUEST,
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -76,6 +83,7 @@ impl GatewayError {
             Self::TooLarge(_) => "request_too_large",
             Self::BodyTimeout(_) => "request_timeout",
             Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::ExceedsLimit(_) => "request_exceeds_limit",
             Self::QueueFull(_) => "queue_full",
             Self::NoCapacity(_) => "no_capacity",
             Self::Draining => "shutting_down",
@@ -92,7 +100,9 @@ impl GatewayError {
             Self::BadRequest { .. } | Self::TooLarge(_) | Self::BodyTimeout(_) => "bad_request",
             Self::UnknownModel(_) => "model_not_found",
             Self::NotFound(_) | Self::MethodNotAllowed => "not_found",
-            Self::RateLimited(_) | Self::UpstreamRateLimited(_) => "rate_limited",
+            Self::RateLimited(_) | Self::UpstreamRateLimited(_) | Self::ExceedsLimit(_) => {
+                "rate_limited"
+            }
             Self::QueueFull(_) => "queue_full",
             Self::NoCapacity(_) => "no_capacity",
             Self::Draining => "shutting_down",
@@ -123,6 +133,9 @@ impl GatewayError {
                 },
                 message,
             ),
+            Self::ExceedsLimit(_) => ErrorResponse::invalid_request(message)
+                .with_code(self.code())
+                .with_param("max_tokens".to_owned()),
             Self::BadRequest { param, .. } => {
                 let e = ErrorResponse::invalid_request(message).with_code(self.code());
                 match param {

@@ -374,12 +374,12 @@ impl Gateway {
             Err(refusal) => {
                 self.metrics
                     .rate_limited(&tenant.name, refusal.kind.as_str());
-                return self.refuse(
-                    GatewayError::RateLimited(refusal),
-                    &pool.name,
-                    &tenant.name,
-                    request_id,
-                );
+                let e = if refusal.never {
+                    GatewayError::ExceedsLimit(inspected.charge)
+                } else {
+                    GatewayError::RateLimited(refusal)
+                };
+                return self.refuse(e, &pool.name, &tenant.name, request_id);
             }
         };
         let refund = |tenant: &crate::auth::TenantState| tenant.limits.true_up(inspected.charge, 0);

@@ -486,12 +486,13 @@ async fn rate_limits_refuse_with_headers_and_true_up_from_usage() {
     assert_eq!(h["x-ratelimit-limit-tokens"], "1000");
     let (status, _, body) = gw.chat("t", "hi", json!({"max_tokens": 600})).await;
     assert_eq!(status, 200, "true-up refunded the unused charge: {body}");
-    // A request larger than the whole minute is refused.
-    let (status, _, body) = gw.chat("t", "hi", json!({"max_tokens": 5000})).await;
-    assert_eq!(
-        (status, body["error"]["type"].as_str()),
-        (429, Some("tokens"))
-    );
+    // A request larger than the whole minute can never be admitted: a 400 that names the
+    // field, without Retry-After (SDKs retry a 429 forever).
+    let (status, h, body) = gw.chat("t", "hi", json!({"max_tokens": 5000})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_code(&body), "request_exceeds_limit");
+    assert_eq!(body["error"]["param"], "max_tokens");
+    assert!(!h.contains_key("retry-after"));
     let m = gw.metrics().await;
     assert_eq!(
         metric(
