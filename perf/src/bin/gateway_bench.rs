@@ -334,10 +334,6 @@ async fn proxy_cost(args: &Args, dir: &Path, up_port: u16, proxy_port: u16) -> R
             nginx.push(n);
             gateway.push(g);
         }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let (n, g) = (median(nginx), median(gateway));
         out.push_str(&format!(
             "| {} | {n:.0} | {g:.0} | {:.2} |\n",
@@ -346,6 +342,12 @@ async fn proxy_cost(args: &Args, dir: &Path, up_port: u16, proxy_port: u16) -> R
         ));
     }
     Ok(out)
+}
+
+/// The middle of the rounds' figures (this shared machine drifts between minutes).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn rss_mib(pid: u32) -> Result<f64> {
@@ -514,10 +516,6 @@ async fn run(args: Args) -> Result<()> {
             lats[i].push((p50, p99, lost));
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let mut rows = Vec::new();
     for (i, (name, _)) in targets.into_iter().enumerate() {
         let sat = median(sats[i].clone());
