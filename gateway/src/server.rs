@@ -564,7 +564,7 @@ impl Gateway {
                     // Not a failure of the upstream: it is cooled down for what it asked, and
                     // the request goes to another upstream or waits for this one.
                     self.metrics.upstream_error(&pool.name, "throttled");
-                    tracing::info!(%request_id, %dispatch_id, endpoint = %grant.endpoint.name, ?retry_after, "upstream answered 429; trying elsewhere or later");
+                    tracing::info!(%request_id, %dispatch_id, endpoint = %grant.endpoint.name, ?retry_after, "upstream asked for a pause (its 429, or its configured limit): trying elsewhere or later");
                     grant.permit.throttle(retry_after);
                     if !avoid.contains(&grant.endpoint.address) {
                         avoid.push(grant.endpoint.address.clone());
