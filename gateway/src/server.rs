@@ -355,13 +355,7 @@ impl Gateway {
             Ok(i) => i,
             Err(e) => return self.refuse(e, "-", &tenant.name, request_id),
         };
-        // A model the tenant may not use is answered as if it did not exist.
-        let Some(mut pool) = self
-            .pools
-            .iter()
-            .find(|p| p.models.contains(&inspected.model))
-            .filter(|p| tenant.may_use(&inspected.model, &p.name))
-        else {
+        let Some(mut pool) = self.route(&tenant, &inspected.model) else {
             return self.refuse(
                 GatewayError::UnknownModel(inspected.model.clone()),
                 "-",
@@ -384,18 +378,7 @@ impl Gateway {
         };
         let refund = |tenant: &crate::auth::TenantState| tenant.limits.true_up(inspected.charge, 0);
 
-        let path = format!("/v1/{}", api.path());
-        let mut forward_headers = HeaderMap::new();
-        for name in [
-            http::header::CONTENT_TYPE,
-            names::CORRELATION_ID,
-            http::header::ACCEPT,
-        ] {
-            if let Some(v) = parts.headers.get(&name) {
-                forward_headers.insert(name, v.clone());
-            }
-        }
-        forward_headers.insert(names::REQUEST_ID, id_header.clone());
+        let mut forward_headers = forward_headers(&parts.headers, id_header);
         let tenant_name: Arc<str> = tenant.name.clone();
         let deadline = queue::deadline(&config.queue);
         let mut avoid: Vec<String> = Vec::new();
@@ -463,20 +446,7 @@ impl Gateway {
                         QueueError::Closed => {}
                     }
                     refund(&tenant);
-                    let err = match (e, throttled) {
-                        // Every upstream that could serve it asked for a pause past the
-                        // deadline: the provider's limit, with its retry-after.
-                        (QueueError::Expired, Some(wait)) => {
-                            GatewayError::UpstreamRateLimited(wait)
-                        }
-                        (QueueError::Full, _) => {
-                            GatewayError::QueueFull(queue::retry_after(&config.queue))
-                        }
-                        (QueueError::Expired, None) => {
-                            GatewayError::NoCapacity(queue::retry_after(&config.queue))
-                        }
-                        (QueueError::Closed, _) => GatewayError::Draining,
-                    };
+                    let err = queue_refusal(e, throttled, &config.queue);
                     return self.refuse(err, &pool.name, &tenant.name, request_id);
                 }
             };
@@ -491,30 +461,16 @@ impl Gateway {
             forward_headers.insert(names::DISPATCH_ID, dispatch_header.clone());
             let mut grant = grant;
             tracing::debug!(%request_id, %dispatch_id, pool = %pool.name, endpoint = %grant.endpoint.name, attempt, "dispatching");
-            let sent = match pool.external(&grant.endpoint.address) {
-                Some(external) => external
-                    .send(
-                        api,
-                        &inspected.model,
-                        inspected.charge,
-                        &forward_headers,
-                        &inspected.upstream_body,
-                        config.upstream,
-                    )
-                    .await
-                    .map(|r| r.map(Answer::External)),
-                None => self
-                    .upstream
-                    .send(
-                        &grant.endpoint.address,
-                        &path,
-                        &forward_headers,
-                        &inspected.upstream_body,
-                        config.upstream,
-                    )
-                    .await
-                    .map(|r| r.map(Answer::Executor)),
-            };
+            let sent = self
+                .send(
+                    pool,
+                    &grant.endpoint.address,
+                    api,
+                    &inspected,
+                    &forward_headers,
+                    config.upstream,
+                )
+                .await;
             // What every answer carries, whatever its outcome.
             let evidence = |h: &mut HeaderMap| {
                 h.insert(names::DISPATCH_ID, dispatch_header.clone());
@@ -594,22 +550,12 @@ impl Gateway {
                             // Nothing reached the client yet: pass the executor's own 5xx on.
                             AttemptError::Status(r)
                             | AttemptError::Throttled { response: r, .. } => {
-                                let (parts, body) = r.into_parts();
-                                let bytes = body
-                                    .collect()
-                                    .await
-                                    .map(|c| c.to_bytes())
-                                    .unwrap_or_default();
-                                let status = parts.status.as_u16();
+                                let resp = passed_on(*r).await;
+                                let status = resp.status().as_u16();
                                 self.metrics.request(&pool.name, &tenant.name, status);
                                 let reason = proxy::End::Complete(None).reason(status);
                                 self.metrics.finished(&pool.name, reason);
                                 tracing::info!(%request_id, %dispatch_id, pool = %pool.name, executor = %grant.endpoint.name, tenant = %tenant.name, status, reason, "request finished: the upstream's error passed on after the retries");
-                                let mut resp = Response::new(body::full(bytes));
-                                *resp.status_mut() = parts.status;
-                                *resp.headers_mut() = parts.headers;
-                                // Framed anew from what was read.
-                                resp.headers_mut().remove(http::header::CONTENT_LENGTH);
                                 resp
                             }
                             AttemptError::Connect(e) => self.refuse(
@@ -633,6 +579,48 @@ impl Gateway {
                     }
                     self.metrics.retry(&pool.name);
                 }
+            }
+        }
+    }
+
+    /// The pool serving `model` for this tenant; a model it may not use is as one that does not
+    /// exist.
+    fn route(&self, tenant: &crate::auth::TenantState, model: &str) -> Option<&PoolRuntime> {
+        self.pools
+            .iter()
+            .find(|p| p.models.iter().any(|m| m == model))
+            .filter(|p| tenant.may_use(model, &p.name))
+    }
+
+    /// One attempt: to the pool's hosted upstream at `address`, or to the executor there.
+    async fn send(
+        &self,
+        pool: &PoolRuntime,
+        address: &str,
+        api: Api,
+        inspected: &inspect::Inspected,
+        headers: &HeaderMap,
+        timeouts: crate::config::UpstreamTimeouts,
+    ) -> Result<Response<Answer>, AttemptError> {
+        let body = &inspected.upstream_body;
+        match pool.external(address) {
+            Some(external) => external
+                .send(
+                    api,
+                    &inspected.model,
+                    inspected.charge,
+                    headers,
+                    body,
+                    timeouts,
+                )
+                .await
+                .map(|r| r.map(Answer::External)),
+            None => {
+                let path = format!("/v1/{}", api.path());
+                self.upstream
+                    .send(address, &path, headers, body, timeouts)
+                    .await
+                    .map(|r| r.map(Answer::Executor))
             }
         }
     }
@@ -665,6 +653,54 @@ impl Gateway {
         }
         true
     }
+}
+
+/// Why a request that left its queue without an endpoint is refused.
+fn queue_refusal(
+    e: QueueError,
+    throttled: Option<Duration>,
+    queue_config: &crate::config::QueueConfig,
+) -> GatewayError {
+    match (e, throttled) {
+        // Every upstream that could serve it asked for a pause past the deadline: the
+        // provider's limit, with its retry-after.
+        (QueueError::Expired, Some(wait)) => GatewayError::UpstreamRateLimited(wait),
+        (QueueError::Expired, None) => GatewayError::NoCapacity(queue::retry_after(queue_config)),
+        (QueueError::Full, _) => GatewayError::QueueFull(queue::retry_after(queue_config)),
+        (QueueError::Closed, _) => GatewayError::Draining,
+    }
+}
+
+/// The headers an upstream gets: the client's content type, accept and correlation id, and the
+/// request id (never its credentials or hop-by-hop headers).
+fn forward_headers(client: &HeaderMap, request_id: &http::HeaderValue) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in [
+        http::header::CONTENT_TYPE,
+        names::CORRELATION_ID,
+        http::header::ACCEPT,
+    ] {
+        if let Some(v) = client.get(&name) {
+            out.insert(name, v.clone());
+        }
+    }
+    out.insert(names::REQUEST_ID, request_id.clone());
+    out
+}
+
+/// An upstream's error answer, read whole and passed on as it was (framed anew).
+async fn passed_on(r: Response<crate::upstream::ErrorBody>) -> Response<Body> {
+    let (parts, body) = r.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut resp = Response::new(body::full(bytes));
+    *resp.status_mut() = parts.status;
+    *resp.headers_mut() = parts.headers;
+    resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    resp
 }
 
 fn auth_error(e: AuthError) -> GatewayError {
