@@ -38,10 +38,12 @@ pub struct Refusal {
     pub retry_after: Duration,
     /// The request can never fit (it asks more tokens than a minute allows).
     pub never: bool,
+    /// The limits' state at the refusal, for the response headers.
+    pub snapshot: Snapshot,
 }
 
 /// Remaining capacity after admission, for the response headers.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub requests: Option<(u32, u32, Duration)>,
     pub tokens: Option<(u32, u32, Duration)>,
@@ -113,19 +115,25 @@ impl TenantLimits {
             let mut b = bucket.lock().expect("bucket lock is never poisoned");
             b.refill(Instant::now());
             let need = tokens as f64;
+            let state = |b: &Bucket, reset: Duration| Snapshot {
+                requests: None,
+                tokens: Some((b.capacity as u32, b.balance.max(0.0) as u32, reset)),
+            };
             if need > b.capacity {
                 return Err(Refusal {
                     kind: LimitKind::Tokens,
                     retry_after: Duration::from_secs(60),
                     never: true,
+                    snapshot: state(&b, b.until_full()),
                 });
             }
             if b.balance < need {
-                let wait = (need - b.balance) / b.rate();
+                let wait = Duration::from_secs_f64((need - b.balance) / b.rate());
                 return Err(Refusal {
                     kind: LimitKind::Tokens,
-                    retry_after: Duration::from_secs_f64(wait),
+                    retry_after: wait,
                     never: false,
+                    snapshot: state(&b, wait),
                 });
             }
             b.balance -= need;
@@ -143,10 +151,17 @@ impl TenantLimits {
                     // Give back the tokens charged above.
                     self.true_up(tokens, 0);
                     let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    snap.requests = Some((*limit, 0, wait));
+                    if let (Some(bucket), Some(t)) = (&self.tpm, snap.tokens.as_mut()) {
+                        let b = bucket.lock().expect("bucket lock is never poisoned");
+                        t.1 = b.balance.max(0.0) as u32;
+                        t.2 = b.until_full();
+                    }
                     return Err(Refusal {
                         kind: LimitKind::Requests,
                         retry_after: wait,
                         never: false,
+                        snapshot: snap,
                     });
                 }
             }

@@ -368,12 +368,16 @@ impl Gateway {
             Err(refusal) => {
                 self.metrics
                     .rate_limited(&tenant.name, refusal.kind.as_str());
+                // The refusal says where the limits stand, as an answer would.
+                let state = refusal.snapshot.clone();
                 let e = if refusal.never {
                     GatewayError::ExceedsLimit(inspected.charge)
                 } else {
                     GatewayError::RateLimited(refusal)
                 };
-                return self.refuse(e, &pool.name, &tenant.name, request_id);
+                let mut refused = self.refuse(e, &pool.name, &tenant.name, request_id);
+                limit::write_headers(refused.headers_mut(), &state);
+                return refused;
             }
         };
         let refund = |tenant: &crate::auth::TenantState| tenant.limits.true_up(inspected.charge, 0);

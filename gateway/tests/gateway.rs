@@ -478,6 +478,10 @@ async fn rate_limits_refuse_with_headers_and_true_up_from_usage() {
     assert_eq!(error_code(&body), "rate_limit_exceeded");
     assert_eq!(body["error"]["type"], "requests");
     assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    // The refusal carries the limits' state too.
+    assert_eq!(h["x-ratelimit-limit-requests"], "2");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+    assert!(h.contains_key("x-ratelimit-reset-requests"));
 
     // 600 tokens charged up front, 15 used: after the true-up a second 600-token request fits
     // in the 1000-token minute; without it, it would not.
@@ -493,6 +497,7 @@ async fn rate_limits_refuse_with_headers_and_true_up_from_usage() {
     assert_eq!(error_code(&body), "request_exceeds_limit");
     assert_eq!(body["error"]["param"], "max_tokens");
     assert!(!h.contains_key("retry-after"));
+    assert_eq!(h["x-ratelimit-limit-tokens"], "1000");
     let m = gw.metrics().await;
     assert_eq!(
         metric(
