@@ -181,6 +181,7 @@ struct RawEndpoint {
 #[serde(deny_unknown_fields)]
 struct RawQueue {
     max_size: Option<usize>,
+    max_bytes: Option<usize>,
     deadline_ms: Option<u64>,
     prefix_affinity: Option<bool>,
     max_retries: Option<usize>,
@@ -226,6 +227,9 @@ pub struct Pool {
 #[derive(Clone, Debug)]
 pub struct QueueConfig {
     pub max_size: usize,
+    /// Bytes of request bodies waiting at once, at most (bodies of up to 8 MiB make a queue
+    /// bounded in entries alone a memory hazard).
+    pub max_bytes: usize,
     pub deadline: Duration,
     pub prefix_affinity: bool,
     pub max_retries: usize,
@@ -614,6 +618,7 @@ impl Config {
         let q = raw.queue;
         let queue = QueueConfig {
             max_size: q.max_size.unwrap_or(10_000),
+            max_bytes: q.max_bytes.unwrap_or(1 << 30),
             deadline: Duration::from_millis(q.deadline_ms.unwrap_or(60_000)),
             prefix_affinity: q.prefix_affinity.unwrap_or(true),
             max_retries: q.max_retries.unwrap_or(2),
@@ -622,6 +627,9 @@ impl Config {
         };
         if queue.max_size == 0 {
             return Err(invalid("queue.max_size", &0, "must be positive"));
+        }
+        if queue.max_bytes == 0 {
+            return Err(invalid("queue.max_bytes", &0, "must be positive"));
         }
         if queue.eject_after_failures == 0 {
             return Err(invalid(

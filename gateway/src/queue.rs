@@ -46,6 +46,8 @@ pub struct Ticket {
     pub retry: bool,
     /// What the request weighs, for the token demand the controller scales on.
     pub tokens: Tokens,
+    /// Bytes it holds while it waits (its body): the queue is bounded in bytes too.
+    pub bytes: usize,
 }
 
 /// A request's estimated token weight: its prompt, and the decode tokens it may generate.
@@ -187,6 +189,7 @@ impl QueueHandle {
             len: 0,
             in_flight: 0,
             tokens: Tokens::default(),
+            bytes: 0,
             arrived: Arrived::default(),
         };
         state.endpoints = endpoints.into_iter().map(|e| state.state(e)).collect();
@@ -222,7 +225,9 @@ impl QueueHandle {
                     return Ok(s.grant(i, ticket.tokens, &self.inner));
                 }
             }
-            if s.len >= s.config.max_size {
+            if s.len >= s.config.max_size
+                || s.bytes.saturating_add(ticket.bytes) > s.config.max_bytes
+            {
                 return Err(QueueError::Full);
             }
             let (reply, answer) = oneshot::channel();
@@ -353,6 +358,8 @@ struct State {
     in_flight: usize,
     /// Token weight of the waiting requests and of the grants not yet released.
     tokens: Tokens,
+    /// Bytes the waiting requests hold.
+    bytes: usize,
     arrived: Arrived,
 }
 
@@ -379,6 +386,7 @@ impl State {
             }
         }
         self.tokens.add(ticket.tokens);
+        self.bytes += ticket.bytes;
         let entry = Waiting { id, ticket, reply };
         if retry {
             line.push_front(entry)
@@ -462,6 +470,7 @@ impl State {
         self.len -= 1;
         if let Some(w) = &w {
             self.tokens.sub(w.ticket.tokens);
+            self.bytes -= w.ticket.bytes;
         }
         w
     }
@@ -500,7 +509,7 @@ impl State {
                 // A client already gone: drop it and look again.
                 if head.reply.is_closed() {
                     let w = line.pop_front().expect("head exists");
-                    self.after_pop(class, tenant, w.id);
+                    self.after_pop(class, tenant, &w);
                     self.tokens.sub(w.ticket.tokens);
                     self.metrics.queue_left(&self.pool, "client_gone");
                     continue;
@@ -516,7 +525,7 @@ impl State {
                     return undelivered;
                 };
                 let w = line.pop_front().expect("head exists");
-                self.after_pop(class, tenant, w.id);
+                self.after_pop(class, tenant, &w);
                 let grant = self.grant(i, w.ticket.tokens, inner);
                 if let Err(Ok(grant)) = w.reply.send(Ok(grant)) {
                     undelivered.push(grant);
@@ -526,9 +535,10 @@ impl State {
         undelivered
     }
 
-    fn after_pop(&mut self, class: usize, tenant: Arc<str>, id: u64) {
-        self.where_is.remove(&id);
+    fn after_pop(&mut self, class: usize, tenant: Arc<str>, w: &Waiting) {
+        self.where_is.remove(&w.id);
         self.len -= 1;
+        self.bytes -= w.ticket.bytes;
         let c = &mut self.classes[class];
         if c.lines.get(&tenant).is_some_and(|l| !l.is_empty()) {
             c.rotation.push_back(tenant);
@@ -562,6 +572,7 @@ mod tests {
     fn config(max_size: usize) -> QueueConfig {
         QueueConfig {
             max_size,
+            max_bytes: 1 << 30,
             deadline: Duration::from_secs(30),
             prefix_affinity: false,
             max_retries: 1,
@@ -588,6 +599,7 @@ mod tests {
             deadline: Instant::now() + deadline,
             retry: false,
             tokens: Tokens::default(),
+            bytes: 0,
         }
     }
 
@@ -734,6 +746,51 @@ mod tests {
         waiting.abort();
         settle().await;
         assert_eq!(q.depth(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_is_bounded_in_bytes_as_well_as_entries() {
+        let mut c = config(100);
+        c.max_bytes = 1000;
+        let q = QueueHandle::spawn("p".into(), one_slot(), c, Arc::new(Metrics::new()));
+        let sized = |bytes| Ticket {
+            bytes,
+            ..ticket("x", Priority::Normal, Duration::from_secs(30))
+        };
+        // The slot is taken at once (nothing waits, nothing counted).
+        let _held = q.acquire(sized(5000)).await.unwrap();
+        let first = tokio::spawn({
+            let q = q.clone();
+            async move { q.acquire(sized(600)).await }
+        });
+        settle().await;
+        assert_eq!(q.depth(), 1);
+        // 600 + 600 bytes waiting would pass the bound: refused at once, as a full queue.
+        assert!(matches!(q.acquire(sized(600)).await, Err(QueueError::Full)));
+        assert!(!first.is_finished());
+        // A smaller one fits beside it.
+        let second = tokio::spawn({
+            let q = q.clone();
+            async move { q.acquire(sized(400)).await }
+        });
+        settle().await;
+        assert_eq!(q.depth(), 2);
+        // Leaving gives the bytes back.
+        first.abort();
+        second.abort();
+        settle().await;
+        assert_eq!(q.depth(), 0);
+        let third = tokio::spawn({
+            let q = q.clone();
+            async move { q.acquire(sized(1000)).await }
+        });
+        settle().await;
+        assert_eq!(
+            q.depth(),
+            1,
+            "the bytes of the requests that left were given back"
+        );
+        third.abort();
     }
 
     #[tokio::test(start_paused = true)]

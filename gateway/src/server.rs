@@ -433,6 +433,7 @@ impl Gateway {
                     deadline
                 },
                 retry: attempt > 0 || throttled.is_some() || spilled.is_some(),
+                bytes: inspected.upstream_body.len(),
                 tokens: Tokens {
                     prompt: inspected.prompt_tokens.into(),
                     decode: pool
