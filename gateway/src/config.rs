@@ -182,6 +182,7 @@ struct RawEndpoint {
 struct RawQueue {
     max_size: Option<usize>,
     max_bytes: Option<usize>,
+    tenant_share: Option<f64>,
     deadline_ms: Option<u64>,
     prefix_affinity: Option<bool>,
     max_retries: Option<usize>,
@@ -230,6 +231,8 @@ pub struct QueueConfig {
     /// Bytes of request bodies waiting at once, at most (bodies of up to 8 MiB make a queue
     /// bounded in entries alone a memory hazard).
     pub max_bytes: usize,
+    /// Share of `max_size` one tenant's waiting requests may take.
+    pub tenant_share: f64,
     pub deadline: Duration,
     pub prefix_affinity: bool,
     pub max_retries: usize,
@@ -619,6 +622,7 @@ impl Config {
         let queue = QueueConfig {
             max_size: q.max_size.unwrap_or(10_000),
             max_bytes: q.max_bytes.unwrap_or(1 << 30),
+            tenant_share: q.tenant_share.unwrap_or(0.5),
             deadline: Duration::from_millis(q.deadline_ms.unwrap_or(60_000)),
             prefix_affinity: q.prefix_affinity.unwrap_or(true),
             max_retries: q.max_retries.unwrap_or(2),
@@ -630,6 +634,13 @@ impl Config {
         }
         if queue.max_bytes == 0 {
             return Err(invalid("queue.max_bytes", &0, "must be positive"));
+        }
+        if !(queue.tenant_share > 0.0 && queue.tenant_share <= 1.0) {
+            return Err(invalid(
+                "queue.tenant_share",
+                &queue.tenant_share,
+                "a share of max_size: above 0, at most 1",
+            ));
         }
         if queue.eject_after_failures == 0 {
             return Err(invalid(

@@ -230,6 +230,12 @@ impl QueueHandle {
             {
                 return Err(QueueError::Full);
             }
+            // One tenant holds at most its share of the queue, so a burst of its own cannot
+            // shut the others out (a retry was admitted already and keeps its place).
+            let share = (s.config.tenant_share * s.config.max_size as f64).ceil() as usize;
+            if !ticket.retry && s.queued_by(&ticket.tenant) >= share.max(1) {
+                return Err(QueueError::Full);
+            }
             let (reply, answer) = oneshot::channel();
             s.enqueue(id, ticket, reply);
             // Normally nothing is free here (others are waiting), but an ejected endpoint's
@@ -535,6 +541,15 @@ impl State {
         undelivered
     }
 
+    /// Requests of `tenant` waiting, in every class.
+    fn queued_by(&self, tenant: &str) -> usize {
+        self.classes
+            .iter()
+            .filter_map(|c| c.lines.get(tenant))
+            .map(VecDeque::len)
+            .sum()
+    }
+
     fn after_pop(&mut self, class: usize, tenant: Arc<str>, w: &Waiting) {
         self.where_is.remove(&w.id);
         self.len -= 1;
@@ -573,6 +588,7 @@ mod tests {
         QueueConfig {
             max_size,
             max_bytes: 1 << 30,
+            tenant_share: 1.0,
             deadline: Duration::from_secs(30),
             prefix_affinity: false,
             max_retries: 1,
@@ -746,6 +762,35 @@ mod tests {
         waiting.abort();
         settle().await;
         assert_eq!(q.depth(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_tenant_holds_at_most_its_share_of_the_queue() {
+        let mut c = config(4);
+        c.tenant_share = 0.5;
+        let q = QueueHandle::spawn("p".into(), one_slot(), c, Arc::new(Metrics::new()));
+        let of = |tenant: &'static str| ticket(tenant, Priority::Normal, Duration::from_secs(30));
+        let _held = q.acquire(of("x")).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let q = q.clone();
+            waiting.push(tokio::spawn(async move { q.acquire(of("x")).await }));
+        }
+        settle().await;
+        assert_eq!(q.depth(), 2);
+        // Its third waiting request would pass half of the queue.
+        assert!(matches!(q.acquire(of("x")).await, Err(QueueError::Full)));
+        // Another tenant still gets in.
+        let other = tokio::spawn({
+            let q = q.clone();
+            async move { q.acquire(of("y")).await }
+        });
+        settle().await;
+        assert_eq!(q.depth(), 3);
+        other.abort();
+        for w in waiting {
+            w.abort();
+        }
     }
 
     #[tokio::test(start_paused = true)]

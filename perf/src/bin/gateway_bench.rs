@@ -286,7 +286,7 @@ fn start_gateway(
     let config = format!(
         "listen = \"127.0.0.1:0\"\n[[tenants]]\nname = \"bench\"\nrequests_per_minute = 100000000\n{tpm}keys = [\"{key_hash}\"]\n\
          [[pools]]\nname = \"p\"\nmodels = [\"m\"]\n[[pools.endpoints]]\naddress = \"127.0.0.1:{upstream_port}\"\nmax_concurrency = {concurrency}\n\
-         [queue]\nmax_size = {max_queue}\ndeadline_ms = 600000\n"
+         [queue]\nmax_size = {max_queue}\ntenant_share = 1.0\ndeadline_ms = 600000\n"
     );
     let path = dir.join(format!(
         "gateway-{concurrency}-{threads}-{}.toml",
