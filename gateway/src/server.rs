@@ -277,11 +277,7 @@ impl Gateway {
         id: &str,
         request_id: &str,
     ) -> Response<Body> {
-        let known = self
-            .pools
-            .iter()
-            .any(|p| p.models.iter().any(|m| m == id) && tenant.may_use(id, &p.name));
-        if !known {
+        if self.route(tenant, id).is_none() {
             return self.refuse(
                 GatewayError::UnknownModel(id.to_owned()),
                 "-",
@@ -493,8 +489,6 @@ impl Gateway {
             match sent {
                 Ok(upstream) => {
                     pool.metrics.ttfb.observe(started.elapsed().as_secs_f64());
-                    let mut headers = HeaderMap::new();
-                    evidence(&mut headers);
                     let settle = Settle {
                         metrics: self.metrics.clone(),
                         e2e: pool.metrics.e2e.clone(),
@@ -518,7 +512,7 @@ impl Gateway {
                     let h = response.headers_mut();
                     h.reserve(12);
                     limit::write_headers(h, &snapshot);
-                    h.extend(headers);
+                    evidence(h);
                     return response;
                 }
                 Err(AttemptError::Throttled { retry_after, .. }) => {

@@ -224,8 +224,7 @@ impl Upstream {
             framing: head.framing,
             reusable: head.reusable,
             idle: self.idle.clone(),
-            read_timeout: timeouts.idle,
-            silent: None,
+            silence: Silence::new(timeouts.idle),
         };
         if matches!(body.framing, Framing::Done) {
             body.end();
@@ -589,6 +588,38 @@ impl Chunked {
     }
 }
 
+/// Bounds the silence inside a response body: a timer starts when a read has to wait, and the
+/// next bytes clear it.
+pub struct Silence {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Silence {
+    pub fn new(limit: Duration) -> Self {
+        Self { limit, timer: None }
+    }
+
+    /// Bytes arrived.
+    pub fn heard(&mut self) {
+        self.timer = None;
+    }
+
+    /// After a read that had to wait: pending while the silence is within the limit, then the
+    /// timeout error naming `who` went silent.
+    pub fn poll_over(&mut self, cx: &mut Context<'_>, who: &str) -> Poll<io::Error> {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{who} sent nothing for {limit:?}"),
+        ))
+    }
+}
+
 /// An executor's response body, read as the client's side polls it. Ends with an error when
 /// the executor breaks the framing or goes away before the end.
 pub struct UpstreamBody {
@@ -597,10 +628,8 @@ pub struct UpstreamBody {
     framing: Framing,
     reusable: bool,
     idle: Arc<IdleSet>,
-    /// Longest wait for the next bytes of the body.
-    read_timeout: Duration,
-    /// Running while a read waits.
-    silent: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bounds the wait for the next bytes of the body.
+    silence: Silence,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -695,23 +724,14 @@ impl http_body::Body for UpstreamBody {
             conn.buf.reserve(READ_CHUNK);
             let read = match poll_read(&conn.stream, &mut conn.buf, cx) {
                 Poll::Ready(read) => {
-                    this.silent = None;
+                    this.silence.heard();
                     read
                 }
                 Poll::Pending => {
-                    let limit = this.read_timeout;
-                    let timer = this
-                        .silent
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                    if timer.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
+                    let timed_out = ready!(this.silence.poll_over(cx, "the executor"));
                     this.conn = None;
                     this.framing = Framing::Done;
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the executor sent nothing for {limit:?}"),
-                    ))));
+                    return Poll::Ready(Some(Err(timed_out)));
                 }
             };
             match read {

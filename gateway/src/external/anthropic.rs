@@ -65,9 +65,9 @@ fn invalid(field: &str, message: &str) -> GatewayError {
     }
 }
 
-/// The Messages request for a chat completion request `body` (already checked against the
-/// OpenAI schema by the gateway).
-pub fn request(body: &[u8], default_max_tokens: u32) -> Result<Bytes, GatewayError> {
+/// The Messages request for a chat completion request `body` (its top level already checked
+/// by the gateway), asking for the provider's `model`.
+pub fn request(body: &[u8], model: &str, default_max_tokens: u32) -> Result<Bytes, GatewayError> {
     let chat: Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| GatewayError::BadRequest {
             message: format!("invalid JSON body: {e}"),
@@ -87,10 +87,7 @@ pub fn request(body: &[u8], default_max_tokens: u32) -> Result<Bytes, GatewayErr
         return Err(unsupported("n", "other than 1 is not supported"));
     }
     let mut out = Map::new();
-    out.insert(
-        "model".into(),
-        chat.get("model").cloned().unwrap_or(Value::Null),
-    );
+    out.insert("model".into(), model.into());
     let max_tokens = chat
         .get("max_completion_tokens")
         .filter(|v| !v.is_null())
@@ -539,7 +536,7 @@ mod tests {
     use super::*;
 
     fn translate(chat: Value) -> Result<Value, GatewayError> {
-        request(&serde_json::to_vec(&chat).unwrap(), 1024)
+        request(&serde_json::to_vec(&chat).unwrap(), "claude-x", 1024)
             .map(|b| serde_json::from_slice(&b).unwrap())
     }
 

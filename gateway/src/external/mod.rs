@@ -32,9 +32,9 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::UpstreamTimeouts;
 use crate::error::GatewayError;
-use crate::inspect::Api;
+use crate::inspect::{Api, scan};
 use crate::limit::TenantLimits;
-use crate::upstream::{AttemptError, ErrorBody};
+use crate::upstream::{AttemptError, ErrorBody, Silence};
 
 pub mod anthropic;
 
@@ -246,34 +246,31 @@ impl External {
     }
 
     /// The body this upstream takes: translated to its API, with the model renamed to the
-    /// provider's when a mapping applies. A request its API cannot express is refused here.
+    /// provider's when a mapping applies (spliced in: the rest of the body is not rebuilt). A
+    /// request its API cannot express is refused here.
     fn body_for(&self, api: Api, model: &str, body: &Bytes) -> Result<Bytes, GatewayError> {
-        let body = match self.spec.api {
-            ProviderApi::OpenAi => body.clone(),
+        let theirs = self.spec.models.get(model).map_or(model, String::as_str);
+        match self.spec.api {
             ProviderApi::Anthropic if api == Api::Chat => {
-                anthropic::request(body, self.spec.default_max_tokens)?
+                anthropic::request(body, theirs, self.spec.default_max_tokens)
             }
-            ProviderApi::Anthropic => {
-                return Err(GatewayError::BadRequest {
-                    message: "this model's provider (Anthropic Messages API) serves chat \
-                              completions only; use /v1/chat/completions"
-                        .into(),
-                    param: None,
-                    code: "unsupported_endpoint",
-                });
+            ProviderApi::Anthropic => Err(GatewayError::BadRequest {
+                message: "this model's provider (Anthropic Messages API) serves chat \
+                          completions only; use /v1/chat/completions"
+                    .into(),
+                param: None,
+                code: "unsupported_endpoint",
+            }),
+            ProviderApi::OpenAi if theirs == model => Ok(body.clone()),
+            ProviderApi::OpenAi => {
+                let members = scan::members(body)
+                    .map_err(|e| GatewayError::Upstream(format!("request body: {e}")))?;
+                let value = serde_json::to_vec(theirs).expect("strings serialize");
+                Ok(Bytes::from(scan::set_member(
+                    body, &members, "model", &value,
+                )))
             }
-        };
-        let Some(theirs) = self.spec.models.get(model) else {
-            return Ok(body);
-        };
-        let internal = |e: serde_json::Error| GatewayError::Upstream(format!("request body: {e}"));
-        let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(internal)?;
-        if let Some(obj) = value.as_object_mut() {
-            obj.insert("model".into(), serde_json::Value::String(theirs.clone()));
         }
-        serde_json::to_vec(&value)
-            .map(Bytes::from)
-            .map_err(internal)
     }
 
     /// Settles a request charged `charged` tokens against the provider's limits that used
@@ -380,8 +377,7 @@ impl External {
             parts,
             ExternalBody {
                 incoming,
-                idle: timeouts.idle,
-                silent: None,
+                silence: Silence::new(timeouts.idle),
                 translate,
                 ended: false,
             },
@@ -446,8 +442,7 @@ enum Translate {
 /// to OpenAI's API where the provider speaks another.
 pub struct ExternalBody {
     incoming: hyper::body::Incoming,
-    idle: Duration,
-    silent: Option<Pin<Box<tokio::time::Sleep>>>,
+    silence: Silence,
     translate: Translate,
     /// The translated end was given.
     ended: bool,
@@ -459,7 +454,7 @@ impl ExternalBody {
         loop {
             match Pin::new(&mut self.incoming).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    self.silent = None;
+                    self.silence.heard();
                     match frame.into_data() {
                         Ok(data) => return Poll::Ready(Some(Ok(data))),
                         Err(_) => continue,
@@ -468,17 +463,8 @@ impl ExternalBody {
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(io::Error::other(e)))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => {
-                    let limit = self.idle;
-                    let timer = self
-                        .silent
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                    if timer.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the upstream sent nothing for {limit:?}"),
-                    ))));
+                    let timed_out = std::task::ready!(self.silence.poll_over(cx, "the upstream"));
+                    return Poll::Ready(Some(Err(timed_out)));
                 }
             }
         }

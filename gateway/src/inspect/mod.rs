@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 
-mod scan;
+pub(crate) mod scan;
 
 /// Bytes of prompt text that decide prefix affinity.
 const AFFINITY_PREFIX: usize = 512;
@@ -74,12 +74,17 @@ pub struct Inspected {
     pub upstream_body: Bytes,
 }
 
-fn bad_json(e: serde_json::Error) -> GatewayError {
+/// A body that is not the JSON the endpoint takes; `param` names the field when one is to blame.
+fn invalid_json(what: impl std::fmt::Display, param: Option<&str>) -> GatewayError {
     GatewayError::BadRequest {
-        message: format!("invalid JSON body: {e}"),
-        param: None,
+        message: format!("invalid JSON body: {what}"),
+        param: param.map(str::to_owned),
         code: "invalid_json",
     }
+}
+
+fn bad_json(e: serde_json::Error) -> GatewayError {
+    invalid_json(e, None)
 }
 
 /// The prompt's parts joined by newlines, as far as the gateway needs them: the total length
@@ -114,16 +119,13 @@ fn estimate_tokens(chars: usize) -> u32 {
     (chars / 4 + 1) as u32
 }
 
-fn affinity(prefix: &str) -> Option<u64> {
+/// The affinity key of a prompt's first bytes (up to [`AFFINITY_PREFIX`]); none for an empty one.
+fn affinity(prefix: &[u8]) -> Option<u64> {
     if prefix.is_empty() {
         return None;
     }
-    let mut end = prefix.len().min(AFFINITY_PREFIX);
-    while !prefix.is_char_boundary(end) {
-        end -= 1;
-    }
     let mut h = std::hash::DefaultHasher::new();
-    prefix[..end].hash(&mut h);
+    prefix[..prefix.len().min(AFFINITY_PREFIX)].hash(&mut h);
     Some(h.finish())
 }
 
@@ -173,21 +175,14 @@ fn inspect_pass_through(api: Api, body: &Bytes) -> Result<Inspected, GatewayErro
 /// full. A stream's body gets `stream_options.include_usage` spliced in, not re-serialized.
 fn inspect_chat(body: &Bytes) -> Result<Inspected, GatewayError> {
     let bytes: &[u8] = body;
-    let members = scan::members(bytes).map_err(|e| GatewayError::BadRequest {
-        message: format!("invalid JSON body: {e}"),
-        param: None,
-        code: "invalid_json",
-    })?;
+    let members = scan::members(bytes).map_err(|e| invalid_json(e, None))?;
     fn read<'a, T: serde::Deserialize<'a>>(
         bytes: &'a [u8],
         range: &std::ops::Range<usize>,
         field: &str,
     ) -> Result<T, GatewayError> {
-        serde_json::from_slice(&bytes[range.clone()]).map_err(|e| GatewayError::BadRequest {
-            message: format!("invalid JSON body: `{field}`: {e}"),
-            param: Some(field.to_owned()),
-            code: "invalid_json",
-        })
+        serde_json::from_slice(&bytes[range.clone()])
+            .map_err(|e| invalid_json(format!("`{field}`: {e}"), Some(field)))
     }
     #[derive(serde::Deserialize)]
     struct Options {
@@ -195,37 +190,16 @@ fn inspect_chat(body: &Bytes) -> Result<Inspected, GatewayError> {
     }
     let (mut model, mut stream, mut include_usage, mut n) = (None, None, None, None);
     let (mut max_tokens, mut max_completion_tokens) = (None, None);
-    let (mut messages, mut options_at) = (None, None);
+    let mut messages = None;
     let mut seen: Vec<&str> = Vec::new();
     for m in &members {
-        let r = &m.value;
-        // A field read twice could route by one value and be served by the other.
-        if matches!(
-            m.key.as_ref(),
-            "model"
-                | "stream"
-                | "stream_options"
-                | "n"
-                | "max_tokens"
-                | "max_completion_tokens"
-                | "messages"
-        ) {
-            if seen.contains(&m.key.as_ref()) {
-                return Err(GatewayError::BadRequest {
-                    message: format!("invalid JSON body: duplicate field `{}`", m.key),
-                    param: Some(m.key.to_string()),
-                    code: "invalid_json",
-                });
-            }
-            seen.push(m.key.as_ref());
-        }
-        match m.key.as_ref() {
+        let (key, r) = (m.key.as_ref(), &m.value);
+        match key {
             "model" => model = Some(read::<String>(bytes, r, "model")?),
             "stream" => stream = read::<Option<bool>>(bytes, r, "stream")?,
             "stream_options" => {
                 include_usage = read::<Option<Options>>(bytes, r, "stream_options")?
                     .and_then(|o| o.include_usage);
-                options_at = Some(r.clone());
             }
             "n" => n = read::<Option<u32>>(bytes, r, "n")?,
             "max_tokens" => max_tokens = read::<Option<u32>>(bytes, r, "max_tokens")?,
@@ -233,23 +207,23 @@ fn inspect_chat(body: &Bytes) -> Result<Inspected, GatewayError> {
                 max_completion_tokens = read::<Option<u32>>(bytes, r, "max_completion_tokens")?
             }
             "messages" => messages = Some(r.clone()),
-            _ => {}
+            _ => continue,
         }
+        // A field read twice could route by one value and be served by the other.
+        if seen.contains(&key) {
+            return Err(invalid_json(format!("duplicate field `{key}`"), Some(key)));
+        }
+        seen.push(key);
     }
-    let missing = |field: &str| GatewayError::BadRequest {
-        message: format!("invalid JSON body: missing field `{field}`"),
-        param: Some(field.to_owned()),
-        code: "invalid_json",
-    };
+    let missing = |field: &str| invalid_json(format!("missing field `{field}`"), Some(field));
     let model = model.ok_or_else(|| missing("model"))?;
     let messages = messages.ok_or_else(|| missing("messages"))?;
     let raw = &bytes[messages.clone()];
     if raw.first() != Some(&b'[') {
-        return Err(GatewayError::BadRequest {
-            message: "invalid JSON body: `messages` must be an array".into(),
-            param: Some("messages".into()),
-            code: "invalid_json",
-        });
+        return Err(invalid_json(
+            "`messages` must be an array",
+            Some("messages"),
+        ));
     }
     // Inside the brackets.
     let inner = raw[1..raw.len() - 1].trim_ascii();
@@ -266,31 +240,10 @@ fn inspect_chat(body: &Bytes) -> Result<Inspected, GatewayError> {
     let prompt_tokens = estimate_tokens(inner.len());
     let decode_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).saturating_mul(n);
     let upstream_body = if stream_on {
-        const USAGE: &[u8] = br#"{"include_usage":true}"#;
-        let mut out = Vec::with_capacity(bytes.len() + 48);
-        match options_at {
-            Some(r) => {
-                out.extend_from_slice(&bytes[..r.start]);
-                out.extend_from_slice(USAGE);
-                out.extend_from_slice(&bytes[r.end..]);
-            }
-            None => {
-                let open = bytes.iter().position(|&c| c == b'{').expect("an object");
-                out.extend_from_slice(&bytes[..=open]);
-                out.extend_from_slice(br#""stream_options":"#);
-                out.extend_from_slice(USAGE);
-                out.push(b',');
-                out.extend_from_slice(&bytes[open + 1..]);
-            }
-        }
-        Bytes::from(out)
+        let usage = br#"{"include_usage":true}"#;
+        Bytes::from(scan::set_member(bytes, &members, "stream_options", usage))
     } else {
         body.clone()
-    };
-    let affinity = {
-        let mut h = std::hash::DefaultHasher::new();
-        inner[..inner.len().min(AFFINITY_PREFIX)].hash(&mut h);
-        Some(h.finish())
     };
     Ok(Inspected {
         model,
@@ -300,7 +253,7 @@ fn inspect_chat(body: &Bytes) -> Result<Inspected, GatewayError> {
         prompt_tokens,
         max_tokens,
         choices: n,
-        affinity,
+        affinity: affinity(inner),
         upstream_body,
     })
 }
@@ -350,7 +303,7 @@ fn inspect_completions(body: &Bytes) -> Result<Inspected, GatewayError> {
         prompt_tokens,
         max_tokens,
         choices,
-        affinity: affinity(&text.prefix),
+        affinity: affinity(text.prefix.as_bytes()),
         upstream_body,
     })
 }

@@ -135,6 +135,31 @@ pub fn members(b: &[u8]) -> Result<Vec<Member<'_>>, String> {
     Ok(out)
 }
 
+/// The object `body` (scanned into `members`) with member `key` set to the JSON `value`: its
+/// value replaced where it stands, or the member added first. Every other byte is the
+/// client's. `key` is one of ours (it needs no escaping).
+pub fn set_member(body: &[u8], members: &[Member<'_>], key: &str, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + key.len() + value.len() + 4);
+    match members.iter().find(|m| m.key == key) {
+        Some(m) => {
+            out.extend_from_slice(&body[..m.value.start]);
+            out.extend_from_slice(value);
+            out.extend_from_slice(&body[m.value.end..]);
+        }
+        None => {
+            let open = body.iter().position(|&c| c == b'{').expect("an object");
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(format!("\"{key}\":").as_bytes());
+            out.extend_from_slice(value);
+            if !members.is_empty() {
+                out.push(b',');
+            }
+            out.extend_from_slice(&body[open + 1..]);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +185,23 @@ mod tests {
         assert_eq!(m[5].1, r#"{"a":[1,{"b":"}"}]}"#);
         assert_eq!(m[6], ("key".into(), "-1.5e3".into()));
         assert!(keys("{}").is_empty());
+    }
+
+    #[test]
+    fn a_member_is_replaced_in_place_or_added_first() {
+        let set = |text: &str, key: &str, value: &str| {
+            let m = members(text.as_bytes()).unwrap();
+            String::from_utf8(set_member(text.as_bytes(), &m, key, value.as_bytes())).unwrap()
+        };
+        assert_eq!(
+            set(r#"{"a":1, "model" : "x","b":[2]}"#, "model", r#""y""#),
+            r#"{"a":1, "model" : "y","b":[2]}"#
+        );
+        assert_eq!(
+            set(r#" {"a":1}"#, "model", r#""y""#),
+            r#" {"model":"y","a":1}"#
+        );
+        assert_eq!(set("{}", "model", r#""y""#), r#"{"model":"y"}"#);
     }
 
     #[test]
