@@ -167,7 +167,7 @@ impl End {
 /// The `finish_reason` an answer or chunk names (the first one), if any.
 fn finish_reason(json: &[u8]) -> Option<&'static str> {
     const KEY: &[u8] = b"\"finish_reason\":\"";
-    let at = json.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let at = memchr::memmem::find(json, KEY)? + KEY.len();
     let rest = &json[at..];
     Some(
         [
@@ -569,9 +569,14 @@ fn stream_error_event(reason: &str, request_id: &str) -> Vec<u8> {
     event
 }
 
-/// End of the first complete SSE event (after its blank line), if any.
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2)
+/// End of the first complete SSE event (after its blank line, `\n\n` or `\r\n\r\n`), if any.
+pub(crate) fn find_event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|p| p + 2);
+    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|p| p + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Returns the bytes to forward for one event, noting usage and `[DONE]`.
@@ -625,7 +630,7 @@ fn process_event(
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// Header value from a string the gateway made (ids, names).
@@ -708,6 +713,19 @@ mod tests {
             }
         }
         (out, usage, done)
+    }
+
+    #[test]
+    fn events_end_at_a_blank_line_of_either_kind() {
+        // Some OpenAI-compatible servers end their events with CRLF pairs.
+        let wire =
+            b"data: {\"choices\":[],\"usage\":{\"total_tokens\":7}}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let (_, usage, done) = relay_events(&[wire.to_vec()], true);
+        assert!(done);
+        assert_eq!(usage.map(|u| u.total), Some(7));
+        assert_eq!(find_event_end(b"a\n\nb\r\n\r\n"), Some(3));
+        assert_eq!(find_event_end(b"a\r\n\r\nb\n\n"), Some(5));
+        assert_eq!(find_event_end(b"a\r\nb"), None);
     }
 
     proptest::proptest! {

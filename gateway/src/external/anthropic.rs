@@ -427,7 +427,7 @@ impl StreamTranslator {
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
         self.pending.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(end) = event_end(&self.pending) {
+        while let Some(end) = crate::proxy::find_event_end(&self.pending) {
             let event = self.pending.split_to(end);
             let data: String = String::from_utf8_lossy(&event)
                 .lines()
@@ -519,16 +519,6 @@ fn sse(v: &Value) -> Vec<u8> {
     out.extend(serde_json::to_vec(v).expect("JSON values serialize"));
     out.extend_from_slice(b"\n\n");
     out
-}
-
-/// End of the first complete SSE event (after its blank line, `\n\n` or `\r\n\r\n`).
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 #[cfg(test)]
